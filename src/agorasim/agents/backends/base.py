@@ -1,0 +1,45 @@
+"""The user-agent backend protocol: one batched call decides for every active user of a round.
+
+A backend sees the slates, the promotions and what the simulator can tell it about each user, and
+returns grounded feedback for the whole batch. ``utility`` is the vectorised choice model of
+DESIGN section 4; ``fake`` is a deterministic stand-in for tests. Language-model backends (hf,
+vllm, openai) implement the same call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from agorasim.agents.feedback import FeedbackBatch
+
+
+@dataclass
+class SlateRequest:
+    """What the users of one round are shown.
+
+    Attributes:
+        users: (B,) user ids.
+        slates: (B, K) item ids in display order, -1 padded.
+        true_utility: (B, K) delivered utility of each shown item (what the user will experience).
+        hype: (B, K) promotional pull of each shown item's promotion.
+        trust: (B,) the users' trust in promotions.
+        round: the round.
+    """
+
+    users: np.ndarray
+    slates: np.ndarray
+    true_utility: np.ndarray
+    hype: np.ndarray
+    trust: np.ndarray
+    round: int
+
+
+class UserBackend(ABC):
+    name = "backend"
+
+    @abstractmethod
+    def decide(self, request: SlateRequest, rng: np.random.Generator) -> FeedbackBatch:
+        """Grounded feedback for every row of ``request``."""

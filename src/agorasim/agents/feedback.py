@@ -1,0 +1,88 @@
+"""Grounded feedback: what a user agent says about the slate it was shown.
+
+The schema is shared by every backend. The utility backend fills ``FeedbackBatch`` arrays for the
+whole batch at once; language-model backends (and events.jsonl) speak ``SlateFeedback`` records,
+whose validator rejects any judgement about an item that was not in the slate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
+
+REASONS = ("liked", "disappointed", "not_interested", "preferred_other")
+Reason = Literal["liked", "disappointed", "not_interested", "preferred_other"]
+
+
+class Judgement(BaseModel):
+    """One user's verdict on one shown item."""
+
+    item_id: int = Field(description="an item id from the slate the user was shown")
+    click: bool = Field(description="the user opened the item")
+    rating: float | None = Field(None, ge=0, le=10, description="0-10 rating, only after a click")
+    reason: Reason = Field(description="reason code")
+
+
+class SlateFeedback(BaseModel):
+    """All judgements of one user about one slate; every judgement must be grounded in it."""
+
+    user_id: int
+    round: int
+    slate: list[int]
+    judgements: list[Judgement]
+
+    @model_validator(mode="after")
+    def _grounded(self) -> "SlateFeedback":
+        shown = set(self.slate)
+        seen: set[int] = set()
+        for judgement in self.judgements:
+            if judgement.item_id not in shown:
+                raise ValueError(f"item {judgement.item_id} was not in the slate {self.slate}")
+            if judgement.item_id in seen:
+                raise ValueError(f"item {judgement.item_id} judged twice")
+            seen.add(judgement.item_id)
+        if sum(j.click for j in self.judgements) > 1:
+            raise ValueError("at most one click per slate (single-choice model)")
+        return self
+
+
+@dataclass
+class FeedbackBatch:
+    """Feedback of B users on their (B, K) slates, as arrays.
+
+    Attributes:
+        choice: (B,) slot index of the clicked item, -1 for the outside option.
+        stars: (B,) 1-5 rating of the clicked item, NaN when nothing was clicked.
+        reason: (B, K) index into REASONS for every shown slot (-1 for padding).
+    """
+
+    choice: np.ndarray
+    stars: np.ndarray
+    reason: np.ndarray
+
+    def validate(self, slates: np.ndarray) -> None:
+        """Grounding check on arrays: a click names a real slot of the row's slate."""
+        rows = np.flatnonzero(self.choice >= 0)
+        assert np.all(self.choice < slates.shape[1]), "choice outside the slate"
+        assert np.all(slates[rows, self.choice[rows]] >= 0), "click on an empty slot"
+        assert np.all(np.isfinite(self.stars[rows])), "click without a rating"
+
+    def records(self, users: np.ndarray, slates: np.ndarray, round: int, rows: np.ndarray) -> list[SlateFeedback]:
+        """Pydantic records for the given batch rows (e.g. a sample written to events.jsonl)."""
+        out = []
+        for b in rows:
+            judgements = []
+            for slot, item in enumerate(slates[b]):
+                if item < 0:
+                    continue
+                clicked = bool(self.choice[b] == slot)
+                judgements.append(Judgement(
+                    item_id=int(item), click=clicked,
+                    rating=float(2.5 * (self.stars[b] - 1)) if clicked else None,
+                    reason=REASONS[int(self.reason[b, slot])]))
+            out.append(SlateFeedback(user_id=int(users[b]), round=round,
+                                     slate=[int(i) for i in slates[b] if i >= 0], judgements=judgements))
+        return out

@@ -1,0 +1,91 @@
+"""User agents: true utility, grounded feedback through a backend, and the users' dynamics.
+
+True utility (DESIGN section 4)::
+
+    U_ui = theta_u . phi_i + q_i + c_u log(1 + pop_i) + s_u social_ui + n_u fresh_i + eps
+
+The backend adds what the user *perceives* (promotion pull weighted by trust, position bias) and
+decides. After the round, trust moves toward the share of a promotion's claims that were true,
+taste drifts toward the consumed item (filter bubble), and users whose visits keep disappointing
+them (no click, or a rating under 3 stars) run out of patience and churn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agorasim.agents.backends import SlateRequest, UserBackend
+from agorasim.agents.feedback import FeedbackBatch
+from agorasim.config import UserAgentsConfig
+from agorasim.env.world import World, unit_rows
+
+
+class UserAgents:
+    """All users of the market, acting as one batch."""
+
+    def __init__(self, cfg: UserAgentsConfig, backend: UserBackend):
+        self.cfg = cfg
+        self.backend = backend
+
+    def true_utility(self, world: World, users: np.ndarray, items: np.ndarray,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+        """(B, K) true utility of ``items`` (B, K) for ``users``; noise eps only if ``rng`` given.
+
+        Padding items (-1) get -inf. Also used counterfactually (items never shown) by the
+        accuracy metrics and by in-loop rewards.
+        """
+        pop, cat = world.population, world.catalogue
+        safe = np.maximum(items, 0)
+        match = np.einsum("bd,bkd->bk", pop.taste[users], cat.embedding[safe])
+        value = (match + cat.quality[safe]
+                 + pop.conformity[users, None] * np.log1p(cat.interactions[safe])
+                 + pop.novelty[users, None] * world.freshness(safe))
+        if self.cfg.social > 0:
+            value = value + pop.social[users, None] * world.social_proof(users, items)
+        if rng is not None and self.cfg.utility_noise > 0:
+            value = value + rng.normal(0.0, self.cfg.utility_noise, value.shape)
+        return np.where(items >= 0, value, -np.inf)
+
+    def respond(self, world: World, users: np.ndarray, slates: np.ndarray, hype: np.ndarray,
+                rng: np.random.Generator) -> tuple[FeedbackBatch, np.ndarray]:
+        """Feedback on the slates and the true utility of every shown item."""
+        utility = self.true_utility(world, users, slates, rng)
+        request = SlateRequest(users=users, slates=slates, true_utility=utility, hype=hype,
+                               trust=world.population.trust[users], round=world.round)
+        feedback = self.backend.decide(request, rng)
+        feedback.validate(slates)
+        return feedback, utility
+
+    def update(self, world: World, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch,
+               claim_accuracy: np.ndarray) -> np.ndarray:
+        """Trust, taste drift, satisfaction, fatigue and churn after a round.
+
+        Args:
+            claim_accuracy: (B, K) share of each shown promotion's claims that were true
+                (1 where nothing was claimed).
+
+        Returns:
+            ids of the users who churned this round.
+        """
+        cfg, pop = self.cfg, world.population
+        rows = np.flatnonzero(feedback.choice >= 0)
+        clicked_users = users[rows]
+        clicked_items = slates[rows, feedback.choice[rows]]
+        # trust moves toward how truthful the promotion of the consumed item turned out to be
+        accuracy = claim_accuracy[rows, feedback.choice[rows]]
+        pop.trust[clicked_users] += cfg.trust_lr * (accuracy - pop.trust[clicked_users])
+        # taste drifts toward what was consumed, keeping its norm (filter bubble)
+        if cfg.drift > 0 and len(rows):
+            theta = pop.taste[clicked_users]
+            moved = theta + cfg.drift * cfg.taste_scale * (world.catalogue.embedding[clicked_items] - theta / cfg.taste_scale)
+            pop.taste[clicked_users] = cfg.taste_scale * unit_rows(moved)
+        pop.push_history(clicked_users, clicked_items)
+        good = np.zeros(len(users), bool)
+        good[rows] = feedback.stars[rows] >= 3
+        pop.satisfaction[users] = 0.9 * pop.satisfaction[users] + 0.1 * good
+        pop.fatigue[users] = np.where(good, 0, pop.fatigue[users] + 1)
+        if not cfg.churn:
+            return np.zeros(0, np.int64)
+        churned = users[pop.fatigue[users] >= pop.patience[users]]
+        pop.active[churned] = False
+        return churned

@@ -1,0 +1,211 @@
+"""Command line: ``agorasim run|report`` (``experiments/run.py`` is ``agorasim run``).
+
+Every error a user can cause (scenario name, policy, config key or value, data file, resume
+folder) is reported on one line and exits with status 2 before any run folder is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from agorasim.config import Config, build_config
+from agorasim.errors import UserInputError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message)
+        raise UserInputError(message)
+
+
+def _csv_list(text: str, kind=str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserInputError(f"expected a comma-separated list of {kind.__name__}, got '{text}'") from None
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="agorasim run", description="Simulate a recommendation marketplace and record exposure concentration.")
+    p.add_argument("--scenario", default="cold-start", help="packaged scenario name or a .yaml file (default cold-start)")
+    p.add_argument("--policy", help="recommender policy; several comma-separated ones are compared")
+    p.add_argument("--reranker", help="platform re-ranker: none, trirec, controller, mmr, new-item-boost")
+    p.add_argument("--seed", type=int, help="seed of the run")
+    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (reports confidence bands)")
+    p.add_argument("--rounds", type=int, help="rounds to simulate")
+    p.add_argument("--out", help="folder for run folders (default runs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set market.n_users=500 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--list-scenarios", action="store_true", help="list packaged scenarios and exit")
+    p.add_argument("--list-policies", action="store_true", help="list policies and re-rankers and exit")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _cli_overrides(args) -> list[str]:
+    sets = []
+    if args.policy:
+        policies = _csv_list(args.policy)
+        sets.append(f"policy.name={policies[0]}")
+        sets.append(f"experiment.policies=[{','.join(policies)}]" if len(policies) > 1 else "experiment.policies=[]")
+    if args.reranker:
+        sets.append(f"platform.reranker={args.reranker}")
+    if args.seed is not None:
+        sets += [f"run.seed={args.seed}", "experiment.seeds=[]"]
+    if args.seeds:
+        sets.append(f"experiment.seeds=[{','.join(str(s) for s in _csv_list(args.seeds, int))}]")
+    if args.rounds is not None:
+        sets.append(f"run.rounds={args.rounds}")
+    if args.out:
+        sets.append(f"run.out={args.out}")
+    if args.no_progress:
+        sets.append("run.progress=false")
+    return sets
+
+
+def check_config(config: Config) -> None:
+    """Checks pydantic cannot do alone: names in registries and constructor parameters."""
+    from agorasim.platform import make_reranker
+    from agorasim.env.market import reranker_params
+    from agorasim.policy import POLICIES, make_policy
+
+    for name in config.experiment.policies or [config.policy.name]:
+        if name not in POLICIES:
+            raise UserInputError(f"config policy.name: unknown policy '{name}': choose one of {', '.join(POLICIES)}")
+        try:
+            make_policy(name, refit_every=config.policy.refit_every, **config.policy.params)
+        except (TypeError, ValueError) as error:
+            raise UserInputError(f"config policy.params: {str(error).splitlines()[0]}") from None
+    try:
+        make_reranker(config.platform.reranker, **reranker_params(config))
+    except (TypeError, ValueError) as error:
+        raise UserInputError(f"config platform: {str(error).splitlines()[0]}") from None
+    if config.experiment.sweep_key:
+        key = config.experiment.sweep_key
+        probe = config.model_dump(mode="json")
+        for part in key.split("."):
+            if not isinstance(probe, dict) or part not in probe:
+                raise UserInputError(f"config experiment.sweep_key: unknown key '{key}'")
+            probe = probe[part]
+    if config.platform.candidates < config.platform.k:
+        raise UserInputError(f"config platform.candidates: must be >= platform.k ({config.platform.k}), "
+                             f"got {config.platform.candidates}")
+
+
+def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
+    """One config per (policy, sweep value, seed) of the experiment section."""
+    policies = config.experiment.policies or [config.policy.name]
+    seeds = config.experiment.seeds or [config.run.seed]
+    key = config.experiment.sweep_key
+    values = config.experiment.sweep_values if key else [None]
+    configs = []
+    for policy, value, seed in itertools.product(policies, values, seeds):
+        extra = [f"policy.name={policy}", f"run.seed={seed}"]
+        if key:
+            extra.append(f"{key}={value}")
+        variant = build_config(base, overrides + extra)
+        if key and not config.run.label:
+            variant.run.label = f"{variant.label} {key.split('.')[-1]}={value:g}"
+        configs.append(variant)
+    return configs
+
+
+def cmd_run(argv: list[str]) -> int:
+    from agorasim.scenarios import describe_scenarios, load_scenario
+
+    args = run_parser().parse_args(argv)
+    if args.list_scenarios:
+        for name, description in describe_scenarios():
+            print(f"{name:20s} {' '.join(description.split())}")
+        return 0
+    if args.list_policies:
+        from agorasim.platform import RERANKERS
+        from agorasim.policy import POLICIES
+
+        print("policies:   " + ", ".join(POLICIES))
+        print("re-rankers: " + ", ".join(RERANKERS))
+        return 0
+    from agorasim.run.runner import finish_run, load_run, run_market, start_run
+
+    if args.resume:
+        if not Path(args.resume).is_dir():
+            raise UserInputError(f"--resume {args.resume}: no such run folder")
+        market, recorder = load_run(Path(args.resume), args.rounds)
+        run_market(market, recorder, progress=market.config.run.progress and not args.no_progress)
+        print(f"run folder: {args.resume}\nsummary:    {finish_run(Path(args.resume))}")
+        return 0
+    base = load_scenario(args.scenario)
+    overrides = _cli_overrides(args) + args.overrides
+    config = build_config(base, overrides)
+    check_config(config)
+    configs = expand(base, overrides, config)
+    for variant in configs:
+        check_config(variant)
+    run_dirs = []
+    for variant in configs:
+        market, recorder, run_dir = start_run(variant)
+        run_market(market, recorder, progress=variant.run.progress)
+        finish_run(run_dir)
+        run_dirs.append(run_dir)
+        print(f"run folder: {run_dir}", flush=True)
+    if len(run_dirs) > 1:
+        from agorasim.run.report import write_comparison_report
+
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(config.run.out) / f"{config.scenario}__compare__{stamp}"
+        summary = write_comparison_report(run_dirs, out, config.experiment.sweep_key)
+        print(f"comparison: {summary}")
+    else:
+        print(f"summary:    {run_dirs[0] / 'summary.md'}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from agorasim.run.report import write_comparison_report, write_run_report
+
+    p = _Parser(prog="agorasim report", description="(Re)write plots and summary of run folders.")
+    p.add_argument("run_dirs", nargs="+", help="run folders")
+    p.add_argument("--out", help="comparison folder when several runs are given")
+    p.add_argument("--x-key", help="dotted config key of a sweep (trade-off plot)")
+    args = p.parse_args(argv)
+    dirs = [Path(d) for d in args.run_dirs]
+    for d in dirs:
+        if not (d / "metrics.csv").exists():
+            raise UserInputError(f"{d}: not a run folder (no metrics.csv)")
+    if len(dirs) == 1:
+        print(write_run_report(dirs[0]))
+    else:
+        out = Path(args.out or "runs/compare__" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+        print(write_comparison_report(dirs, out, args.x_key))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: agorasim {run,report} [options]   (agorasim run --help)")
+        return 0
+    command = argv[0]
+    try:
+        if command not in COMMANDS:
+            raise UserInputError(f"unknown command '{command}': choose one of {', '.join(COMMANDS)}")
+        return COMMANDS[command](argv[1:])
+    except UserInputError as error:
+        print(f"agorasim: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("agorasim: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Every knob of a run, as pydantic models validated once at the edge.
+
+A scenario is a YAML file whose sections mirror these models (``market``, ``agents``,
+``platform``, ``policy``, ``rl``, ``run``, ``experiment``). The CLI loads it, applies ``--set
+dotted.key=value`` overrides and validates the result; errors become one-line ``UserInputError``
+messages that name the field and what is allowed. Hot loops only see the plain numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agorasim.errors import UserInputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MarketConfig(_Section):
+    world: Literal["synthetic", "amazon"] = Field(
+        "synthetic", description="synthetic world generator, or real Amazon items and users")
+    data_dir: str | None = Field(
+        None, description="Amazon data folder (ReRe CSV format); null = the vendored copy")
+    n_users: int = Field(2000, gt=0, description="users at round 0")
+    n_items: int = Field(1000, gt=0, description="items at round 0 (synthetic world)")
+    n_providers: int = Field(100, gt=0, description="providers (item agents) at round 0")
+    dim: int = Field(32, ge=2, le=512, description="dimension d of true item/user vectors")
+    n_categories: int = Field(8, ge=1, description="top-level categories")
+    n_subcategories: int = Field(4, ge=1, description="subcategories per top-level category")
+    new_items_per_round: int = Field(0, ge=0, description="items arriving each round (cold start)")
+    new_users_per_round: int = Field(0, ge=0, description="users arriving each round")
+    new_provider_prob: float = Field(
+        0.2, ge=0, le=1, description="chance an arriving item belongs to a new provider")
+    new_item_horizon: int = Field(
+        10, ge=1, description="rounds during which an item counts as new (items/new_share)")
+    social_graph: Literal["watts-strogatz", "barabasi-albert", "none"] = Field(
+        "watts-strogatz", description="networkx generator of the social graph")
+    social_degree: int = Field(6, ge=1, description="mean degree (even for Watts-Strogatz)")
+    social_rewire: float = Field(0.1, ge=0, le=1, description="Watts-Strogatz rewiring prob")
+    social_window: int = Field(5, ge=1, description="rounds of friends' clicks that count")
+    history_length: int = Field(20, ge=1, description="clicked items kept per user (prompt)")
+    content_noise: float = Field(
+        0.3, ge=0, description="noise of the observable content embedding the platform sees "
+        "(the true vector phi is hidden from the platform)")
+
+
+class UserAgentsConfig(_Section):
+    backend: Literal["utility", "fake"] = Field(
+        "utility", description="brain of the user agents: utility model, or deterministic fake")
+    activity: float = Field(0.1, gt=0, le=1, description="mean share of users visiting a round")
+    temperature: float = Field(0.3, gt=0, description="logit temperature of the choice model")
+    outside_utility: float = Field(1.8, description="utility of not clicking anything")
+    position_bias: float = Field(
+        0.15, ge=0, description="perceived-utility loss per log2 slot: b*log2(pos+1)")
+    taste_scale: float = Field(1.5, gt=0, description="norm of the taste vector theta_u")
+    conformity: float = Field(0.05, ge=0, description="mean weight c_u of log(1+popularity)")
+    social: float = Field(0.5, ge=0, description="mean weight s_u of friends' clicks")
+    novelty: float = Field(0.2, ge=0, description="mean weight n_u of item freshness")
+    novelty_halflife: float = Field(10.0, gt=0, description="rounds for freshness to halve")
+    utility_noise: float = Field(0.1, ge=0, description="sd of eps in true utility")
+    rating_noise: float = Field(0.3, ge=0, description="sd of noise in ratings (utility units)")
+    trust: float = Field(0.6, ge=0, le=1, description="initial trust in promotions")
+    trust_lr: float = Field(0.2, ge=0, le=1, description="step of trust toward promise accuracy")
+    drift: float = Field(0.05, ge=0, le=1, description="taste step toward a consumed item")
+    patience: float = Field(5.0, gt=0, description="mean disappointing visits before churn")
+    churn: bool = Field(True, description="users leave after `patience` bad visits in a row")
+
+
+class ItemAgentsConfig(_Section):
+    promotion: Literal["grounded", "free", "off"] = Field(
+        "grounded", description="grounded: claims are catalogue facts; free: may exaggerate")
+    epsilon: float = Field(0.1, ge=0, le=1, description="exploration of the strategy bandit")
+    exit_window: int = Field(20, ge=1, description="W: rounds under threshold before exit")
+    exit_threshold: float = Field(
+        0.05, ge=0, description="exit when exposure < threshold x the provider's fair share")
+    min_providers: int = Field(5, ge=1, description="providers never drop below this")
+
+
+class AgentsConfig(_Section):
+    users: UserAgentsConfig = Field(default_factory=UserAgentsConfig)
+    items: ItemAgentsConfig = Field(default_factory=ItemAgentsConfig)
+
+
+class PlatformConfig(_Section):
+    reranker: Literal["none", "trirec", "controller", "mmr", "new-item-boost"] = Field(
+        "trirec", description="platform agent re-ranker")
+    k: int = Field(10, ge=1, description="slate length K shown to a user")
+    candidates: int = Field(30, ge=1, description="K': items the policy ranks for the platform")
+    n_groups: int = Field(8, ge=1, description="popularity groups for DGU/MGU")
+    target: Literal["uniform", "supply", "merit"] = Field(
+        "uniform", description="target exposure shares of the popularity groups")
+    ledger_window: int = Field(10, ge=1, description="rounds in the exposure ledger")
+    a_min: float = Field(0.2, ge=0, le=1, description="relevance weight at the last slot")
+    a_max: float = Field(1.0, ge=0, le=1, description="relevance weight at the first slot")
+    p: float = Field(1.0, gt=0, description="decay exponent of the relevance weight")
+    lambda_dgu: float = Field(0.5, ge=0, description="weight of the DGU gain")
+    lambda_mgu: float = Field(0.5, ge=0, description="weight of the MGU gain")
+    l_item: float = Field(0.5, ge=0, description="exponent of expected item utility EIU")
+    fairness_weight: float = Field(1.0, ge=0, description="scale of the fairness terms")
+    target_gini: float = Field(0.5, ge=0, le=1, description="controller: Gini to hold")
+    gain: float = Field(2.0, ge=0, description="controller: weight step per unit Gini error")
+    max_weight: float = Field(4.0, ge=0, description="controller: largest fairness weight")
+    mmr_lambda: float = Field(0.7, ge=0, le=1, description="MMR: relevance vs diversity")
+    new_item_boost: float = Field(0.5, ge=0, description="score bonus of new items")
+
+
+class PolicyConfig(_Section):
+    name: str = Field("popularity", description="recommender policy (see --list-policies)")
+    refit_every: int = Field(5, ge=1, description="rounds between refits on the log")
+    pool_size: int = Field(100, ge=1, description="candidates retrieved per user (faiss)")
+    explore: float = Field(0.2, ge=0, le=1, description="share of the pool drawn at random")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="constructor arguments of the policy")
+
+
+class RLConfig(_Section):
+    group_size: int = Field(8, ge=2, description="G candidates per prompt (GRPO group)")
+    users_per_step: int = Field(64, ge=1, description="prompts per GRPO step")
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo"] = Field(
+        "grpo", description="policy-gradient loss")
+    beta: float = Field(0.0, ge=0, description="weight of the k3 KL to the reference model")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"rating": 1.0}, description="reward name -> weight")
+
+
+class ExperimentConfig(_Section):
+    policies: list[str] = Field(
+        default_factory=list, description="policies compared (empty = policy.name only)")
+    seeds: list[int] = Field(default_factory=list, description="seeds (empty = run.seed)")
+    sweep_key: str | None = Field(None, description="dotted config key swept")
+    sweep_values: list[float] = Field(default_factory=list, description="values of sweep_key")
+
+
+class RunConfig(_Section):
+    rounds: int = Field(200, ge=1, description="rounds to simulate")
+    seed: int = Field(0, ge=0, description="seed of the run's numpy SeedSequence")
+    out: str = Field("runs", description="folder that holds run folders")
+    checkpoint_every: int = Field(25, ge=1, description="rounds between checkpoints")
+    lorenz_every: int = Field(10, ge=1, description="rounds between Lorenz-curve rows")
+    eval_users: int = Field(256, ge=1, description="users sampled for accuracy/* per round")
+    events_users: int = Field(8, ge=0, description="users per round whose judgements go to events.jsonl")
+    label: str | None = Field(None, description="name of the run in reports (default policy+reranker)")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class Config(_Section):
+    scenario: str = Field("custom", description="scenario name")
+    description: str = Field("", description="what the scenario studies")
+    market: MarketConfig = Field(default_factory=MarketConfig)
+    agents: AgentsConfig = Field(default_factory=AgentsConfig)
+    platform: PlatformConfig = Field(default_factory=PlatformConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+
+    @property
+    def label(self) -> str:
+        return self.run.label or f"{self.policy.name}+{self.platform.reranker}"
+
+
+def _model_at(path: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key='a.b.c'``, checking that the key exists."""
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts):
+        model = _model_at(parts[:depth])
+        if model is not None and part not in model.model_fields:
+            where = ".".join(parts[:depth]) or "the config"
+            allowed = ", ".join(model.model_fields)
+            raise UserInputError(f"unknown config key '{key}': {where} has {allowed}")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserInputError(f"config key '{key}': '{'.'.join(parts[:depth + 1])}' is not a section")
+            node = child
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'market.n_users=500'`` -> ``('market.n_users', 500)``; the value is read as YAML."""
+    if "=" not in text:
+        raise UserInputError(f"--set expects dotted.key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(data: dict) -> Config:
+    """Validate a config dict; the first problem becomes a one-line UserInputError."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            parent = _model_at([str(p) for p in first["loc"][:-1]])
+            allowed = ", ".join(parent.model_fields) if parent else ""
+            raise UserInputError(f"unknown config key '{where}': allowed here: {allowed}") from None
+        if first["type"] == "literal_error" and "ctx" in first:
+            message = f"must be one of {first['ctx'].get('expected')}"
+        raise UserInputError(f"config {where}: {message} (got {first.get('input')!r})") from None
+
+
+def build_config(base: dict, overrides: list[str] | None = None) -> Config:
+    """Apply ``--set`` overrides to a scenario dict and validate."""
+    data = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+    return validate(data)
+
+
+def dump_config(config: Config, extra: dict | None = None) -> str:
+    """Resolved config as YAML (with provenance in ``meta``)."""
+    data = config.model_dump(mode="json")
+    if extra:
+        data["meta"] = extra
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,295 @@
+"""The market: a ``mesa.Model`` whose population lives in numpy arrays.
+
+``Market.step()`` runs one round, which is one invocation of the compiled LangGraph round graph
+(``env/round_graph.py``). Each graph node calls one method below, and every method works on the
+whole batch of active users. Providers are thin mesa agents over the item agents' arrays.
+"""
+
+from __future__ import annotations
+
+import mesa
+import numpy as np
+
+from agorasim.agents.backends import make_backend
+from agorasim.agents.feedback import FeedbackBatch
+from agorasim.agents.items import ItemAgents, Promotions, factuality, STRATEGIES
+from agorasim.agents.users import UserAgents
+from agorasim.config import Config
+from agorasim.data import worlds
+from agorasim.env.retrieval import Retriever
+from agorasim.env.round_graph import build_round_graph
+from agorasim.metrics import accuracy, exposure
+from agorasim.platform import ExposureLedger, RerankRequest, make_reranker
+from agorasim.policy import RecommendRequest, make_policy
+
+RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval")
+
+
+class ProviderAgent(mesa.Agent):
+    """One provider (item agent): a view over ``ItemAgents`` arrays and the catalogue."""
+
+    def __init__(self, model: "Market", provider_id: int):
+        super().__init__(model)
+        self.provider_id = provider_id
+
+    @property
+    def strategy(self) -> str:
+        return STRATEGIES[self.model.items.strategy[self.provider_id]][0]
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        cat = self.model.world.catalogue
+        return np.flatnonzero((cat.view("provider") == self.provider_id) & cat.view("alive"))
+
+    def exit(self) -> None:
+        """Leave the market: delist every item and deregister from the model."""
+        self.model.world.catalogue.alive[self.item_ids] = False
+        self.remove()
+
+
+class Market(mesa.Model):
+    """The simulated marketplace.
+
+    Args:
+        config: the validated run config.
+    """
+
+    def __init__(self, config: Config):
+        streams = np.random.SeedSequence(config.run.seed).spawn(len(RNG_STREAMS))
+        self.rngs = {name: np.random.default_rng(s) for name, s in zip(RNG_STREAMS, streams)}
+        super().__init__(rng=self.rngs["mesa"])
+        self.config = config
+        self.world = worlds.build_world(config, self.rngs["arrivals"])
+        self.users = UserAgents(config.agents.users, make_backend(config.agents.users.backend, config.agents.users))
+        n_providers = len(self.world.spec.provider_home)
+        self.items = ItemAgents(config.agents.items, n_providers)
+        for provider in range(n_providers):
+            ProviderAgent(self, provider)
+        self.policy = make_policy(config.policy.name, refit_every=config.policy.refit_every, **config.policy.params)
+        self.reranker = make_reranker(config.platform.reranker, **reranker_params(config))
+        self.ledger = ExposureLedger(config.platform.ledger_window)
+        self.retriever = Retriever()
+        self.cumulative_exposure = np.zeros(0)
+        self.rows: list[dict] = []  # metrics rows so far (also kept in checkpoints)
+        self.recorder = None  # run-folder writer attached by the runner
+        self._graph = None
+
+    # -- pickling: the compiled graph and the recorder are rebuilt/reattached after loading --
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_graph"] = None
+        state["recorder"] = None
+        return state
+
+    @property
+    def graph(self):
+        if self._graph is None:
+            self._graph = build_round_graph(self)
+        return self._graph
+
+    def step(self) -> None:
+        """One round (mesa wraps this to count ``self.steps``); its metrics row is ``rows[-1]``."""
+        self.graph.invoke({"round": self.world.round})
+        self.world.round += 1
+
+    # -- nodes -----------------------------------------------------------------------------
+    def world_phase(self) -> np.ndarray:
+        """Arrivals, activity draw and social state; returns the active users (sorted ids)."""
+        w, cfg = self.world, self.config.market
+        rng = self.rngs["arrivals"]
+        if w.round > 0:
+            new_providers = worlds.add_items(w, cfg, rng, cfg.new_items_per_round, np.flatnonzero(self.items.active))
+            for provider in new_providers:
+                ProviderAgent(self, int(provider))
+            if len(new_providers):
+                self.items.add_providers(len(new_providers))
+            worlds.add_users(w, cfg, self.config.agents.users, rng, cfg.new_users_per_round)
+        pop = w.population
+        visiting = pop.view("active") & (self.rngs["activity"].random(pop.n) < pop.view("activity"))
+        w.refresh_social()
+        return np.flatnonzero(visiting)
+
+    def retrieve(self, users: np.ndarray) -> np.ndarray:
+        w, cfg = self.world, self.config.policy
+        queries, has_history = w.profiles(users)
+        return self.retriever.candidates(
+            queries, has_history, w.catalogue.content[: w.catalogue.n], w.catalogue.alive_ids(),
+            w.popularity(), cfg.pool_size, cfg.explore, self.rngs["retrieval"])
+
+    def recommend(self, users: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w = self.world
+        request = RecommendRequest(users=users, history=w.population.history[users], candidates=candidates,
+                                   alive=w.catalogue.view("alive"), k=self.config.platform.candidates, round=w.round)
+        return self.policy.recommend(request, self.rngs["policy"])
+
+    def promote(self, users: np.ndarray, ranked: np.ndarray) -> tuple[Promotions, np.ndarray]:
+        """Item agents promote themselves to each user; returns promotions and expected item
+        utility EIU = sigmoid(3 * content match with the user's profile + promotion pull)."""
+        cat = self.world.catalogue
+        self.items.choose_strategies(self.rngs["items"])
+        safe = np.maximum(ranked, 0)
+        promotions = self.items.promote(cat.provider[safe], cat.features[safe], ranked >= 0, self.rngs["items"])
+        profile, _ = self.world.profiles(users)
+        match = np.einsum("bd,bkd->bk", profile, cat.content[safe])
+        eiu = 1.0 / (1.0 + np.exp(-(3.0 * match + promotions.hype)))
+        return promotions, eiu
+
+    def rerank(self, ranked: np.ndarray, scores: np.ndarray, eiu: np.ndarray) -> np.ndarray:
+        w, cfg = self.world, self.config.platform
+        groups = self._groups()
+        cat = w.catalogue
+        request = RerankRequest(
+            candidates=ranked, relevance=scores, item_utility=eiu, groups=groups,
+            group_exposure=self.ledger.group_exposure(groups, cfg.n_groups),
+            target=self._target(groups), is_new=w.is_new(), embedding=cat.content[: cat.n], k=cfg.k)
+        return self.reranker.rerank(request)
+
+    def respond(self, users: np.ndarray, slates: np.ndarray, ranked: np.ndarray, promotions: Promotions):
+        # the promotions of the shown items, in slate order
+        columns = _columns_of(ranked, slates)
+        shown = promotions.take(columns)
+        feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"])
+        return feedback, utility, shown
+
+    def empty_round(self) -> dict:
+        """State of a round in which nobody visits (so ``record`` sees empty batches)."""
+        k = self.config.platform.k
+        none = np.zeros((0, k), np.int64)
+        return {"slates": none, "utility": np.zeros((0, k)),
+                "feedback": FeedbackBatch(np.zeros(0, np.int64), np.zeros(0), none),
+                "shown": Promotions(none, none, np.zeros((0, k)), np.ones((0, k)))}
+
+    def learn(self) -> dict[str, float]:
+        w = self.world
+        return self.policy.update(w.log, w.catalogue, w.round, self.rngs["policy"])
+
+    def record(self, state: dict) -> dict[str, float]:
+        """Log impressions, update users, providers, ledger; compute the round's metrics."""
+        w, cfg = self.world, self.config
+        users, slates, feedback, utility, shown = (state[k] for k in ("users", "slates", "feedback", "utility", "shown"))
+        cat = w.catalogue
+        k = slates.shape[1]
+        valid = slates >= 0
+        rows, slots = np.nonzero(valid)
+        clicked = feedback.choice[rows] == slots
+        # -- the log and popularity (clicks), in slate order -----------------------------------
+        stars = np.where(clicked, feedback.stars[rows], np.nan)
+        w.log.append(round=np.full(len(rows), w.round), user=users[rows], item=slates[rows, slots],
+                     position=slots, click=clicked.astype(np.int8), rating=stars.astype(np.float32))
+        np.add.at(cat.interactions, slates[rows, slots][clicked], 1.0)
+        # -- users: trust, drift, fatigue, churn ------------------------------------------------
+        churned = self.users.update(w, users, slates, feedback, shown.accuracy)
+        # -- providers: bandit reward = rating-weighted clicks per impression --------------------
+        providers = cat.provider[slates[rows, slots]]
+        gain = np.where(clicked, (np.nan_to_num(stars) - 1) / 4, 0.0)
+        impressions = np.bincount(providers, minlength=self.items.n)
+        reward = np.bincount(providers, weights=gain, minlength=self.items.n)
+        seen = np.flatnonzero(impressions)
+        self.items.learn(seen, reward[seen] / impressions[seen])
+        # -- exposure --------------------------------------------------------------------------
+        item_exp = exposure.item_exposure(slates, cat.n)
+        newly_seen = np.flatnonzero((item_exp > 0) & (cat.view("first_exposure") < 0))
+        cat.first_exposure[newly_seen] = w.round
+        self.ledger.record(w.round, item_exp)
+        self.cumulative_exposure = np.pad(self.cumulative_exposure, (0, cat.n - len(self.cumulative_exposure))) + item_exp
+        alive = cat.alive_ids()
+        window = self.ledger.item_totals(cat.n)
+        row: dict[str, float] = {"round": w.round}
+        row.update(exposure.exposure_summary(window[alive], w.popularity()[alive], cfg.platform.n_groups,
+                                             cfg.platform.target, cat.quality[alive]))
+        row["exposure/gini_round"] = exposure.gini(item_exp[alive])
+        row["exposure/gini_cumulative"] = exposure.gini(self.cumulative_exposure[alive])
+        is_new = w.is_new()[alive]
+        total = window[alive].sum()
+        row["items/new_share"] = float(window[alive][is_new].sum() / total) if total > 0 else 0.0
+        row["items/new_supply"] = float(is_new.mean()) if len(alive) else 0.0
+        fresh = newly_seen[cat.born[newly_seen] > 0]
+        row["items/time_to_first_exposure"] = float(np.mean(w.round - cat.born[fresh])) if len(fresh) else float("nan")
+        row["items/alive"] = float(len(alive))
+        # -- promotions --------------------------------------------------------------------------
+        row["promotions/unsupported_share"] = factuality(shown, valid)
+        row["promotions/hype"] = float(shown.hype[valid].mean()) if valid.any() else 0.0
+        # -- users -----------------------------------------------------------------------------
+        weights = exposure.position_weights(k)
+        slate_utility = (np.where(valid, utility, 0.0) * weights).sum(1) / (valid * weights).sum(1).clip(1e-12)
+        any_click = feedback.choice >= 0
+        row["users/utility"] = float(slate_utility.mean()) if len(users) else float("nan")
+        delivered = np.where(any_click, utility[np.arange(len(users)), np.maximum(feedback.choice, 0)],
+                             cfg.agents.users.outside_utility)
+        row["users/delivered"] = float(delivered.mean()) if len(users) else float("nan")
+        row["users/click_rate"] = float(any_click.mean()) if len(users) else 0.0
+        row["users/rating"] = float(np.nanmean(feedback.stars)) if any_click.any() else float("nan")
+        row["users/trust"] = float(w.population.view("trust")[w.population.view("active")].mean())
+        row["users/visits"] = float(len(users))
+        row["users/churned"] = float(len(churned))
+        row["users/active"] = float(w.population.view("active").sum())
+        row.update(self._accuracy(users, slates))
+        # -- provider exits (take effect next round) ---------------------------------------------
+        prov_exp = np.bincount(cat.provider[alive], weights=item_exp[alive], minlength=self.items.n)
+        prov_items = np.bincount(cat.provider[alive], minlength=self.items.n)
+        leaving = self.items.exits(prov_exp, prov_items)
+        if len(leaving):
+            self.agents.select(lambda a: a.provider_id in set(leaving.tolist())).do("exit")
+        row["providers/exits"] = float(len(leaving))
+        row["providers/active"] = float(self.items.active.sum())
+        row["platform/fairness_weight"] = float(getattr(self.reranker, "fairness_weight", float("nan")))
+        row.update(state.get("train") or {})
+        self.reranker.end_round(row)
+        self.rows.append(row)
+        if self.recorder is not None:
+            self.recorder.on_round(self, row, users, slates, feedback, alive, window)
+        return row
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _groups(self) -> np.ndarray:
+        """Popularity group of every item (computed over alive items; dead items: group 0)."""
+        cat = self.world.catalogue
+        groups = np.zeros(cat.n, np.int64)
+        alive = cat.alive_ids()
+        groups[alive] = exposure.popularity_groups(self.world.popularity()[alive], self.config.platform.n_groups)
+        return groups
+
+    def _target(self, groups: np.ndarray) -> np.ndarray:
+        cat = self.world.catalogue
+        alive = cat.alive_ids()
+        return exposure.target_shares(self.config.platform.target, groups[alive], self.config.platform.n_groups,
+                                      cat.quality[alive])
+
+    def _accuracy(self, users: np.ndarray, slates: np.ndarray) -> dict[str, float]:
+        """NDCG@10 and recall@10 of the slates against a sample of users' true top-10 items."""
+        if len(users) == 0:
+            return {"accuracy/ndcg@10": float("nan"), "accuracy/recall@10": float("nan")}
+        n_eval = min(self.config.run.eval_users, len(users))
+        rows = np.sort(self.rngs["eval"].choice(len(users), n_eval, replace=False))
+        alive = self.world.catalogue.alive_ids()
+        items = np.broadcast_to(alive, (n_eval, len(alive)))
+        utility = self.users.true_utility(self.world, users[rows], items)
+        top = alive[accuracy.true_top_items(utility, 10)]
+        shown = slates[rows, :10]
+        gains = (shown[:, :, None] == top[:, None, :]).any(2).astype(np.float64)
+        ideal = np.ones((n_eval, top.shape[1]))
+        return {"accuracy/ndcg@10": accuracy.ndcg_at_k(gains, ideal, 10),
+                "accuracy/recall@10": accuracy.recall_at_k(shown, top, 10)}
+
+
+def _columns_of(ranked: np.ndarray, slates: np.ndarray) -> np.ndarray:
+    """Column of each slate item within its row of ``ranked`` (-1 for padding)."""
+    match = slates[:, :, None] == ranked[:, None, :]
+    return np.where(slates >= 0, match.argmax(2), -1)
+
+
+def reranker_params(config: Config) -> dict:
+    """Re-ranker constructor arguments from the platform config section."""
+    p = config.platform
+    trirec = dict(a_min=p.a_min, a_max=p.a_max, p=p.p, lambda_dgu=p.lambda_dgu, lambda_mgu=p.lambda_mgu,
+                  l_item=p.l_item)
+    if p.reranker == "trirec":
+        return {**trirec, "fairness_weight": p.fairness_weight}
+    if p.reranker == "controller":
+        return {**trirec, "initial_weight": p.fairness_weight, "target_gini": p.target_gini, "gain": p.gain,
+                "max_weight": p.max_weight}
+    if p.reranker == "mmr":
+        return {"lambda_": p.mmr_lambda}
+    if p.reranker == "new-item-boost":
+        return {"boost": p.new_item_boost}
+    return {}

@@ -1,0 +1,79 @@
+"""The round, wired in one place: a compiled LangGraph ``StateGraph`` over batched nodes.
+
+    world -> retrieve -> recommend -> promote -> rerank -> respond -> learn -> record
+
+Each node calls one batched method of the market (``env/market.py``) for all active users at once;
+the state holds arrays, never per-user dicts. A round with no visiting user skips straight from
+``world`` to ``record`` (a conditional edge, not an ``if`` inside the nodes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+import numpy as np
+from langgraph.graph import END, START, StateGraph
+
+
+class RoundState(TypedDict, total=False):
+    round: int
+    users: np.ndarray  # (B,) active user ids
+    candidates: np.ndarray  # (B, C) retrieved pool
+    ranked: np.ndarray  # (B, K') policy output
+    scores: np.ndarray  # (B, K') policy scores
+    promotions: Any  # Promotions over the (B, K') ranked items
+    eiu: np.ndarray  # (B, K') expected item utility
+    slates: np.ndarray  # (B, K) shown slates
+    feedback: Any  # FeedbackBatch
+    utility: np.ndarray  # (B, K) true utility of shown items
+    shown: Any  # Promotions of the shown items
+    train: dict  # policy training metrics
+    metrics: dict  # the round's metrics row
+
+
+def build_round_graph(market) -> Any:
+    """Compile the round graph over ``market``'s batched methods."""
+
+    def world(state: RoundState) -> RoundState:
+        return {"users": market.world_phase()}
+
+    def retrieve(state: RoundState) -> RoundState:
+        return {"candidates": market.retrieve(state["users"])}
+
+    def recommend(state: RoundState) -> RoundState:
+        ranked, scores = market.recommend(state["users"], state["candidates"])
+        return {"ranked": ranked, "scores": scores}
+
+    def promote(state: RoundState) -> RoundState:
+        promotions, eiu = market.promote(state["users"], state["ranked"])
+        return {"promotions": promotions, "eiu": eiu}
+
+    def rerank(state: RoundState) -> RoundState:
+        return {"slates": market.rerank(state["ranked"], state["scores"], state["eiu"])}
+
+    def respond(state: RoundState) -> RoundState:
+        feedback, utility, shown = market.respond(state["users"], state["slates"], state["ranked"], state["promotions"])
+        return {"feedback": feedback, "utility": utility, "shown": shown}
+
+    def learn(state: RoundState) -> RoundState:
+        return {"train": market.learn()}
+
+    def record(state: RoundState) -> RoundState:
+        return {"metrics": market.record(state)}
+
+    def anyone_visits(state: RoundState) -> str:
+        return "retrieve" if len(state["users"]) else "empty"
+
+    graph = StateGraph(RoundState)
+    for name, node in [("world", world), ("retrieve", retrieve), ("recommend", recommend),
+                       ("promote", promote), ("rerank", rerank), ("respond", respond),
+                       ("learn", learn), ("record", record)]:
+        graph.add_node(name, node)
+    graph.add_edge(START, "world")
+    graph.add_conditional_edges("world", anyone_visits, {"retrieve": "retrieve", "empty": "empty_round"})
+    graph.add_node("empty_round", lambda state: market.empty_round())
+    graph.add_edge("empty_round", "learn")
+    for a, b in [("retrieve", "recommend"), ("recommend", "promote"), ("promote", "rerank"),
+                 ("rerank", "respond"), ("respond", "learn"), ("learn", "record"), ("record", END)]:
+        graph.add_edge(a, b)
+    return graph.compile()

@@ -1,0 +1,55 @@
+"""The platform agent's contract: build the final slate of K items from the policy's K' candidates.
+
+Every re-ranker takes the whole batch of active users at once and passes
+``agorasim.platform.conformance.check_reranker``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RerankRequest:
+    """One round's batch for the platform.
+
+    Attributes:
+        candidates: (B, K') item ids ranked by the policy, -1 padded at the end.
+        relevance: (B, K') policy scores (higher is better; -inf at padding).
+        item_utility: (B, K') expected item utility EIU > 0: how much the item gains from being
+            shown to this user (its match with the user plus its promotion), from the item agents.
+        groups: (n_items,) popularity group of every item, 0 = most popular.
+        group_exposure: (G,) position-weighted exposure each group received over the ledger
+            window (before this round).
+        target: (G,) target exposure shares (sum 1).
+        is_new: (n_items,) bool, item arrived within the new-item horizon.
+        embedding: (n_items, d) item vectors (for diversity).
+        k: slate length K.
+    """
+
+    candidates: np.ndarray
+    relevance: np.ndarray
+    item_utility: np.ndarray
+    groups: np.ndarray
+    group_exposure: np.ndarray
+    target: np.ndarray
+    is_new: np.ndarray
+    embedding: np.ndarray
+    k: int
+
+
+class Reranker(ABC):
+    """Chooses K of the K' candidates per user, in slate order."""
+
+    name: str = "reranker"
+
+    @abstractmethod
+    def rerank(self, request: RerankRequest) -> np.ndarray:
+        """Return slates (B, k): distinct item ids taken from each row's candidates, in display
+        order, -1 only where a row has fewer than k real candidates."""
+
+    def end_round(self, metrics: dict[str, float]) -> None:
+        """Observe the round's metrics (controllers adapt here). Default: nothing."""

@@ -1,0 +1,82 @@
+"""The recommender policy contract.
+
+A policy turns a batch of active users (with their recent histories and a retrieved candidate
+pool) into a ranked list of K' items with scores. It learns from the interaction log: baselines
+refit every ``refit_every`` rounds, the generative policy takes GRPO steps. Every policy passes
+``agorasim.policy.conformance.check_policy``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from agorasim.env.state import Catalogue, InteractionLog
+
+
+@dataclass
+class RecommendRequest:
+    """One round's batch for the policy.
+
+    Attributes:
+        users: (B,) user ids.
+        history: (B, H) last clicked items, most recent last, -1 padded on the left.
+        candidates: (B, C) retrieved item ids, -1 padded; all alive. Scoring policies rank
+            these; a generative policy may ignore them and generate from the catalogue.
+        alive: (n_items,) bool, items currently listed (never recommend a dead item).
+        k: number of items to return per user (K').
+        round: current round.
+    """
+
+    users: np.ndarray
+    history: np.ndarray
+    candidates: np.ndarray
+    alive: np.ndarray
+    k: int
+    round: int
+
+
+class Policy(ABC):
+    """Ranks items for a batch of users and learns from the interaction log."""
+
+    name: str = "policy"
+
+    @abstractmethod
+    def recommend(self, request: RecommendRequest, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Return (items, scores), both (B, k): distinct alive items per row, best first,
+        -1 (score -inf) where fewer than k items are available."""
+
+    def update(self, log: InteractionLog, catalogue: Catalogue, round: int,
+               rng: np.random.Generator) -> dict[str, float]:
+        """Learn from the log after ``round``; return training metrics (may be empty)."""
+        return {}
+
+
+class ScoringPolicy(Policy):
+    """A policy that scores the retrieved candidates and keeps the top k."""
+
+    @abstractmethod
+    def score(self, users: np.ndarray, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Scores (B, C) for ``candidates`` (entries where candidates == -1 are ignored)."""
+
+    def recommend(self, request, rng):
+        scores = self.score(request.users, request.history, request.candidates).astype(np.float64)
+        return top_k(request.candidates, scores, request.k)
+
+
+def top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row top-k of ``candidates`` by ``scores``, padding (-1) last; ties by column order."""
+    scores = np.where(candidates >= 0, scores, -np.inf)
+    k_eff = min(k, candidates.shape[1])
+    # stable sort on -score keeps the retrieval order among ties, so results are deterministic
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
+    items = np.take_along_axis(candidates, order, 1)
+    top = np.take_along_axis(scores, order, 1)
+    items = np.where(np.isfinite(top), items, -1)
+    if k_eff < k:
+        pad = k - k_eff
+        items = np.pad(items, ((0, 0), (0, pad)), constant_values=-1)
+        top = np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return items, top

@@ -1,0 +1,862 @@
+"""Reports on run folders: plots and a short markdown summary.
+
+A run folder (DESIGN.md section 10) holds ``metrics.csv`` (one row per round, namespaced columns),
+``lorenz.csv`` (cumulative exposure shares every few rounds) and ``config.yaml`` (the resolved
+config). This module turns one folder into ``plots/*.png`` + ``summary.md``
+(:func:`write_run_report`) and several folders, grouped by ``run.label`` with one run per seed,
+into mean curves with 95% confidence bands, a utility-versus-concentration trade-off plot and a
+table (:func:`write_comparison_report`).
+
+Two promises:
+- Optional inputs are optional. A missing column, ``lorenz.csv`` or ``config.yaml`` drops the plot,
+  row or sentence that needs it; the report is still written.
+- ``summary.md`` is deterministic: no timestamps, runs sorted by label, seed and folder name, numbers
+  formatted to four significant digits. Plots are saved without the matplotlib version stamp.
+
+Matplotlib is used through ``matplotlib.figure.Figure`` directly (never ``pyplot``), so a report
+neither switches the caller's backend nor leaks figures; the PNGs are rendered by Agg.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "read_metrics",
+    "read_lorenz",
+    "final_values",
+    "mean_ci",
+    "write_run_report",
+    "write_comparison_report",
+]
+
+DPI = 110
+TAIL_FRACTION = 0.1  # share of the last rounds averaged into a "final" value
+CONFIDENCE = 0.95
+
+# Metrics shown in a run's summary table, in this order: (column, what it means, with units).
+RUN_TABLE = (
+    ("exposure/gini", "Gini of item exposure (0 = equal, 1 = one item gets all)"),
+    ("exposure/hhi", "Herfindahl index of exposure shares (1/n = equal, 1 = one item)"),
+    ("exposure/entropy", "normalised entropy of exposure (1 = equal)"),
+    ("exposure/coverage", "share of the catalogue shown at least once"),
+    ("exposure/tail_share", "share of exposure outside the top 20% items"),
+    ("exposure/dgu", "gap between group exposure shares and targets (0 = on target)"),
+    ("exposure/mgu", "largest single group's gap to its target"),
+    ("items/new_share", "share of exposure going to new items"),
+    ("users/utility", "mean true utility of a shown slate"),
+    ("users/click_rate", "clicks per shown slate"),
+    ("users/churned", "users who left in the round"),
+    ("accuracy/ndcg@10", "NDCG@10 against users' true top items"),
+)
+# Columns also shown in the run table whenever present (sorted), since they vary by setup.
+EXTRA_PREFIXES = ("llm/", "train/")
+
+# Comparison: panels of compare.png and columns of the comparison table.
+COMPARE_PANELS = (
+    ("exposure/gini", "exposure Gini (0 = equal, 1 = one item)"),
+    ("users/utility", "mean true utility per slate"),
+    ("accuracy/ndcg@10", "NDCG@10"),
+    ("exposure/coverage", "catalogue coverage (share of items)"),
+    ("items/new_share", "new-item exposure share"),
+)
+COMPARE_TABLE = (
+    ("exposure/gini", "gini"),
+    ("exposure/coverage", "coverage"),
+    ("exposure/tail_share", "tail_share"),
+    ("items/new_share", "new_share"),
+    ("users/utility", "utility"),
+    ("users/click_rate", "click_rate"),
+    ("accuracy/ndcg@10", "ndcg@10"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_float(cell: str) -> float:
+    """One CSV cell as a float; empty or unparsable cells are NaN (a metric not measured)."""
+    cell = cell.strip()
+    if not cell:
+        return math.nan
+    try:
+        return float(cell)
+    except ValueError:
+        return math.nan
+
+
+def _read_table(path: Path) -> tuple[list[str], np.ndarray]:
+    """Header and a float matrix (rows × columns) from a CSV file; short rows are NaN-padded."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if not header:
+            raise ValueError(f"{path}: empty file, expected a header row")
+        header = [name.strip() for name in header]
+        rows = []
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue  # blank line, e.g. a trailing newline after an interrupted write
+            values = [_to_float(cell) for cell in row[: len(header)]]
+            values += [math.nan] * (len(header) - len(values))
+            rows.append(values)
+    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(header))
+    return header, table
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a run's ``metrics.csv`` into one array per column.
+
+    Args:
+        path: the ``metrics.csv`` file, or the run folder holding it.
+
+    Returns:
+        ``{column: array}`` in file order; ``round`` as ``int64`` (numbered from 0 when the file
+        has no ``round`` column), every other column as ``float64`` with NaN for empty cells.
+
+    Raises:
+        FileNotFoundError: no metrics file at ``path``.
+        ValueError: the file has no header or a row without a round number.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    header, table = _read_table(path)
+    metrics: dict[str, np.ndarray] = {}
+    if "round" in header:
+        rounds = table[:, header.index("round")]
+        if np.isnan(rounds).any():
+            bad = int(np.flatnonzero(np.isnan(rounds))[0]) + 2  # 1-based, after the header
+            raise ValueError(f"{path}: line {bad} has no round number in column 'round'")
+        metrics["round"] = rounds.astype(np.int64)
+    else:
+        metrics["round"] = np.arange(len(table), dtype=np.int64)
+    for j, name in enumerate(header):
+        if name != "round" and name not in metrics:
+            metrics[name] = table[:, j].copy()
+    return metrics
+
+
+def read_lorenz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Read ``lorenz.csv``: ``(rounds, population_shares, cumulative_shares)`` or None if absent.
+
+    ``population_shares`` (length m) comes from the header's ``p0 … p{m-1}`` columns, evenly
+    spaced on [0, 1]; ``cumulative_shares`` is (rows × m). Unreadable files count as absent.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "lorenz.csv"
+    if not path.is_file():
+        return None
+    try:
+        header, table = _read_table(path)
+    except (ValueError, OSError) as error:
+        warnings.warn(f"skipping Lorenz curves: {error}", stacklevel=2)
+        return None
+    point_cols = [j for j, name in enumerate(header) if name.startswith("p") and name[1:].isdigit()]
+    if len(point_cols) < 2 or len(table) == 0:
+        return None
+    point_cols.sort(key=lambda j: int(header[j][1:]))
+    steps = np.array([int(header[j][1:]) for j in point_cols], dtype=np.float64)
+    population = steps / steps[-1]
+    if "round" in header:
+        rounds = table[:, header.index("round")]
+    else:
+        rounds = np.arange(len(table), dtype=np.float64)
+    keep = ~np.isnan(rounds)
+    return rounds[keep].astype(np.int64), population, table[keep][:, point_cols]
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved config as a dict; {} when missing or unreadable (the report goes on)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    except (yaml.YAMLError, OSError) as error:
+        warnings.warn(f"ignoring unreadable {path}: {error}", stacklevel=2)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _lookup(config: Mapping[str, Any], dotted_key: str) -> Any:
+    """``config["a"]["b"]`` for ``"a.b"``; None when any part is missing."""
+    node: Any = config
+    for part in dotted_key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+@dataclass
+class _Run:
+    """What a report needs from one run folder."""
+
+    path: Path
+    scenario: str
+    label: str
+    seed: int | None
+    config: dict[str, Any]
+    metrics: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        seed = "?" if self.seed is None else str(self.seed)
+        return f"{self.scenario} / {self.label} / seed {seed}"
+
+    @property
+    def sort_key(self) -> tuple:
+        return (self.label, self.seed is None, self.seed or 0, self.path.name, str(self.path))
+
+
+def _load_run(run_dir: Path, with_metrics: bool = True) -> _Run:
+    config = _read_config(run_dir)
+    scenario = _lookup(config, "scenario")
+    label = _lookup(config, "run.label")
+    seed = _lookup(config, "seed")
+    try:
+        seed = None if seed is None else int(seed)
+    except (TypeError, ValueError):
+        seed = None
+    return _Run(
+        path=run_dir,
+        scenario=str(scenario) if scenario is not None else "unknown scenario",
+        # Without a label a run is its own group, named after its folder.
+        label=str(label) if label is not None else run_dir.name,
+        seed=seed,
+        config=config,
+        metrics=read_metrics(run_dir / "metrics.csv") if with_metrics else {},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def _n_window(n_rounds: int, fraction: float) -> int:
+    # ceil so that e.g. 15 rounds at 10% average the last 2; the epsilon keeps 20 × 0.1 at 2.
+    return max(1, math.ceil(n_rounds * fraction - 1e-9))
+
+
+def _nanmean(values: np.ndarray, axis: int | None = None) -> Any:
+    """``np.nanmean`` that returns NaN for all-NaN slices without a RuntimeWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
+
+
+def final_values(
+    metrics: Mapping[str, np.ndarray], tail_fraction: float = TAIL_FRACTION
+) -> dict[str, float]:
+    """Mean of every column over the last ``tail_fraction`` of rounds (at least one round).
+
+    NaNs are ignored; a column that is NaN over the whole window is NaN. ``round`` is left out.
+
+    Args:
+        metrics: columns as returned by :func:`read_metrics`.
+        tail_fraction: share of rounds, in (0, 1], counted from the end.
+    """
+    if not 0.0 < tail_fraction <= 1.0:
+        raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
+    finals: dict[str, float] = {}
+    for name, column in metrics.items():
+        if name == "round":
+            continue
+        column = np.asarray(column, dtype=np.float64)
+        if len(column) == 0:
+            finals[name] = math.nan
+            continue
+        finals[name] = float(_nanmean(column[-_n_window(len(column), tail_fraction) :]))
+    return finals
+
+
+def _start_value(column: np.ndarray, fraction: float) -> float:
+    """Mean over the first ``fraction`` of rounds: the counterpart of :func:`final_values`."""
+    column = np.asarray(column, dtype=np.float64)
+    if len(column) == 0:
+        return math.nan
+    return float(_nanmean(column[: _n_window(len(column), fraction)]))
+
+
+def mean_ci(values: Any, confidence: float = CONFIDENCE) -> tuple[Any, Any]:
+    """Mean over seeds and the half-width of its Student-t confidence interval.
+
+    ``half_width = t_{(1+confidence)/2, n-1} · s / sqrt(n)`` with ``s`` the sample standard
+    deviation (ddof = 1) over the first axis. NaNs are ignored per element, so ``n`` is the number
+    of seeds that measured it; the half-width is 0 where ``n <= 1`` and the mean is NaN where
+    ``n == 0``.
+
+    Args:
+        values: array of shape ``(n_seeds, ...)``.
+        confidence: two-sided confidence level in (0, 1).
+
+    Returns:
+        ``(mean, half_width)``, each of shape ``values.shape[1:]`` (floats for 1-D input).
+    """
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 0 or values.shape[0] == 0:
+        raise ValueError("mean_ci needs values of shape (n_seeds, ...) with at least one seed")
+    n = np.sum(~np.isnan(values), axis=0)
+    mean = _nanmean(values, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sd = np.nanstd(values, axis=0, ddof=1)
+        t = stats.t.ppf(0.5 + confidence / 2.0, np.maximum(n - 1, 1))
+        half = np.where(n > 1, t * sd / np.sqrt(np.maximum(n, 1)), 0.0)
+    if values.ndim == 1:
+        return float(mean), float(half)
+    return mean, half
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    """Four significant digits; missing values as an em dash."""
+    if value is None:
+        return "—"
+    value = float(value)
+    if math.isnan(value):
+        return "—"
+    if value == 0.0:
+        value = 0.0  # no "-0"
+    return f"{value:.4g}"
+
+
+def _fmt_ci(mean: float, half: float) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{_fmt(mean)} ± {_fmt(half)}"
+
+
+def _fmt_signed(value: float) -> str:
+    text = _fmt(value)
+    return text if text.startswith("-") or text == "0" else f"+{text}"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _rounds_text(rounds: np.ndarray, fraction: float, last: bool) -> str:
+    """'rounds 18–19' for the averaging window, so readers know what 'start'/'end' mean."""
+    if len(rounds) == 0:
+        return "no rounds"
+    k = _n_window(len(rounds), fraction)
+    window = rounds[-k:] if last else rounds[:k]
+    if len(window) == 1:
+        return f"round {int(window[0])}"
+    return f"rounds {int(window[0])}–{int(window[-1])}"
+
+
+def _write_markdown(path: Path, lines: list[str]) -> Path:
+    """Join lines, squeeze runs of blank lines, end with one newline (stable bytes)."""
+    text = "\n".join(lines)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    path.write_text(text.strip("\n") + "\n", encoding="utf-8")
+    return path
+
+
+def _relative_link(target: Path, start: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), start.resolve())).as_posix()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plotting helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (7.0, 4.5), **kwargs):
+    """A free-standing Agg figure and its axes; None when matplotlib is not installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None, None
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # No "Software" stamp: the same data gives the same PNG bytes across matplotlib patch versions.
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_data(metrics: Mapping[str, np.ndarray], key: str) -> bool:
+    return key in metrics and bool(np.any(~np.isnan(np.asarray(metrics[key], dtype=np.float64))))
+
+
+def _plot_series(ax, rounds: np.ndarray, values: np.ndarray, **kwargs) -> None:
+    """Line over the rounds that measured something: metrics logged every few rounds (NaN in
+    between) would otherwise draw as isolated, invisible points."""
+    keep = ~np.isnan(values)
+    marker = "o" if keep.sum() < len(values) else None
+    ax.plot(rounds[keep], values[keep], marker=marker, markersize=3, **kwargs)
+
+
+def _label_colours(labels: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------
+
+
+def _plot_gini(run: _Run, out: Path) -> bool:
+    m = run.metrics
+    top = _has_data(m, "exposure/gini")
+    bottom = [k for k in ("exposure/coverage", "exposure/tail_share") if _has_data(m, k)]
+    if not top and not bottom:
+        return False
+    nrows = int(top) + int(bool(bottom))
+    fig, axes = _figure(nrows, 1, size=(7.0, 3.0 + 2.2 * nrows), sharex=True)
+    rounds = m["round"]
+    row = 0
+    if top:
+        ax = axes[row, 0]
+        _plot_series(ax, rounds, m["exposure/gini"], color="tab:red")
+        ax.set_ylabel("exposure Gini\n(0 = equal, 1 = one item)")
+        ax.set_title(f"Exposure concentration — {run.title}")
+        ax.grid(alpha=0.3)
+        row += 1
+    if bottom:
+        ax = axes[row, 0]
+        names = {"exposure/coverage": "coverage (share of items shown)",
+                 "exposure/tail_share": "tail share (share of exposure)"}
+        for key in bottom:
+            _plot_series(ax, rounds, m[key], label=names[key])
+        ax.set_ylabel("share (0–1)")
+        if not top:
+            ax.set_title(f"Coverage and tail share — {run.title}")
+        ax.legend(loc="best", fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("round")
+    _save(fig, out)
+    return True
+
+
+def _lorenz_rows(n_rows: int, most: int = 5) -> np.ndarray:
+    """Up to ``most`` row indices spread evenly over the run, first and last included."""
+    return np.unique(np.round(np.linspace(0, n_rows - 1, min(most, n_rows))).astype(int))
+
+
+def _plot_lorenz(run: _Run, out: Path) -> bool:
+    lorenz = read_lorenz(run.path / "lorenz.csv")
+    if lorenz is None:
+        return False
+    rounds, population, shares = lorenz
+    fig, axes = _figure(1, 1, size=(5.5, 5.0))
+    ax = axes[0, 0]
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="equality")
+    from matplotlib import colormaps
+
+    rows = _lorenz_rows(len(rounds))
+    cmap = colormaps["viridis"]
+    for i, r in enumerate(rows):
+        curve = shares[r]
+        # Gini = 1 − 2 × area under the Lorenz curve (trapezoid rule on the stored points).
+        area = float(np.nansum((curve[1:] + curve[:-1]) / 2.0 * np.diff(population)))
+        colour = cmap(i / max(len(rows) - 1, 1))
+        ax.plot(population, curve, color=colour, label=f"round {rounds[r]} (Gini ≈ {_fmt(1 - 2 * area)})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("share of items, least to most exposed")
+    ax.set_ylabel("cumulative share of exposure")
+    ax.set_title(f"Lorenz curves of exposure\n{run.title}")
+    ax.legend(loc="upper left", fontsize="small")
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+    return True
+
+
+def _plot_utility_vs_concentration(run: _Run, out: Path) -> bool:
+    m = run.metrics
+    if not (_has_data(m, "exposure/gini") and _has_data(m, "users/utility")):
+        return False
+    gini, utility = m["exposure/gini"], m["users/utility"]
+    keep = ~(np.isnan(gini) | np.isnan(utility))
+    if not keep.any():
+        return False
+    fig, axes = _figure(1, 1, size=(6.5, 4.8))
+    ax = axes[0, 0]
+    points = ax.scatter(gini[keep], utility[keep], c=m["round"][keep], cmap="viridis", s=18)
+    fig.colorbar(points, ax=ax, label="round")
+    ax.set_xlabel("exposure Gini (0 = equal, 1 = one item)")
+    ax.set_ylabel("mean true utility per slate (utility units)")
+    ax.set_title(f"User utility against exposure concentration\n{run.title}")
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+    return True
+
+
+def _plot_new_items(run: _Run, out: Path) -> bool:
+    m = run.metrics
+    panels = [k for k in ("items/new_share", "items/time_to_first_exposure") if _has_data(m, k)]
+    if not panels:
+        return False
+    fig, axes = _figure(len(panels), 1, size=(7.0, 3.0 + 2.2 * len(panels)), sharex=True)
+    ylabels = {
+        "items/new_share": "new-item share of exposure (0–1)",
+        "items/time_to_first_exposure": "time to first exposure\n(rounds)",
+    }
+    for row, key in enumerate(panels):
+        ax = axes[row, 0]
+        _plot_series(ax, m["round"], m[key], color="tab:green" if row == 0 else "tab:purple")
+        ax.set_ylabel(ylabels[key])
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(f"New items — {run.title}")
+    axes[-1, 0].set_xlabel("round")
+    _save(fig, out)
+    return True
+
+
+RUN_PLOTS = (
+    ("gini.png", "Exposure Gini, coverage and tail share over rounds", _plot_gini),
+    ("lorenz.png", "Lorenz curves of exposure", _plot_lorenz),
+    ("utility_vs_concentration.png", "User utility against exposure Gini", _plot_utility_vs_concentration),
+    ("new_items.png", "New items: exposure share and time to first exposure", _plot_new_items),
+)
+
+
+def _change_sentence(name: str, column: np.ndarray, rounds: np.ndarray, fraction: float) -> str | None:
+    start = _start_value(column, fraction)
+    end = final_values({"x": column}, fraction)["x"]
+    if math.isnan(start) or math.isnan(end):
+        return None
+    change = end - start
+    relative = f" ({_fmt_signed(100.0 * change / abs(start))}%)" if start != 0 else ""
+    return (
+        f"{name} went from {_fmt(start)} ({_rounds_text(rounds, fraction, last=False)}) "
+        f"to {_fmt(end)} ({_rounds_text(rounds, fraction, last=True)}), "
+        f"a change of {_fmt_signed(change)}{relative}."
+    )
+
+
+def write_run_report(run_dir: str | os.PathLike, tail_fraction: float = TAIL_FRACTION) -> Path:
+    """Write ``plots/*.png`` and ``summary.md`` for one run folder.
+
+    Plots that need a missing column or file are skipped, and so are their links.
+
+    Args:
+        run_dir: a run folder with ``metrics.csv`` (required), ``lorenz.csv`` and ``config.yaml``.
+        tail_fraction: share of the last rounds averaged into final values (first rounds for start).
+
+    Returns:
+        The path of ``summary.md``.
+    """
+    run_dir = Path(run_dir)
+    run = _load_run(run_dir)
+    metrics = run.metrics
+    rounds = metrics["round"]
+    finals = final_values(metrics, tail_fraction)
+
+    plots: list[tuple[str, str]] = []
+    plot_note = None
+    if _have_matplotlib():
+        for filename, caption, plot in RUN_PLOTS:
+            if plot(run, run_dir / "plots" / filename):
+                plots.append((filename, caption))
+    else:
+        plot_note = "Plots skipped: matplotlib is not installed (`pip install 'agorasim[viz]'`)."
+
+    lines = [f"# Run report: {run.title}", ""]
+    if len(rounds):
+        lines.append(
+            f"Run folder `{run_dir.name}`: {len(rounds)} rounds ({int(rounds[0])}–{int(rounds[-1])}). "
+            f"Final values are means over the last {_n_window(len(rounds), tail_fraction)} "
+            f"rounds ({_rounds_text(rounds, tail_fraction, last=True)}), NaNs ignored."
+        )
+    else:
+        lines.append(f"Run folder `{run_dir.name}`: metrics.csv has no rounds yet.")
+    lines += ["", "## Final values", "", "| metric | final | meaning |", "|---|---:|---|"]
+    table_keys = [(k, meaning) for k, meaning in RUN_TABLE if k in finals]
+    table_keys += [(k, "") for k in sorted(finals) if k.startswith(EXTRA_PREFIXES)]
+    for key, meaning in table_keys:
+        lines.append(f"| {_md_cell(key)} | {_fmt(finals[key])} | {meaning} |")
+
+    sentences = [
+        _change_sentence(name, metrics[key], rounds, tail_fraction)
+        for key, name in (("exposure/gini", "Exposure Gini"), ("users/utility", "User utility"))
+        if key in metrics
+    ]
+    sentences = [s for s in sentences if s]
+    if sentences:
+        lines += ["", "## Change over the run", ""] + [f"- {s}" for s in sentences]
+
+    lines += ["", "## Plots", ""]
+    if plot_note:
+        lines.append(plot_note)
+    elif not plots:
+        lines.append("No plots: the metrics needed for them are not in this run.")
+    for filename, caption in plots:
+        lines += [f"![{caption}](plots/{filename})", ""]
+    return _write_markdown(run_dir / "summary.md", lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several runs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Group:
+    """Runs sharing a label (one per seed) and their final values."""
+
+    label: str
+    runs: list[_Run]
+    finals: list[dict[str, float]]
+
+    def final_ci(self, key: str) -> tuple[float, float]:
+        values = np.array([f.get(key, math.nan) for f in self.finals], dtype=np.float64)
+        if np.isnan(values).all():
+            return math.nan, math.nan
+        return mean_ci(values)
+
+    def x_value(self, x_key: str) -> Any:
+        """The swept config value of this group; a list when seeds disagree, None when absent."""
+        values = [_lookup(r.config, x_key) for r in self.runs]
+        distinct = []
+        for v in values:
+            if v is not None and v not in distinct:
+                distinct.append(v)
+        if not distinct:
+            return None
+        return distinct[0] if len(distinct) == 1 else distinct
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None or isinstance(value, list):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, list):
+        return "/".join(_fmt_value(v) for v in value)
+    number = _as_number(value)
+    return _fmt(number) if number is not None else str(value)
+
+
+def _plot_compare(groups: list[_Group], colours: dict[str, Any], out: Path) -> bool:
+    lengths = [len(r.metrics["round"]) for g in groups for r in g.runs]
+    n_rounds = min(lengths) if lengths else 0  # align every curve to the shortest run
+    panels = [
+        (key, ylabel) for key, ylabel in COMPARE_PANELS
+        if any(_has_data(r.metrics, key) for g in groups for r in g.runs)
+    ]
+    if n_rounds == 0 or not panels:
+        return False
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = _figure(nrows, ncols, size=(4.6 * ncols, 3.6 * nrows))
+    for idx, (key, ylabel) in enumerate(panels):
+        ax = axes[idx // ncols, idx % ncols]
+        for group in groups:
+            runs = [r for r in group.runs if key in r.metrics]
+            if not runs:
+                continue
+            rounds = runs[0].metrics["round"][:n_rounds]
+            stack = np.stack([r.metrics[key][:n_rounds] for r in runs])
+            if np.isnan(stack).all():
+                continue
+            mean, half = mean_ci(stack)
+            colour = colours[group.label]
+            ax.plot(rounds, mean, color=colour, label=f"{group.label} (n={len(runs)})")
+            ax.fill_between(rounds, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
+        ax.set_title(key)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    for idx in range(len(panels), nrows * ncols):
+        axes[idx // ncols, idx % ncols].set_visible(False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    for ax in axes.flat:  # the first panel may lack a label that another panel has
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize="small")
+    fig.suptitle(f"Mean over seeds with {int(CONFIDENCE * 100)}% CI (first {n_rounds} rounds)")
+    _save(fig, out)
+    return True
+
+
+def _plot_tradeoff(groups: list[_Group], colours: dict[str, Any], out: Path, x_key: str | None) -> bool:
+    points = []
+    for group in groups:
+        gini, gini_half = group.final_ci("exposure/gini")
+        utility, utility_half = group.final_ci("users/utility")
+        if math.isnan(gini) or math.isnan(utility):
+            continue
+        points.append((group, gini, gini_half, utility, utility_half))
+    if not points:
+        return False
+    fig, axes = _figure(1, 1, size=(6.5, 5.0))
+    ax = axes[0, 0]
+    for group, gini, gini_half, utility, utility_half in points:
+        ax.errorbar(
+            gini, utility, xerr=gini_half, yerr=utility_half, fmt="o", capsize=3,
+            color=colours[group.label], label=f"{group.label} (n={len(group.runs)})",
+        )
+    if x_key:
+        short = x_key.rsplit(".", 1)[-1]
+        swept = []
+        for group, gini, _, utility, _ in points:
+            value = group.x_value(x_key)
+            ax.annotate(
+                f"{short}={_fmt_value(value)}", (gini, utility), textcoords="offset points",
+                xytext=(6, 6), fontsize="small",
+            )
+            number = _as_number(value)
+            if number is not None:
+                swept.append((number, group.label, gini, utility))
+        if len(swept) >= 2:
+            swept.sort()
+            ax.plot([p[2] for p in swept], [p[3] for p in swept], color="grey", linewidth=1, zorder=0)
+        ax.set_title(f"Utility–concentration trade-off over {x_key}")
+    else:
+        ax.set_title("Utility–concentration trade-off")
+    ax.set_xlabel("final exposure Gini (0 = equal, 1 = one item)")
+    ax.set_ylabel("final mean true utility per slate")
+    ax.legend(loc="best", fontsize="small")
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+    return True
+
+
+def write_comparison_report(
+    run_dirs: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    x_key: str | None = None,
+    tail_fraction: float = TAIL_FRACTION,
+) -> Path:
+    """Compare runs grouped by ``run.label`` (one run per seed): plots and ``summary.md``.
+
+    Writes ``compare.png`` (mean over seeds with a 95% CI band per label for Gini, utility,
+    NDCG@10, coverage and new-item share, rounds cut to the shortest run), ``tradeoff.png`` (final
+    utility against final Gini per label with CI error bars; with ``x_key`` each point is annotated
+    with that config value and points are joined in its order) and ``summary.md`` (a table of
+    mean ± CI of final values per label, sorted by label, and links to every run folder).
+    Run folders without ``metrics.csv`` are listed as skipped.
+
+    Args:
+        run_dirs: run folders; their order does not matter.
+        out_dir: where the report goes (created if needed).
+        x_key: dotted config key swept across labels, e.g. ``platform.fairness_weight``.
+        tail_fraction: share of the last rounds averaged into final values.
+
+    Returns:
+        The path of ``summary.md``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[_Run] = []
+    skipped: list[Path] = []
+    for run_dir in sorted({Path(p) for p in run_dirs}, key=lambda p: (p.name, str(p))):
+        if not (run_dir / "metrics.csv").is_file():
+            skipped.append(run_dir)
+            continue
+        runs.append(_load_run(run_dir))
+    runs.sort(key=lambda r: r.sort_key)
+
+    groups: list[_Group] = []
+    for run in runs:
+        if not groups or groups[-1].label != run.label:
+            groups.append(_Group(run.label, [], []))
+        groups[-1].runs.append(run)
+        groups[-1].finals.append(final_values(run.metrics, tail_fraction))
+
+    plots: list[tuple[str, str]] = []
+    plot_note = None
+    if not _have_matplotlib():
+        plot_note = "Plots skipped: matplotlib is not installed (`pip install 'agorasim[viz]'`)."
+    elif groups:
+        colours = _label_colours([g.label for g in groups])
+        if _plot_compare(groups, colours, out_dir / "compare.png"):
+            plots.append(("compare.png", "Mean over seeds with 95% CI, per label"))
+        if _plot_tradeoff(groups, colours, out_dir / "tradeoff.png", x_key):
+            plots.append(("tradeoff.png", "Final utility against final exposure Gini"))
+
+    scenarios = sorted({r.scenario for r in runs})
+    lines = ["# Comparison report", ""]
+    lines.append(
+        f"{_plural(len(runs), 'run')} in {_plural(len(groups), 'label')}"
+        + (f"; scenario: {', '.join(scenarios)}" if scenarios else "")
+        + f". Final values are means over the last {int(round(tail_fraction * 100))}% of rounds "
+        f"of each run; cells show the mean over seeds ± the {int(CONFIDENCE * 100)}% "
+        "confidence half-width (Student t; 0 for a single seed)."
+    )
+    header = ["label", "seeds"] + ([x_key] if x_key else []) + [name for _, name in COMPARE_TABLE]
+    lines += ["", "## Final values", "", "| " + " | ".join(_md_cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for group in groups:
+        cells = [_md_cell(group.label), str(len(group.runs))]
+        if x_key:
+            cells.append(_md_cell(_fmt_value(group.x_value(x_key))))
+        cells += [_fmt_ci(*group.final_ci(key)) for key, _ in COMPARE_TABLE]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    lines += ["", "## Plots", ""]
+    if plot_note:
+        lines.append(plot_note)
+    elif not plots:
+        lines.append("No plots: the metrics needed for them are not in these runs.")
+    for filename, caption in plots:
+        lines += [f"![{caption}]({filename})", ""]
+
+    lines += ["", "## Runs", ""]
+    for group in groups:
+        lines.append(f"- **{_md_cell(group.label)}**")
+        for run in group.runs:
+            seed = "?" if run.seed is None else run.seed
+            lines.append(f"  - seed {seed}: [{run.path.name}]({_relative_link(run.path, out_dir)})")
+    for run_dir in skipped:
+        lines.append(f"- skipped (no metrics.csv): `{_relative_link(run_dir, out_dir)}`")
+    return _write_markdown(out_dir / "summary.md", lines)

@@ -1,0 +1,217 @@
+"""Recommender policies: the shared contract, hand examples and "training learns" checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from agorasim.env.state import Catalogue, InteractionLog
+from agorasim.policy import POLICIES, BPRPolicy, PopularityPolicy, RecommendRequest, SASRecPolicy, make_policy
+from agorasim.policy.baselines import valid_candidates
+from agorasim.policy.conformance import add_random_items, check_policy
+from agorasim.policy.sasrec import next_item_windows
+
+
+def make_catalogue(n_items: int) -> Catalogue:
+    catalogue = Catalogue.empty(dim=4, depth=1)
+    add_random_items(catalogue, n_items, np.random.default_rng(0))
+    return catalogue
+
+
+def click_log(users, items) -> InteractionLog:
+    """A log with one click per row, all in round 0, in the given (time) order."""
+    users, items = np.asarray(users), np.asarray(items)
+    log = InteractionLog()
+    log.append(round=np.zeros(len(users), np.int64), user=users, item=items,
+               position=np.zeros(len(users), np.int64), click=np.ones(len(users), np.int8),
+               rating=np.full(len(users), 4.0, np.float32))
+    return log
+
+
+def request(users, candidates, alive, k, history=None) -> RecommendRequest:
+    users = np.asarray(users)
+    if history is None:
+        history = np.full((len(users), 1), -1)
+    return RecommendRequest(users=users, history=np.asarray(history), candidates=np.asarray(candidates),
+                            alive=np.asarray(alive), k=k, round=0)
+
+
+# ---------------------------------------------------------------- contract, registry, helpers
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_conformance(name):
+    check_policy(make_policy(name))
+
+
+@pytest.mark.parametrize("name", ["popularity", "bpr", "sasrec"])
+def test_conformance_refitting_every_round(name):
+    # several refits with the catalogue growing and shrinking in between: warm start and growth
+    check_policy(make_policy(name, refit_every=1), rounds=4, seed=3)
+
+
+def test_make_policy_explains_bad_input():
+    with pytest.raises(ValueError, match="allowed: bpr, popularity, random, sasrec"):
+        make_policy("nope")
+    with pytest.raises(ValueError, match="unknown parameter.*colour"):
+        make_policy("bpr", colour=3)
+    with pytest.raises(ValueError, match="refit_every"):
+        make_policy("popularity", refit_every=0)
+    assert make_policy("bpr", dim=8).dim == 8
+
+
+def test_valid_candidates_drops_dead_unknown_and_repeated_ids():
+    alive = np.array([True, False, True, True])
+    candidates = np.array([[3, -1, 3, 9, 1, 0],
+                           [0, 2, 3, 2, 0, -1]])
+    np.testing.assert_array_equal(valid_candidates(candidates, alive),
+                                  [[3, -1, -1, -1, -1, 0],
+                                   [0, 2, 3, -1, -1, -1]])
+
+
+def test_refit_happens_after_every_refit_every_th_round():
+    catalogue, log = make_catalogue(3), click_log([0], [1])
+    policy = PopularityPolicy(refit_every=3)
+    refits = []
+    for round in range(7):
+        before = policy.counts
+        policy.update(log, catalogue, round, np.random.default_rng(0))
+        refits.append(policy.counts is not before)
+    assert refits == [False, False, True, False, False, True, False]
+
+
+# ---------------------------------------------------------------- popularity
+
+def test_popularity_ranks_by_counts_at_the_last_refit():
+    catalogue = make_catalogue(4)
+    catalogue.interactions[:4] = [5, 1, 3, 0]
+    policy, rng, log = PopularityPolicy(refit_every=2), np.random.default_rng(0), InteractionLog()
+    req = request([0], [[0, 1, 2, 3]], catalogue.view("alive"), k=4)
+    policy.update(log, catalogue, 1, rng)  # (1 + 1) % 2 == 0: refit
+    items, scores = policy.recommend(req, rng)
+    np.testing.assert_array_equal(items, [[0, 2, 1, 3]])
+    np.testing.assert_array_equal(scores, [[5, 3, 1, 0]])
+
+    catalogue.interactions[:4] = [0, 10, 0, 20]  # the world moves on ...
+    policy.update(log, catalogue, 2, rng)  # ... but round 2 is no refit round
+    np.testing.assert_array_equal(policy.recommend(req, rng)[0], [[0, 2, 1, 3]])
+
+    policy.update(log, catalogue, 3, rng)  # refit: ties (items 0 and 2) keep candidate order
+    np.testing.assert_array_equal(policy.recommend(req, rng)[0], [[3, 1, 0, 2]])
+
+
+def test_popularity_scores_items_newer_than_the_refit_zero():
+    catalogue = make_catalogue(2)
+    catalogue.interactions[:2] = [2, 1]
+    policy, rng = PopularityPolicy(refit_every=1), np.random.default_rng(0)
+    policy.update(InteractionLog(), catalogue, 0, rng)
+    new = add_random_items(catalogue, 1, rng)
+    catalogue.interactions[new] = 100
+    items, scores = policy.recommend(request([0], [[new[0], 1, 0]], catalogue.view("alive"), k=3), rng)
+    np.testing.assert_array_equal(items, [[0, 1, new[0]]])
+    np.testing.assert_array_equal(scores, [[2, 1, 0]])
+
+
+# ---------------------------------------------------------------- BPR
+
+def planted_clusters(seed=0, users_per_cluster=20, items_per_cluster=20, clicks_per_user=8):
+    """Users 0..19 click only items 0..19, users 20..39 only items 20..39."""
+    rng = np.random.default_rng(seed)
+    users, items = [], []
+    for user in range(2 * users_per_cluster):
+        cluster = user // users_per_cluster
+        own = rng.choice(items_per_cluster, size=clicks_per_user, replace=False) + cluster * items_per_cluster
+        users += [user] * clicks_per_user
+        items += list(own)
+    order = rng.permutation(len(users))
+    return np.array(users)[order], np.array(items)[order]
+
+
+def test_bpr_separates_planted_clusters_and_its_loss_falls():
+    users, items = planted_clusters()
+    catalogue, log = make_catalogue(40), click_log(users, items)
+    policy, rng = BPRPolicy(refit_every=1, batch_size=32, epochs=20), np.random.default_rng(0)
+    first = policy.update(log, catalogue, 0, rng)["train/loss"]
+    second = policy.update(log, catalogue, 1, rng)["train/loss"]
+    assert second < first
+
+    all_users = np.arange(40)
+    scores = policy.score(all_users, np.full((40, 1), -1), np.tile(np.arange(40), (40, 1)))
+    own = (all_users[:, None] // 20) == (np.arange(40)[None, :] // 20)
+    # AUC per user: P(score of an own-cluster item > score of an other-cluster item)
+    auc = [np.mean(s[o][:, None] > s[~o][None, :]) for s, o in zip(scores, own)]
+    assert np.mean(auc) > 0.9
+
+
+def test_bpr_unknown_users_score_by_bias_and_tables_grow_warm():
+    users, items = planted_clusters(clicks_per_user=3)
+    catalogue, log = make_catalogue(40), click_log(users, items)
+    policy, rng = BPRPolicy(refit_every=1, epochs=2), np.random.default_rng(0)
+    policy.update(log, catalogue, 0, rng)
+    candidates = np.arange(40)[None]
+    np.testing.assert_allclose(policy.score(np.array([999]), np.full((1, 1), -1), candidates),
+                               policy.item_bias[None, :40], rtol=1e-6)
+
+    known = policy.item_factors.copy()
+    new = add_random_items(catalogue, 5, rng)
+    assert np.all(policy.score(np.array([0]), np.full((1, 1), -1), new[None]) == 0)
+    policy._grow(len(policy.user_factors) + 2, catalogue.n, rng)
+    assert policy.item_factors.shape == (45, policy.dim) and len(policy.user_factors) == 42
+    np.testing.assert_array_equal(policy.item_factors[:40], known)
+
+
+# ---------------------------------------------------------------- SASRec
+
+def test_next_item_windows_by_hand():
+    users = np.array([0, 1, 0, 0, 1])
+    items = np.array([10, 20, 11, 12, 21])
+    x, y = next_item_windows(users, items, max_len=2)
+    np.testing.assert_array_equal(x, [[10, 11], [-1, 20]])
+    np.testing.assert_array_equal(y, [[11, 12], [-1, 21]])
+    x, y = next_item_windows(users, items, max_len=1)  # user 0's newest pair comes first
+    np.testing.assert_array_equal(x, [[11], [10], [20]])
+    np.testing.assert_array_equal(y, [[12], [11], [21]])
+
+
+def successor_log(n_items=30, n_users=120, length=12, seed=0):
+    """Each user clicks a run i, i+1, i+2, ... (mod n_items) from a random start."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(n_items, size=n_users)
+    items = (starts[:, None] + np.arange(length)) % n_items
+    users = np.repeat(np.arange(n_users), length)
+    return click_log(users, items.ravel())
+
+
+def test_sasrec_learns_that_item_i_is_followed_by_i_plus_1():
+    n_items, max_len = 30, 8
+    catalogue, log = make_catalogue(n_items), successor_log(n_items)
+    policy = SASRecPolicy(refit_every=1, max_len=max_len, epochs=25, batch_size=32, lr=5e-3)
+    rng = np.random.default_rng(0)
+    policy.update(log, catalogue, 0, rng)
+
+    last = np.arange(n_items)
+    history = (last[:, None] + np.arange(-4, 1)) % n_items  # 5 clicks ending at `last`
+    history = np.pad(history, ((0, 0), (max_len - 5, 0)), constant_values=-1)
+    candidates = np.tile(np.arange(n_items), (n_items, 1))
+    items, _ = policy.recommend(request(last, candidates, catalogue.view("alive"), k=1, history=history), rng)
+    assert np.mean(items[:, 0] == (last + 1) % n_items) >= 0.8
+
+
+def test_sasrec_training_step_changes_every_parameter():
+    catalogue, log = make_catalogue(30), successor_log(30, n_users=16, length=9)
+    policy = SASRecPolicy(refit_every=1, max_len=8, epochs=1)
+    policy.update(log, catalogue, 0, np.random.default_rng(0))  # builds the model
+    before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
+    users, items, _ = log.clicks()
+    inputs, targets = (torch.from_numpy(a) for a in next_item_windows(users, items, 8))
+    optimizer = torch.optim.Adam(policy.model.parameters(), lr=1e-3)
+    policy.train_step(inputs, targets, torch.arange(30), optimizer, torch.Generator().manual_seed(0))
+    unchanged = [name for name, p in policy.model.named_parameters() if torch.equal(p, before[name])]
+    assert not unchanged
+
+
+def test_sasrec_empty_history_and_unknown_items_score_zero():
+    catalogue, log = make_catalogue(30), successor_log(30, n_users=16, length=9)
+    policy = SASRecPolicy(refit_every=1, max_len=8, epochs=1)
+    policy.update(log, catalogue, 0, np.random.default_rng(0))
+    history = np.array([[-1, -1, 3], [-1, -1, -1]])
+    scores = policy.score(np.array([0, 1]), history, np.array([[4, 30, -1], [4, 5, 6]]))
+    assert scores[0, 0] != 0 and np.all(scores[0, 1:] == 0) and np.all(scores[1] == 0)

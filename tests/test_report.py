@@ -1,0 +1,235 @@
+"""Run and comparison reports on tiny hand-made run folders (hand-computed values)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from agorasim.run.report import (
+    final_values,
+    mean_ci,
+    read_lorenz,
+    read_metrics,
+    write_comparison_report,
+    write_run_report,
+)
+
+RUN_PNGS = ("gini.png", "lorenz.png", "utility_vs_concentration.png", "new_items.png")
+
+
+def _write_run(
+    run_dir: Path,
+    columns: dict[str, list],
+    label: str | None = "popularity+trirec",
+    seed: int | None = 3,
+    scenario: str | None = "cold-start",
+    extra_config: dict | None = None,
+    lorenz: bool = True,
+) -> Path:
+    """A run folder as the simulator writes it; None cells become empty CSV cells."""
+    run_dir.mkdir(parents=True)
+    names = list(columns)
+    n = len(columns[names[0]])
+    lines = [",".join(names)]
+    for i in range(n):
+        lines.append(",".join("" if columns[k][i] is None else repr(columns[k][i]) for k in names))
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    config: dict = dict(extra_config or {})
+    if scenario is not None:
+        config["scenario"] = scenario
+    if seed is not None:
+        config["seed"] = seed
+    if label is not None:
+        config.setdefault("run", {})["label"] = label
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    if lorenz:
+        shares = np.linspace(0.0, 1.0, 21)
+        rows = ["round," + ",".join(f"p{k}" for k in range(21))]
+        for r in range(0, n, 5):
+            curve = shares ** (1 + r / 5)  # more concentrated as rounds go on
+            rows.append(f"{r}," + ",".join(f"{v:.6f}" for v in curve))
+        (run_dir / "lorenz.csv").write_text("\n".join(rows) + "\n")
+    return run_dir
+
+
+def _columns(n: int = 20) -> dict[str, list]:
+    rounds = list(range(n))
+    return {
+        "round": rounds,
+        "exposure/gini": [r / 20 for r in rounds],
+        "exposure/hhi": [0.01] * n,
+        "exposure/coverage": [1 - r / 40 for r in rounds],
+        "exposure/tail_share": [0.3] * n,
+        "items/new_share": [0.05] * n,
+        "items/time_to_first_exposure": [None if r % 2 == 0 else 3.0 for r in rounds],
+        "users/utility": [2 - r / 10 for r in rounds],
+        "users/click_rate": [0.25] * n,
+        "accuracy/ndcg@10": [0.4] * n,
+        "train/loss": [1.0] * (n - 2) + [0.5, None],
+    }
+
+
+def _constant_run(run_dir: Path, n: int, gini: float, utility: float, label: str, seed: int, **kw) -> Path:
+    return _write_run(
+        run_dir,
+        {
+            "round": list(range(n)),
+            "exposure/gini": [gini] * n,
+            "exposure/coverage": [0.5] * n,
+            "users/utility": [utility] * n,
+            "accuracy/ndcg@10": [0.1] * n,
+        },
+        label=label,
+        seed=seed,
+        lorenz=False,
+        **kw,
+    )
+
+
+def test_read_metrics_values_and_nan(tmp_path):
+    run = _write_run(tmp_path / "run", _columns())
+    metrics = read_metrics(run / "metrics.csv")
+    assert metrics["round"].dtype == np.int64
+    np.testing.assert_array_equal(metrics["round"], np.arange(20))
+    assert metrics["exposure/gini"][7] == pytest.approx(0.35)
+    ttfe = metrics["items/time_to_first_exposure"]
+    assert np.isnan(ttfe[0]) and ttfe[1] == 3.0
+    assert np.isnan(metrics["train/loss"][-1])
+    # the folder works as well as the file
+    assert set(read_metrics(run)) == set(metrics)
+
+
+def test_read_lorenz(tmp_path):
+    run = _write_run(tmp_path / "run", _columns())
+    rounds, population, shares = read_lorenz(run / "lorenz.csv")
+    np.testing.assert_array_equal(rounds, [0, 5, 10, 15])
+    assert population[1] == pytest.approx(0.05) and population[-1] == 1.0
+    assert shares.shape == (4, 21)
+    assert read_lorenz(tmp_path / "nowhere.csv") is None
+
+
+def test_final_values_by_hand(tmp_path):
+    metrics = read_metrics(_write_run(tmp_path / "run", _columns()) / "metrics.csv")
+    finals = final_values(metrics)  # 10% of 20 rounds = rounds 18 and 19
+    assert "round" not in finals
+    assert finals["exposure/gini"] == pytest.approx((0.90 + 0.95) / 2)
+    assert finals["users/utility"] == pytest.approx((0.2 + 0.1) / 2)
+    assert finals["train/loss"] == pytest.approx(0.5)  # the NaN in round 19 is ignored
+    assert finals["items/time_to_first_exposure"] == pytest.approx(3.0)
+    # at least one round: 5 rounds × 10% → the last round only
+    short = {"round": np.arange(5), "x": np.array([1.0, 2, 3, 4, 5])}
+    assert final_values(short)["x"] == 5.0
+    assert final_values(short, tail_fraction=0.4)["x"] == pytest.approx(4.5)
+    assert math.isnan(final_values({"round": np.arange(2), "x": np.array([np.nan, np.nan])})["x"])
+    with pytest.raises(ValueError, match="tail_fraction"):
+        final_values(short, tail_fraction=0.0)
+
+
+def test_mean_ci_by_hand():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    # t_{0.975, 2} · s / sqrt(3) with s = 1
+    assert half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert half == pytest.approx(2.4841, abs=1e-4)
+    mean, half = mean_ci([[0.0, 10.0], [2.0, 10.0]])
+    np.testing.assert_allclose(mean, [1.0, 10.0])
+    np.testing.assert_allclose(half, [12.706205 * math.sqrt(2) / math.sqrt(2), 0.0], rtol=1e-6)
+    assert mean_ci([5.0]) == (5.0, 0.0)  # one seed: no interval
+    mean, half = mean_ci([[1.0], [np.nan]])  # NaN seeds do not count
+    assert mean[0] == 1.0 and half[0] == 0.0
+
+
+def test_run_report_writes_plots_and_summary(tmp_path):
+    run = _write_run(tmp_path / "run", _columns())
+    summary = write_run_report(run)
+    assert summary == run / "summary.md"
+    for name in RUN_PNGS:
+        png = run / "plots" / name
+        assert png.is_file() and png.stat().st_size > 1000, name
+        assert f"(plots/{name})" in summary.read_text()
+    text = summary.read_text()
+    assert text.startswith("# Run report: cold-start / popularity+trirec / seed 3\n")
+    assert "| exposure/gini | 0.925 |" in text
+    assert "| users/utility | 0.15 |" in text
+    assert "| train/loss | 0.5 |" in text
+    # Gini start = mean of rounds 0–1 = 0.025, end 0.925, change +0.9 (+3600%)
+    assert "Exposure Gini went from 0.025 (rounds 0–1) to 0.925 (rounds 18–19), a change of +0.9 (+3600%)." in text
+    assert "User utility went from 1.95 (rounds 0–1) to 0.15" in text
+    assert "exposure/dgu" not in text  # absent columns get no row
+
+
+def test_run_report_is_deterministic(tmp_path):
+    run = _write_run(tmp_path / "run", _columns())
+    first = write_run_report(run).read_bytes()
+    second = write_run_report(run).read_bytes()
+    assert first == second
+
+
+def test_run_report_survives_missing_optional_inputs(tmp_path):
+    run = tmp_path / "bare"
+    _write_run(run, {"round": [0, 1, 2], "exposure/gini": [0.1, None, 0.3]}, lorenz=False)
+    (run / "config.yaml").unlink()
+    text = write_run_report(run).read_text()
+    assert "unknown scenario / bare / seed ?" in text
+    assert "| exposure/gini | 0.3 |" in text
+    assert (run / "plots" / "gini.png").is_file()
+    for name in RUN_PNGS[1:]:
+        assert not (run / "plots" / name).exists()
+        assert name not in text
+    with pytest.raises(FileNotFoundError, match="metrics"):
+        write_run_report(tmp_path / "missing")
+
+
+def _two_by_two(tmp_path: Path) -> list[Path]:
+    runs = tmp_path / "runs"
+    weight = {"alpha": 0.0, "beta": 0.5}
+    specs = [  # label, seed, rounds, gini, utility
+        ("alpha", 0, 20, 0.2, 1.0),
+        ("alpha", 1, 15, 0.4, 1.2),
+        ("beta", 0, 20, 0.6, 0.5),
+        ("beta", 1, 20, 0.6, 0.7),
+    ]
+    return [
+        _constant_run(
+            runs / f"cold-start__{label}__{seed}", n, gini, utility, label, seed,
+            extra_config={"platform": {"fairness_weight": weight[label]}},
+        )
+        for label, seed, n, gini, utility in specs
+    ]
+
+
+def test_comparison_report(tmp_path):
+    run_dirs = _two_by_two(tmp_path)
+    out = tmp_path / "report"
+    summary = write_comparison_report(run_dirs, out, x_key="platform.fairness_weight")
+    assert summary == out / "summary.md"
+    for name in ("compare.png", "tradeoff.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 1000
+    text = summary.read_text()
+    # alpha: gini 0.2 and 0.4 → 0.3 ± t_{0.975,1}·0.1414/sqrt(2) = 12.71·0.1 = 1.271
+    assert "| alpha | 2 | 0 | 0.3 ± 1.271 | 0.5 ± 0 | — | — | 1.1 ± 1.271 | — | 0.1 ± 0 |" in text
+    assert "| beta | 2 | 0.5 | 0.6 ± 0 | 0.5 ± 0 | — | — | 0.6 ± 1.271 | — | 0.1 ± 0 |" in text
+    assert text.index("| alpha |") < text.index("| beta |")
+    assert "platform.fairness_weight" in text
+    assert "(../runs/cold-start__alpha__0)" in text and "(../runs/cold-start__beta__1)" in text
+
+
+def test_comparison_report_is_deterministic_and_order_free(tmp_path):
+    run_dirs = _two_by_two(tmp_path)
+    out = tmp_path / "report"
+    first = write_comparison_report(run_dirs, out).read_bytes()
+    second = write_comparison_report(list(reversed(run_dirs)), out).read_bytes()
+    assert first == second
+
+
+def test_comparison_report_skips_runs_without_metrics(tmp_path):
+    run_dirs = _two_by_two(tmp_path)
+    empty = tmp_path / "runs" / "crashed"
+    empty.mkdir()
+    text = write_comparison_report(run_dirs + [empty], tmp_path / "report").read_text()
+    assert "skipped (no metrics.csv): `../runs/crashed`" in text
+    assert "4 runs in 2 labels" in text
