@@ -48,6 +48,37 @@ def test_conformance_refitting_every_round(name):
     check_policy(make_policy(name, refit_every=1), rounds=4, seed=3)
 
 
+class _ClockMetrics(PopularityPolicy):
+    """Reports wall-clock time as a metric: breaks run-to-run determinism."""
+
+    def fit(self, log, catalogue, rng):
+        import time
+        super().fit(log, catalogue, rng)
+        return {"train/seconds": time.perf_counter()}
+
+
+class _ForcesItemZero(PopularityPolicy):
+    """Puts item 0 first in every row, whether or not it is a candidate (or alive)."""
+
+    def recommend(self, request, rng):
+        items, scores = super().recommend(request, rng)
+        return np.where(items == items[:, :1], 0, items), scores
+
+
+class _GlobalTorchRng(PopularityPolicy):
+    def fit(self, log, catalogue, rng):
+        torch.rand(1)
+        return super().fit(log, catalogue, rng)
+
+
+@pytest.mark.parametrize("broken, message", [
+    (_ClockMetrics, "metrics differ"), (_ForcesItemZero, "dead item|repeats|not in its candidates"),
+    (_GlobalTorchRng, "global RNG")])
+def test_conformance_rejects_broken_policies(broken, message):
+    with pytest.raises(AssertionError, match=message):
+        check_policy(broken(refit_every=2))
+
+
 def test_make_policy_explains_bad_input():
     with pytest.raises(ValueError, match="allowed: bpr, popularity, random, sasrec"):
         make_policy("nope")

@@ -72,14 +72,14 @@ def _cli_overrides(args) -> list[str]:
 def check_config(config: Config) -> None:
     """Checks pydantic cannot do alone: names in registries and constructor parameters."""
     from agorasim.platform import make_reranker
-    from agorasim.env.market import reranker_params
-    from agorasim.policy import POLICIES, make_policy
+    from agorasim.env.market import build_policy, reranker_params
+    from agorasim.policy import POLICIES
 
     for name in config.experiment.policies or [config.policy.name]:
         if name not in POLICIES:
             raise UserInputError(f"config policy.name: unknown policy '{name}': choose one of {', '.join(POLICIES)}")
         try:
-            make_policy(name, refit_every=config.policy.refit_every, **config.policy.params)
+            build_policy(config, name)
         except (TypeError, ValueError) as error:
             raise UserInputError(f"config policy.params: {str(error).splitlines()[0]}") from None
     try:

@@ -89,7 +89,7 @@ class PlatformConfig(_Section):
     reranker: Literal["none", "trirec", "controller", "mmr", "new-item-boost"] = Field(
         "trirec", description="platform agent re-ranker")
     k: int = Field(10, ge=1, description="slate length K shown to a user")
-    candidates: int = Field(30, ge=1, description="K': items the policy ranks for the platform")
+    candidates: int = Field(50, ge=1, description="K': items the policy ranks for the platform")
     n_groups: int = Field(8, ge=1, description="popularity groups for DGU/MGU")
     target: Literal["uniform", "supply", "merit"] = Field(
         "uniform", description="target exposure shares of the popularity groups")

@@ -20,7 +20,7 @@ from agorasim.env.retrieval import Retriever
 from agorasim.env.round_graph import build_round_graph
 from agorasim.metrics import accuracy, exposure
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker
-from agorasim.policy import RecommendRequest, make_policy
+from agorasim.policy import RecommendRequest, make_policy, policy_params
 
 RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval")
 
@@ -65,7 +65,7 @@ class Market(mesa.Model):
         self.items = ItemAgents(config.agents.items, n_providers)
         for provider in range(n_providers):
             ProviderAgent(self, provider)
-        self.policy = make_policy(config.policy.name, refit_every=config.policy.refit_every, **config.policy.params)
+        self.policy = build_policy(config)
         self.reranker = make_reranker(config.platform.reranker, **reranker_params(config))
         self.ledger = ExposureLedger(config.platform.ledger_window)
         self.retriever = Retriever()
@@ -276,6 +276,18 @@ def _columns_of(ranked: np.ndarray, slates: np.ndarray) -> np.ndarray:
     """Column of each slate item within its row of ``ranked`` (-1 for padding)."""
     match = slates[:, :, None] == ranked[:, None, :]
     return np.where(slates >= 0, match.argmax(2), -1)
+
+
+def build_policy(config: Config, name: str | None = None):
+    """The configured policy; ``refit_every`` is passed to policies that refit on the log."""
+    name = name or config.policy.name
+    params = dict(config.policy.params)
+    accepted = policy_params(name)
+    if "refit_every" in accepted:
+        params.setdefault("refit_every", config.policy.refit_every)
+    if "max_len" in accepted:  # sequence models read the users' history window
+        params.setdefault("max_len", config.market.history_length)
+    return make_policy(name, **params)
 
 
 def reranker_params(config: Config) -> dict:

@@ -87,7 +87,7 @@ def _provenance() -> dict:
 def new_run_dir(config: Config) -> Path:
     """A fresh run folder (never an existing one)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    label = re.sub(r"[^A-Za-z0-9.+=@-]+", "-", config.label)
+    label = re.sub(r"[^A-Za-z0-9_.+=@-]+", "-", config.label)
     base = Path(config.run.out) / f"{config.scenario}__{label}__{config.run.seed}__{stamp}"
     path, n = base, 1
     while path.exists():

@@ -1,0 +1,157 @@
+"""End-to-end CLI runs: outputs, determinism, bad input, resume after a kill, comparisons."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agorasim.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
+REQUIRED = ["round", "exposure/gini", "exposure/hhi", "exposure/entropy", "exposure/coverage", "exposure/tail_share",
+            "exposure/dgu", "exposure/mgu", "items/new_share", "users/utility", "users/click_rate", "users/churned",
+            "accuracy/ndcg@10"]
+
+
+def sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_folders(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir() and "__compare__" not in p.name)
+
+
+def test_cold_start_run_writes_a_complete_run_folder(tmp_path, small_overrides):
+    proc = subprocess.run(RUN + ["--scenario", "cold-start", "--out", str(tmp_path)]
+                          + sets(small_overrides + ["run.rounds=5"]), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_folders(tmp_path)
+    assert run_dir.name.startswith("cold-start__popularity+trirec__0__")
+    assert f"run folder: {run_dir}" in proc.stdout
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert all(column in header for column in REQUIRED)
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 5
+    assert not any("second" in c or "time" in c.split("/")[-1] for c in header if c != "items/time_to_first_exposure")
+    for name in ("config.yaml", "timings.csv", "lorenz.csv", "events.jsonl", "summary.md"):
+        assert (run_dir / name).stat().st_size > 0, name
+    for plot in ("gini.png", "lorenz.png", "utility_vs_concentration.png", "new_items.png"):
+        assert (run_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "git_sha" in (run_dir / "config.yaml").read_text()
+    assert list((run_dir / "checkpoints").glob("round_00005.pkl"))
+
+
+def test_same_seed_gives_byte_identical_metrics(tmp_path, small_overrides):
+    args = ["run", "--rounds", "4", "--no-progress"] + sets(small_overrides)
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    (a,), (b,) = run_folders(tmp_path / "a"), run_folders(tmp_path / "b")
+    assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scenario", "nope"], "unknown scenario 'nope'"),
+    (["--policy", "nope"], "unknown policy 'nope'"),
+    (["--reranker", "nope"], "config platform.reranker: must be one of"),
+    (["--set", "market.n_user=3"], "unknown config key 'market.n_user'"),
+    (["--set", "market.n_users=-1"], "config market.n_users"),
+    (["--set", "platform.k=20", "--set", "platform.candidates=10"], "platform.candidates: must be >= platform.k"),
+    (["--set", "policy.params={nonsense: 1}"], "config policy.params"),
+    (["--rounds", "0"], "config run.rounds"),
+    (["--seeds", "0,x"], "comma-separated list of int"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--resume", "/nonexistent/run"], "no such run folder"),
+    (["--scenario", "amazon-industrial", "--set", "market.data_dir=/nonexistent"], "/nonexistent"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    existing = tmp_path / "cold-start__old"
+    existing.mkdir()
+    (existing / "metrics.csv").write_text("round\n0\n")
+    code = main(["run", "--out", str(tmp_path), "--no-progress"] + args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cold-start__old"]  # nothing new written
+    assert (existing / "metrics.csv").read_text() == "round\n0\n"
+
+
+def test_malformed_data_file_is_reported(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "info.txt").write_text("a title\t0\n")
+    (data / "valid.csv").write_text("user_id,garbage\nx,y\n")
+    (data / "test.csv").write_text("user_id,garbage\nx,y\n")
+    code = main(["run", "--scenario", "amazon-industrial", "--out", str(tmp_path / "runs"),
+                 "--set", f"market.data_dir={data}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "valid.csv" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_input_from_a_subprocess_has_no_traceback(tmp_path):
+    proc = subprocess.run(RUN + ["--scenario", "cold-start", "--set", "market.n_users=abc", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("agorasim: error: config market.n_users")
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, small_overrides):
+    common = ["--seed", "3"] + sets(small_overrides + ["run.rounds=40", "run.checkpoint_every=4", "run.progress=false"])
+    straight = subprocess.run(RUN + common + ["--out", str(tmp_path / "straight")], capture_output=True, text=True,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stderr
+    proc = subprocess.Popen(RUN + common + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    checkpoint = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "killed").glob("*/checkpoints/round_00008.pkl"))
+        if found:
+            checkpoint = found[0]
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint is not None, "the run ended before it could be killed"
+    run_dir = checkpoint.parents[1]
+    lines_at_kill = len((run_dir / "metrics.csv").read_text().splitlines())
+    assert lines_at_kill < 41  # really interrupted
+    resumed = subprocess.run(RUN + ["--resume", str(run_dir)], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    (want,) = run_folders(tmp_path / "straight")
+    assert (run_dir / "metrics.csv").read_bytes() == (want / "metrics.csv").read_bytes()
+    assert (run_dir / "lorenz.csv").read_bytes() == (want / "lorenz.csv").read_bytes()
+    assert (run_dir / "events.jsonl").read_bytes() == (want / "events.jsonl").read_bytes()
+    assert (run_dir / "summary.md").exists()
+
+
+def test_several_seeds_and_policies_are_compared(tmp_path, small_overrides, capsys):
+    code = main(["run", "--policy", "popularity,random", "--seeds", "0,1", "--out", str(tmp_path)]
+                + sets(small_overrides + ["run.rounds=3"]))
+    assert code == 0
+    assert len(run_folders(tmp_path)) == 4
+    (compare,) = [p for p in tmp_path.iterdir() if "__compare__" in p.name]
+    summary = (compare / "summary.md").read_text()
+    assert "popularity+trirec" in summary and "random+trirec" in summary
+    assert (compare / "compare.png").exists() and (compare / "tradeoff.png").exists()
+    assert "comparison:" in capsys.readouterr().out
+
+
+def test_fairness_sweep_labels_runs_by_value(tmp_path, small_overrides):
+    code = main(["run", "--scenario", "fairness-tradeoff", "--rounds", "2", "--out", str(tmp_path),
+                 "--set", "experiment.sweep_values=[0,2]"] + sets(small_overrides + ["run.rounds=3"]))
+    assert code == 0
+    names = [p.name for p in run_folders(tmp_path)]
+    assert any("fairness_weight=0__" in n for n in names) and any("fairness_weight=2__" in n for n in names)
+
+
+def test_list_scenarios(capsys):
+    assert main(["run", "--list-scenarios"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cold-start", "popularity-loop", "fairness-tradeoff", "amazon-industrial"):
+        assert name in out

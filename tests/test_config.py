@@ -1,0 +1,73 @@
+import pytest
+
+from agorasim.config import Config, build_config, parse_override
+from agorasim.errors import UserInputError
+from agorasim.scenarios import load_scenario, scenario_names
+
+
+def test_packaged_scenarios_validate():
+    names = scenario_names()
+    assert {"cold-start", "popularity-loop", "fairness-tradeoff", "amazon-industrial"} <= set(names)
+    for name in names:
+        config = build_config(load_scenario(name))
+        assert config.scenario == name
+
+
+def test_cold_start_defaults():
+    config = build_config(load_scenario("cold-start"))
+    assert config.run.rounds == 200
+    assert config.market.new_items_per_round > 0 and config.market.new_users_per_round > 0
+    assert config.label == "popularity+trirec"
+
+
+def test_override_types_are_parsed_as_yaml():
+    assert parse_override("market.n_users=500") == ("market.n_users", 500)
+    assert parse_override("platform.fairness_weight=0.5") == ("platform.fairness_weight", 0.5)
+    assert parse_override("agents.users.churn=false") == ("agents.users.churn", False)
+    assert parse_override("policy.name=bpr") == ("policy.name", "bpr")
+    config = build_config({}, ["market.n_users=500", "agents.users.churn=false", "policy.params={dim: 8}"])
+    assert config.market.n_users == 500 and config.agents.users.churn is False
+    assert config.policy.params == {"dim": 8}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("market.n_user=5", "unknown config key 'market.n_user'"),
+    ("markets.n_users=5", "unknown config key 'markets.n_users'"),
+    ("market.n_users=-5", "config market.n_users: Input should be greater than 0"),
+    ("market.n_users=many", "config market.n_users"),
+    ("platform.reranker=magic", "must be one of"),
+    ("agents.users.trust=1.5", "config agents.users.trust"),
+    ("market.n_users", "--set expects dotted.key=value"),
+])
+def test_bad_overrides_name_the_field(override, expected):
+    with pytest.raises(UserInputError) as error:
+        build_config(load_scenario("cold-start"), [override])
+    message = str(error.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(UserInputError, match="n_users, n_items"):
+        build_config({}, ["market.n_user=5"])
+
+
+def test_unknown_key_in_scenario_file_is_reported():
+    with pytest.raises(UserInputError, match="unknown config key 'platform.fairness'"):
+        build_config({"platform": {"fairness": 1}})
+
+
+def test_unknown_scenario():
+    with pytest.raises(UserInputError, match="unknown scenario 'nope': choose one of .*cold-start"):
+        load_scenario("nope")
+
+
+def test_dump_roundtrip():
+    from agorasim.config import dump_config, validate
+    import yaml
+
+    config = build_config(load_scenario("fairness-tradeoff"), ["run.seed=3"])
+    data = yaml.safe_load(dump_config(config, {"git_sha": "x"}))
+    assert data.pop("meta") == {"git_sha": "x"}
+    assert validate(data) == config
+    assert isinstance(Config().market.n_users, int)
