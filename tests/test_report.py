@@ -42,7 +42,7 @@ def _write_run(
     if scenario is not None:
         config["scenario"] = scenario
     if seed is not None:
-        config["seed"] = seed
+        config.setdefault("run", {})["seed"] = seed
     if label is not None:
         config.setdefault("run", {})["label"] = label
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))

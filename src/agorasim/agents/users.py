@@ -31,20 +31,34 @@ class UserAgents:
                      rng: np.random.Generator | None = None) -> np.ndarray:
         """(B, K) true utility of ``items`` (B, K) for ``users``; noise eps only if ``rng`` given.
 
-        Padding items (-1) get -inf. Also used counterfactually (items never shown) by the
-        accuracy metrics and by in-loop rewards.
+        Padding items (-1) get -inf.
         """
-        pop, cat = world.population, world.catalogue
         safe = np.maximum(items, 0)
-        match = np.einsum("bd,bkd->bk", pop.taste[users], cat.embedding[safe])
-        value = (match + cat.quality[safe]
-                 + pop.conformity[users, None] * np.log1p(cat.interactions[safe])
-                 + pop.novelty[users, None] * world.freshness(safe))
-        if self.cfg.social > 0:
-            value = value + pop.social[users, None] * world.social_proof(users, items)
+        match = np.einsum("bd,bkd->bk", world.population.taste[users], world.catalogue.embedding[safe])
+        social = world.social_proof(users, items) if self.cfg.social > 0 else 0.0
+        value = self._add_item_terms(world, users, safe, match, social)
         if rng is not None and self.cfg.utility_noise > 0:
             value = value + rng.normal(0.0, self.cfg.utility_noise, value.shape)
         return np.where(items >= 0, value, -np.inf)
+
+    def utility_matrix(self, world: World, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """(B, n) noiseless true utility of every item in ``items`` (n,) for every user: the
+        counterfactual query used by accuracy metrics and in-loop rewards (one matmul)."""
+        match = world.population.taste[users] @ world.catalogue.embedding[items].T
+        social = world.social_matrix(users, items) if self.cfg.social > 0 else 0.0
+        return self._add_item_terms(world, users, items, match, social)
+
+    @staticmethod
+    def _add_item_terms(world: World, users: np.ndarray, items: np.ndarray, match: np.ndarray,
+                        social) -> np.ndarray:
+        """``match + q_i + c_u log(1+pop_i) + n_u fresh_i + s_u social_ui``; ``items`` is (B, K)
+        or (n,) (broadcast over users)."""
+        pop, cat = world.population, world.catalogue
+        # float32 throughout: utility differences far below 1e-6 never matter to a choice
+        return (match + cat.quality[items]
+                + pop.conformity[users, None] * np.log1p(cat.interactions[items], dtype=np.float32)
+                + pop.novelty[users, None] * world.freshness(items).astype(np.float32)
+                + pop.social[users, None] * social)
 
     def respond(self, world: World, users: np.ndarray, slates: np.ndarray, hype: np.ndarray,
                 rng: np.random.Generator) -> tuple[FeedbackBatch, np.ndarray]:

@@ -109,12 +109,14 @@ class Market(mesa.Model):
         w.refresh_social()
         return np.flatnonzero(visiting)
 
-    def retrieve(self, users: np.ndarray) -> np.ndarray:
+    def retrieve(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate pools, and the user profiles they were searched with."""
         w, cfg = self.world, self.config.policy
-        queries, has_history = w.profiles(users)
-        return self.retriever.candidates(
-            queries, has_history, w.catalogue.content[: w.catalogue.n], w.catalogue.alive_ids(),
+        profiles, has_history = w.profiles(users)
+        pools = self.retriever.candidates(
+            profiles, has_history, w.catalogue.content[: w.catalogue.n], w.catalogue.alive_ids(),
             w.popularity(), cfg.pool_size, cfg.explore, self.rngs["retrieval"])
+        return pools, profiles
 
     def recommend(self, users: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         w = self.world
@@ -122,15 +124,16 @@ class Market(mesa.Model):
                                    alive=w.catalogue.view("alive"), k=self.config.platform.candidates, round=w.round)
         return self.policy.recommend(request, self.rngs["policy"])
 
-    def promote(self, users: np.ndarray, ranked: np.ndarray) -> tuple[Promotions, np.ndarray]:
+    def promote(self, profiles: np.ndarray, ranked: np.ndarray) -> tuple[Promotions, np.ndarray]:
         """Item agents promote themselves to each user; returns promotions and expected item
         utility EIU = sigmoid(3 * content match with the user's profile + promotion pull)."""
         cat = self.world.catalogue
         self.items.choose_strategies(self.rngs["items"])
         safe = np.maximum(ranked, 0)
         promotions = self.items.promote(cat.provider[safe], cat.features[safe], ranked >= 0, self.rngs["items"])
-        profile, _ = self.world.profiles(users)
-        match = np.einsum("bd,bkd->bk", profile, cat.content[safe])
+        if not self.reranker.uses_item_utility:
+            return promotions, np.ones(ranked.shape)
+        match = np.einsum("bd,bkd->bk", profiles, cat.content[safe])
         eiu = 1.0 / (1.0 + np.exp(-(3.0 * match + promotions.hype)))
         return promotions, eiu
 
@@ -176,7 +179,7 @@ class Market(mesa.Model):
         stars = np.where(clicked, feedback.stars[rows], np.nan)
         w.log.append(round=np.full(len(rows), w.round), user=users[rows], item=slates[rows, slots],
                      position=slots, click=clicked.astype(np.int8), rating=stars.astype(np.float32))
-        np.add.at(cat.interactions, slates[rows, slots][clicked], 1.0)
+        cat.interactions[: cat.n] += np.bincount(slates[rows, slots][clicked], minlength=cat.n)
         # -- users: trust, drift, fatigue, churn ------------------------------------------------
         churned = self.users.update(w, users, slates, feedback, shown.accuracy)
         # -- providers: bandit reward = rating-weighted clicks per impression --------------------
@@ -262,8 +265,7 @@ class Market(mesa.Model):
         n_eval = min(self.config.run.eval_users, len(users))
         rows = np.sort(self.rngs["eval"].choice(len(users), n_eval, replace=False))
         alive = self.world.catalogue.alive_ids()
-        items = np.broadcast_to(alive, (n_eval, len(alive)))
-        utility = self.users.true_utility(self.world, users[rows], items)
+        utility = self.users.utility_matrix(self.world, users[rows], alive)
         top = alive[accuracy.true_top_items(utility, 10)]
         shown = slates[rows, :10]
         gains = (shown[:, :, None] == top[:, None, :]).any(2).astype(np.float64)

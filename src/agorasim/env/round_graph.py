@@ -19,6 +19,7 @@ class RoundState(TypedDict, total=False):
     round: int
     users: np.ndarray  # (B,) active user ids
     candidates: np.ndarray  # (B, C) retrieved pool
+    profiles: np.ndarray  # (B, d) what the platform knows of each user
     ranked: np.ndarray  # (B, K') policy output
     scores: np.ndarray  # (B, K') policy scores
     promotions: Any  # Promotions over the (B, K') ranked items
@@ -38,14 +39,15 @@ def build_round_graph(market) -> Any:
         return {"users": market.world_phase()}
 
     def retrieve(state: RoundState) -> RoundState:
-        return {"candidates": market.retrieve(state["users"])}
+        candidates, profiles = market.retrieve(state["users"])
+        return {"candidates": candidates, "profiles": profiles}
 
     def recommend(state: RoundState) -> RoundState:
         ranked, scores = market.recommend(state["users"], state["candidates"])
         return {"ranked": ranked, "scores": scores}
 
     def promote(state: RoundState) -> RoundState:
-        promotions, eiu = market.promote(state["users"], state["ranked"])
+        promotions, eiu = market.promote(state["profiles"], state["ranked"])
         return {"promotions": promotions, "eiu": eiu}
 
     def rerank(state: RoundState) -> RoundState:

@@ -55,7 +55,7 @@ class World:
 
     def freshness(self, items: np.ndarray) -> np.ndarray:
         """``0.5 ** (age / halflife)``: 1 for a brand-new item (novelty term of utility)."""
-        return np.power(0.5, self.age(items) / self.novelty_halflife)
+        return np.exp2(-(self.round - self.catalogue.born[items]) / self.novelty_halflife)
 
     def is_new(self) -> np.ndarray:
         """(n_items,) item arrived within the new-item horizon (initial catalogue excluded)."""
@@ -97,13 +97,26 @@ class World:
         recent.data[:] = 1.0
         self._recent = recent
 
-    def social_proof(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """Share of each user's friends who clicked the item within the social window."""
+    def _friends_clicks(self, users: np.ndarray) -> sp.csr_matrix | None:
+        """(B, n_items) share of each user's friends who clicked each item recently (sparse)."""
         if self._recent is None or self._recent.shape != (self.population.n, self.catalogue.n):
             self.refresh_social()
         if self._recent.nnz == 0 or len(self.edges) == 0:
+            return None
+        return (self.friend_matrix()[users] @ self._recent).tocsr()
+
+    def social_matrix(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Dense (B, n) social proof of every item in ``items`` (n,) for every user."""
+        proof = self._friends_clicks(users)
+        if proof is None:
+            return np.zeros((len(users), len(items)), np.float32)
+        return proof[:, items].toarray()
+
+    def social_proof(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Share of each user's friends who clicked the item within the social window."""
+        proof = self._friends_clicks(users)
+        if proof is None:
             return np.zeros(items.shape, np.float32)
-        proof = (self.friend_matrix()[users] @ self._recent).tocsr()
         rows = np.repeat(np.arange(len(users)), items.shape[1])
         values = np.asarray(proof[rows, np.maximum(items, 0).ravel()]).reshape(items.shape)
         return np.where(items >= 0, values, 0.0).astype(np.float32)

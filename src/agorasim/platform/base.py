@@ -45,6 +45,9 @@ class Reranker(ABC):
     """Chooses K of the K' candidates per user, in slate order."""
 
     name: str = "reranker"
+    # whether ``rerank`` reads ``request.item_utility`` (the item agents' EIU); the market skips
+    # computing it for re-rankers that do not
+    uses_item_utility: bool = False
 
     @abstractmethod
     def rerank(self, request: RerankRequest) -> np.ndarray:

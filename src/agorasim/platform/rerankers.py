@@ -122,6 +122,7 @@ class TriRecReranker(Reranker):
     """
 
     name = "trirec"
+    uses_item_utility = True
 
     def __init__(self, a_min: float = 0.2, a_max: float = 1.0, p: float = 1.0,
                  lambda_dgu: float = 0.5, lambda_mgu: float = 0.5, l_item: float = 0.5,
@@ -236,6 +237,7 @@ class ControllerReranker(Reranker):
     """
 
     name = "controller"
+    uses_item_utility = True
     forwards_to = TriRecReranker  # where **trirec_params go (read by make_reranker's checks)
 
     def __init__(self, target_gini: float = 0.5, gain: float = 2.0, min_weight: float = 0.0,

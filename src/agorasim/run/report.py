@@ -231,7 +231,7 @@ def _load_run(run_dir: Path, with_metrics: bool = True) -> _Run:
     config = _read_config(run_dir)
     scenario = _lookup(config, "scenario")
     label = _lookup(config, "run.label")
-    seed = _lookup(config, "seed")
+    seed = _lookup(config, "run.seed")
     try:
         seed = None if seed is None else int(seed)
     except (TypeError, ValueError):

@@ -220,6 +220,7 @@ def start_run(config: Config):
     from agorasim.env.market import Market
 
     market = Market(config)
+    config.run.label = config.label  # resolved, so reports group runs by it
     run_dir = new_run_dir(config)
     (run_dir / "config.yaml").write_text(dump_config(config, _provenance()))
     recorder = Recorder(run_dir, config)
