@@ -66,7 +66,7 @@ def kernels(market: Market, users: np.ndarray, rng: np.random.Generator) -> floa
     logits = np.concatenate([perceived, np.full((b, 1), ucfg.outside_utility)], 1) / ucfg.temperature
     choice = np.argmax(logits + rng.gumbel(size=logits.shape), 1)
     clicked = np.minimum(choice, k - 1)
-    stars = np.clip(np.rint(3.5 + 2 * (utility[np.arange(b), clicked] - ucfg.outside_utility)), 1, 5)
+    stars = np.clip(np.rint(3 + 2 * (utility[np.arange(b), clicked] - ucfg.rating_center)), 1, 5)
     probe = users[: min(cfg.run.eval_users, b)]
     full = (pop.taste[probe] @ cat.embedding[alive].T + cat.quality[alive]
             + pop.conformity[probe, None] * np.log1p(cat.interactions[alive], dtype=np.float32)

@@ -36,9 +36,9 @@ def test_choice_probabilities_by_hand():
 
 
 def test_stars_from_true_utility():
-    stars = stars_from_utility(np.array([1.8, 1.3, 3.0, 0.0]), outside=1.8, noise=np.zeros(4))
-    # 3.5 -> 4 (half to even), 2.5 -> 2, 5.9 -> 5 (clipped from 6), -0.1 -> 1 (clipped from 0)
-    np.testing.assert_array_equal(stars, [4, 2, 5, 1])
+    stars = stars_from_utility(np.array([1.5, 1.25, 3.0, 0.0, 2.2]), center=1.5, noise=np.zeros(5))
+    # 3 + 2(U - 1.5): 3, 2.5 -> 2 (half to even), 6 -> 5 (clipped), 0 -> 1 (clipped), 4.4 -> 4
+    np.testing.assert_array_equal(stars, [3, 2, 5, 1, 4])
 
 
 def test_perceived_utility_adds_trusted_hype_and_position_bias():
@@ -52,7 +52,8 @@ def test_perceived_utility_adds_trusted_hype_and_position_bias():
 
 
 def test_gumbel_sampling_matches_logit_probabilities():
-    cfg = UserAgentsConfig(temperature=0.5, outside_utility=0.2, position_bias=0.0, rating_noise=0.0)
+    cfg = UserAgentsConfig(temperature=0.5, outside_utility=0.2, position_bias=0.0, rating_noise=0.0,
+                           rating_center=0.0)
     n = 100_000
     request = SlateRequest(users=np.arange(n), slates=np.tile([3, 4, 5], (n, 1)),
                            true_utility=np.tile([0.6, 0.3, 0.0], (n, 1)), hype=np.zeros((n, 3)),
@@ -63,17 +64,23 @@ def test_gumbel_sampling_matches_logit_probabilities():
     np.testing.assert_allclose(freq, expected, atol=0.006)
     clicked = feedback.choice >= 0
     assert np.all(np.isnan(feedback.stars[~clicked])) and np.all(np.isfinite(feedback.stars[clicked]))
-    # slot 0 has U=0.6: 3.5 + 2*(0.6-0.2) = 4.3 -> 4 stars, no noise
+    # slot 0 has U=0.6: 3 + 2*(0.6-0) = 4.2 -> 4 stars, no noise
     assert np.all(feedback.stars[feedback.choice == 0] == 4)
 
 
 def test_true_utility_by_hand():
     world = tiny_world(round=10)
-    agents = UserAgents(UserAgentsConfig(social=0.0), FakeBackend())
+    agents = UserAgents(UserAgentsConfig(social=0.0, repeat_penalty=1.0), FakeBackend())
     u = agents.true_utility(world, np.array([0]), np.array([[0, 1, -1]]))
     # item 0: 1 + 0.5 + 0.1*log(e) + 0.2*0.5**(10/10) = 1.7 ; item 1: 0 - 0.2 + 0 + 0.1 = -0.1
     np.testing.assert_allclose(u[0, :2], [1.7, -0.1], rtol=1e-6)
     assert u[0, 2] == -np.inf
+    # the same numbers from the counterfactual matrix query
+    np.testing.assert_allclose(agents.utility_matrix(world, np.array([0]), np.array([0, 1])), [[1.7, -0.1]], rtol=1e-6)
+    # satiation: an item already in the history loses repeat_penalty, in both queries
+    world.population.history[0] = [-1, -1, 0]
+    np.testing.assert_allclose(agents.true_utility(world, np.array([0]), np.array([[0, 1]]))[0], [0.7, -0.1], rtol=1e-6)
+    np.testing.assert_allclose(agents.utility_matrix(world, np.array([0]), np.array([1, 0])), [[-0.1, 0.7]], rtol=1e-6)
 
 
 def test_social_proof_counts_friends_clicks():

@@ -53,7 +53,8 @@ class UserAgentsConfig(_Section):
         "utility", description="brain of the user agents: utility model, or deterministic fake")
     activity: float = Field(0.1, gt=0, le=1, description="mean share of users visiting a round")
     temperature: float = Field(0.3, gt=0, description="logit temperature of the choice model")
-    outside_utility: float = Field(1.8, description="utility of not clicking anything")
+    outside_utility: float = Field(2.2, description="utility of not clicking anything")
+    rating_center: float = Field(1.5, description="true utility that earns 3 stars (2 stars per unit)")
     position_bias: float = Field(
         0.15, ge=0, description="perceived-utility loss per log2 slot: b*log2(pos+1)")
     taste_scale: float = Field(1.5, gt=0, description="norm of the taste vector theta_u")
@@ -65,6 +66,8 @@ class UserAgentsConfig(_Section):
     rating_noise: float = Field(0.3, ge=0, description="sd of noise in ratings (utility units)")
     trust: float = Field(0.6, ge=0, le=1, description="initial trust in promotions")
     trust_lr: float = Field(0.2, ge=0, le=1, description="step of trust toward promise accuracy")
+    repeat_penalty: float = Field(
+        1.0, ge=0, description="utility lost on an item already in the user's recent history (satiation)")
     drift: float = Field(0.05, ge=0, le=1, description="taste step toward a consumed item")
     patience: float = Field(5.0, gt=0, description="mean disappointing visits before churn")
     churn: bool = Field(True, description="users leave after `patience` bad visits in a row")

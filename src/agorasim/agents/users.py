@@ -3,6 +3,10 @@
 True utility (DESIGN section 4)::
 
     U_ui = theta_u . phi_i + q_i + c_u log(1 + pop_i) + s_u social_ui + n_u fresh_i + eps
+           - repeat_penalty * [i in u's recent history]
+
+The last term (satiation) is ours: without it users click the same hit forever and utility
+drifts upward with popularity.
 
 The backend adds what the user *perceives* (promotion pull weighted by trust, position bias) and
 decides. After the round, trust moves toward the share of a promotion's claims that were true,
@@ -37,6 +41,9 @@ class UserAgents:
         match = np.einsum("bd,bkd->bk", world.population.taste[users], world.catalogue.embedding[safe])
         social = world.social_proof(users, items) if self.cfg.social > 0 else 0.0
         value = self._add_item_terms(world, users, safe, match, social)
+        if self.cfg.repeat_penalty > 0:
+            consumed = (items[:, :, None] == world.population.history[users][:, None, :]).any(2)
+            value = value - self.cfg.repeat_penalty * consumed
         if rng is not None and self.cfg.utility_noise > 0:
             value = value + rng.normal(0.0, self.cfg.utility_noise, value.shape)
         return np.where(items >= 0, value, -np.inf)
@@ -46,7 +53,13 @@ class UserAgents:
         counterfactual query used by accuracy metrics and in-loop rewards (one matmul)."""
         match = world.population.taste[users] @ world.catalogue.embedding[items].T
         social = world.social_matrix(users, items) if self.cfg.social > 0 else 0.0
-        return self._add_item_terms(world, users, items, match, social)
+        value = self._add_item_terms(world, users, items, match, social)
+        if self.cfg.repeat_penalty > 0:
+            consumed = np.zeros((len(users), world.catalogue.n + 1), bool)
+            history = world.population.history[users]
+            np.put_along_axis(consumed, np.where(history >= 0, history, world.catalogue.n), True, 1)
+            value = value - self.cfg.repeat_penalty * consumed[:, items]
+        return value
 
     @staticmethod
     def _add_item_terms(world: World, users: np.ndarray, items: np.ndarray, match: np.ndarray,

@@ -27,13 +27,13 @@ def choice_probabilities(perceived: np.ndarray, outside: float, temperature: flo
     return p / p.sum(1, keepdims=True)
 
 
-def stars_from_utility(utility: np.ndarray, outside: float, noise: np.ndarray) -> np.ndarray:
-    """1-5 stars from *true* utility relative to the outside option: 3.5 + 2(U - u0 + noise).
+def stars_from_utility(utility: np.ndarray, center: float, noise: np.ndarray) -> np.ndarray:
+    """1-5 stars from *true* utility: ``3 + 2 (U - center + noise)``, rounded and clipped.
 
-    An item exactly as good as not clicking earns 4 stars (3.5 rounds half to even); one that
-    was clicked on a promise and delivers half a utility unit less earns 2.
+    Ratings read the delivered utility, not the perceived one, so an item clicked on an
+    inflated promise earns fewer stars than its click suggested.
     """
-    return np.clip(np.rint(3.5 + 2.0 * (utility - outside + noise)), 1, 5)
+    return np.clip(np.rint(3.0 + 2.0 * (utility - center + noise)), 1, 5)
 
 
 class UtilityBackend(UserBackend):
@@ -55,7 +55,7 @@ class UtilityBackend(UserBackend):
         rows = np.arange(b)
         clicked = choice >= 0
         delivered = request.true_utility[rows, np.maximum(choice, 0)]
-        stars = np.where(clicked, stars_from_utility(delivered, cfg.outside_utility,
+        stars = np.where(clicked, stars_from_utility(delivered, cfg.rating_center,
                                                      rng.normal(0, cfg.rating_noise, b)), np.nan)
         reason = np.where(perceived < cfg.outside_utility, NOT_INTERESTED, PREFERRED_OTHER)
         reason[rows[clicked], choice[clicked]] = np.where(stars[clicked] >= 3, LIKED, DISAPPOINTED)
