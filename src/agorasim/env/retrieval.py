@@ -1,7 +1,9 @@
 """Candidate retrieval: faiss inner-product search over observable content vectors + exploration.
 
 Each active user's query is the mean content vector of their history (what the platform knows of
-them). Users with no history get the most popular alive items instead. A share ``explore`` of
+them). A user with no history is seeded with the content vector of one alive item drawn in
+proportion to 1 + its popularity: cold users lean toward popular items without all of them
+sharing one list (at round 0, when nothing is popular yet, the seeds are uniform). A share ``explore`` of
 each pool is drawn uniformly from alive items, so new and unpopular items can enter the loop.
 Top-k comes from faiss (never from a full score matrix: DESIGN section 11).
 """
@@ -41,7 +43,7 @@ class Retriever:
             has_history: (B,) users with at least one consumed item.
             content: (n_items, d) observable item vectors.
             alive_ids: ids of alive items.
-            popularity: (n_items,) clicks so far (cold users' pool).
+            popularity: (n_items,) clicks so far (cold users' seeds).
             pool: pool size C.
             explore: share of the pool drawn uniformly at random.
         """
@@ -54,12 +56,16 @@ class Retriever:
         if pool_eff == 0 or b == 0:
             return out
         self._refresh(content, alive_ids)
-        _, found = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), n_search) if n_search else (None, np.zeros((b, 0), np.int64))
-        searched = self._ids[found] if n_search else found
-        # cold users: most popular items, ties broken at random so round 0 is not id-ordered
-        tiebreak = rng.random(n_alive)
-        popular = alive_ids[np.lexsort((tiebreak, -popularity[alive_ids]))[:n_search]]
-        searched = np.where(has_history[:, None], searched, popular[None, :])
+        queries = np.array(queries, dtype=np.float32)
+        cold = np.flatnonzero(~has_history)
+        if len(cold):
+            weight = 1.0 + popularity[alive_ids]
+            seeds = alive_ids[rng.choice(n_alive, len(cold), p=weight / weight.sum())]
+            queries[cold] = content[seeds]
+        if n_search:
+            searched = self._ids[self._index.search(queries, n_search)[1]]
+        else:
+            searched = np.zeros((b, 0), np.int64)
         position = np.full(content.shape[0], -1, np.int64)
         position[alive_ids] = np.arange(n_alive)
         drawn = _draw_excluding(rng, n_alive, position[searched], n_explore)
