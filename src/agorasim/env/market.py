@@ -66,11 +66,13 @@ class Market(mesa.Model):
         for provider in range(n_providers):
             ProviderAgent(self, provider)
         self.policy = build_policy(config)
+        self.policy.bind(self)
         self.reranker = make_reranker(config.platform.reranker, **reranker_params(config))
         self.ledger = ExposureLedger(config.platform.ledger_window)
         self.retriever = Retriever()
         self.cumulative_exposure = np.zeros(0)
         self.rows: list[dict] = []  # metrics rows so far (also kept in checkpoints)
+        self.train_rows: list[dict] = []  # policy training rows (train/* and time/*)
         self.recorder = None  # run-folder writer attached by the runner
         self._graph = None
 
@@ -236,12 +238,33 @@ class Market(mesa.Model):
         row["providers/exits"] = float(len(leaving))
         row["providers/active"] = float(self.items.active.sum())
         row["platform/fairness_weight"] = float(getattr(self.reranker, "fairness_weight", float("nan")))
-        row.update(state.get("train") or {})
+        train = state.get("train") or {}
+        if train:
+            self.train_rows.append({"round": w.round, **train})
+        row.update({k: v for k, v in train.items() if not k.startswith("time/")})
         self.reranker.end_round(row)
         self.rows.append(row)
         if self.recorder is not None:
             self.recorder.on_round(self, row, users, slates, feedback, alive, window)
         return row
+
+    # -- the feedback oracle the policy may query (counterfactual, noiseless, no rng) ----------
+    def judge(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Expected rating (0-10) and click probability of each item shown alone to its user."""
+        cfg = self.config.agents.users
+        utility = self.users.true_utility(self.world, users, items)
+        stars = np.clip(3.0 + 2.0 * (utility - cfg.rating_center), 1.0, 5.0)
+        logit = np.clip((utility - cfg.outside_utility) / cfg.temperature, -50, 50)
+        valid = items >= 0
+        return {"rating": np.where(valid, 2.5 * (stars - 1.0), 0.0),
+                "click": np.where(valid, 1.0 / (1.0 + np.exp(-logit)), 0.0)}
+
+    def exposure_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        groups = self._groups()
+        exposure_by_group = self.ledger.group_exposure(groups, self.config.platform.n_groups)
+        total = exposure_by_group.sum()
+        share = exposure_by_group / total if total > 0 else np.full(len(exposure_by_group), 1 / len(exposure_by_group))
+        return groups, share, self._target(groups)
 
     # -- helpers -----------------------------------------------------------------------------
     def _groups(self) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -38,10 +39,25 @@ class RecommendRequest:
     round: int
 
 
+class FeedbackOracle(Protocol):
+    """What the simulator lets a policy ask while it learns (counterfactual user queries)."""
+
+    def judge(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Verified judgements of ``items`` (B, G) by ``users`` (B,): ``rating`` (0-10, expected
+        from true utility) and ``click`` (probability of a click if shown alone)."""
+
+    def exposure_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(popularity group of every item, current group exposure shares, target shares)."""
+
+
 class Policy(ABC):
     """Ranks items for a batch of users and learns from the interaction log."""
 
     name: str = "policy"
+
+    def bind(self, oracle: FeedbackOracle) -> None:
+        """Receive the simulator's feedback oracle (policies that learn from verified rewards
+        keep it; others ignore it)."""
 
     @abstractmethod
     def recommend(self, request: RecommendRequest, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +66,11 @@ class Policy(ABC):
 
     def update(self, log: InteractionLog, catalogue: Catalogue, round: int,
                rng: np.random.Generator) -> dict[str, float]:
-        """Learn from the log after ``round``; return training metrics (may be empty)."""
+        """Learn from the log after ``round``; return training metrics (may be empty).
+
+        Keys ``train/*`` are deterministic and go to metrics.csv and train.csv; keys ``time/*``
+        (wall-clock) go to train.csv only, so metrics.csv stays byte-identical across runs.
+        """
         return {}
 
 

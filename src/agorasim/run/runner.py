@@ -120,8 +120,7 @@ class Recorder:
         cfg = self.config.run
         rnd = int(row["round"])
         self.metrics.sync(market.rows)
-        self.train.sync([{"round": r["round"], **{k: v for k, v in r.items() if k.startswith("train/")}}
-                         for r in market.rows if any(k.startswith("train/") for k in r)])
+        self.train.sync(market.train_rows)
         if rnd % cfg.lorenz_every == 0 or rnd == cfg.rounds - 1:
             _, shares = exposure.lorenz(window[alive], points=21)
             self.lorenz.append({"round": rnd, **{f"p{i}": float(s) for i, s in enumerate(shares)}})
@@ -186,8 +185,7 @@ def load_run(run_dir: Path, rounds: int | None = None):
         (run_dir / name).unlink(missing_ok=True)
     recorder = Recorder(run_dir, market.config, payload["timings"], payload["lorenz"], payload["events_lines"])
     recorder.metrics.sync(market.rows)
-    recorder.train.sync([{"round": r["round"], **{k: v for k, v in r.items() if k.startswith("train/")}}
-                         for r in market.rows if any(k.startswith("train/") for k in r)])
+    recorder.train.sync(market.train_rows)
     recorder.timing_table.sync(recorder.timings)
     recorder.lorenz_table.sync(recorder.lorenz)
     _truncate_lines(run_dir / "events.jsonl", recorder.events_lines)
