@@ -155,3 +155,11 @@ def test_list_scenarios(capsys):
     out = capsys.readouterr().out
     for name in ("cold-start", "popularity-loop", "fairness-tradeoff", "amazon-industrial"):
         assert name in out
+
+
+def test_named_variants_run_beside_the_policies(tmp_path, small_overrides):
+    code = main(["run", "--out", str(tmp_path), "--set", "experiment.variants={fair: [platform.fairness_weight=3]}"]
+                + sets(small_overrides + ["run.rounds=2"]))
+    assert code == 0
+    names = sorted(p.name.split("__")[1] for p in run_folders(tmp_path))
+    assert names == ["fair", "popularity+trirec"]

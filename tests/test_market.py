@@ -110,3 +110,23 @@ def test_golden_trajectory(small_overrides):
     for w, g in zip(want, got):
         for key in GOLDEN_KEYS:
             assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), key
+
+
+def test_feedback_oracle_judges_counterfactually(small_overrides):
+    market = small_market(small_overrides)
+    run_rounds(market, 2)
+    users = np.array([0, 1])
+    items = np.array([[0, 5, -1], [3, 4, 7]])
+    before = {k: v.bit_generator.state for k, v in market.rngs.items()}
+    judged = market.judge(users, items)
+    assert {k: v.bit_generator.state for k, v in market.rngs.items()} == before  # no randomness used
+    cfg = market.config.agents.users
+    u = market.users.true_utility(market.world, users, items)
+    # rating = 2.5 (clip(3 + 2 (U - center), 1, 5) - 1), click = sigmoid((U - outside) / temperature)
+    stars = np.clip(3 + 2 * (u[1, 0] - cfg.rating_center), 1, 5)
+    assert judged["rating"][1, 0] == pytest.approx(2.5 * (stars - 1))
+    assert judged["click"][1, 0] == pytest.approx(1 / (1 + np.exp(-(u[1, 0] - cfg.outside_utility) / cfg.temperature)))
+    assert judged["rating"][0, 2] == 0 and judged["click"][0, 2] == 0
+    groups, share, target = market.exposure_state()
+    assert groups.shape == (market.world.catalogue.n,) and share.sum() == pytest.approx(1.0)
+    assert target.sum() == pytest.approx(1.0)

@@ -99,17 +99,18 @@ def check_config(config: Config) -> None:
 
 
 def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
-    """One config per (policy, sweep value, seed) of the experiment section."""
-    policies = config.experiment.policies or [config.policy.name]
+    """One config per (policy or named variant, sweep value, seed) of the experiment section."""
+    arms = [(None, [f"policy.name={p}"]) for p in config.experiment.policies or [config.policy.name]]
+    arms += [(label, list(sets)) for label, sets in config.experiment.variants.items()]
     seeds = config.experiment.seeds or [config.run.seed]
     key = config.experiment.sweep_key
     values = config.experiment.sweep_values if key else [None]
     configs = []
-    for policy, value, seed in itertools.product(policies, values, seeds):
-        extra = [f"policy.name={policy}", f"run.seed={seed}"]
-        if key:
-            extra.append(f"{key}={value}")
+    for (label, sets), value, seed in itertools.product(arms, values, seeds):
+        extra = sets + [f"run.seed={seed}"] + ([f"{key}={value}"] if key else [])
         variant = build_config(base, overrides + extra)
+        if label:
+            variant.run.label = label
         if key and not config.run.label:
             variant.run.label = f"{variant.label} {key.split('.')[-1]}={value:g}"
         configs.append(variant)

@@ -134,6 +134,9 @@ class RLConfig(_Section):
 class ExperimentConfig(_Section):
     policies: list[str] = Field(
         default_factory=list, description="policies compared (empty = policy.name only)")
+    variants: dict[str, list[str]] = Field(
+        default_factory=dict, description="named extra runs: label -> list of dotted.key=value "
+        "overrides applied on top (e.g. a policy with another reward)")
     seeds: list[int] = Field(default_factory=list, description="seeds (empty = run.seed)")
     sweep_key: str | None = Field(None, description="dotted config key swept")
     sweep_values: list[float] = Field(default_factory=list, description="values of sweep_key")
