@@ -122,13 +122,29 @@ class PolicyConfig(_Section):
 
 class RLConfig(_Section):
     group_size: int = Field(8, ge=2, description="G candidates per prompt (GRPO group)")
-    users_per_step: int = Field(64, ge=1, description="prompts per GRPO step")
-    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo"] = Field(
-        "grpo", description="policy-gradient loss")
-    beta: float = Field(0.0, ge=0, description="weight of the k3 KL to the reference model")
-    lr: float = Field(1e-3, gt=0, description="learning rate")
+    users_per_step: int = Field(64, ge=1, description="prompts per GRPO step (drawn from the round's visitors)")
+    rollout: Literal["beam", "sample"] = Field(
+        "beam", description="group = top-G constrained beams (ReRe) or G constrained samples")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (rollout=sample)")
+    mode: Literal["counterfactual", "served-only"] = Field(
+        "counterfactual", description="score every candidate with the user model, or only the served "
+        "item with a learned critic for the rest")
     rewards: dict[str, float] = Field(
-        default_factory=lambda: {"rating": 1.0}, description="reward name -> weight")
+        default_factory=lambda: {"rating": 1.0}, description="reward name -> weight (rating, click, rere_rank, exposure)")
+    reward_mode: Literal["sum_then_normalize", "normalize_then_sum"] = Field(
+        "sum_then_normalize", description="how several rewards become one advantage")
+    advantage_scale: Literal["group", "batch", "none"] = Field(
+        "group", description="std used to scale advantages (r - mean_group) / (std + 1e-4)")
+    loss: Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo"] = Field(
+        "grpo", description="policy-gradient loss (token/sequence aggregation as in TRL)")
+    epsilon_low: float = Field(0.2, ge=0, description="lower clip of the importance ratio")
+    epsilon_high: float | None = Field(None, ge=0, description="upper clip (None: loss default)")
+    updates_per_batch: int = Field(1, ge=1, description="mu: optimiser steps per generated batch (clipping matters when > 1)")
+    beta: float = Field(0.0, ge=0, description="weight of the k3 KL to the reference model")
+    ref_sync_every: int = Field(0, ge=0, description="steps between reference syncs (0 = never)")
+    ref_alpha: float = Field(1.0, ge=0, le=1, description="reference sync ref <- a*theta + (1-a)*ref")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the GRPO optimiser (AdamW)")
+    grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
 
 
 class ExperimentConfig(_Section):

@@ -154,7 +154,19 @@ class Market(mesa.Model):
         columns = _columns_of(ranked, slates)
         shown = promotions.take(columns)
         feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"])
+        self._log_impressions(users, slates, feedback)
         return feedback, utility, shown
+
+    def _log_impressions(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch) -> None:
+        """Append the round's impressions to the log and count clicks as popularity, before the
+        policy learns, so it learns from this round's feedback too."""
+        w, cat = self.world, self.world.catalogue
+        rows, slots = np.nonzero(slates >= 0)
+        clicked = feedback.choice[rows] == slots
+        stars = np.where(clicked, feedback.stars[rows], np.nan)
+        w.log.append(round=np.full(len(rows), w.round), user=users[rows], item=slates[rows, slots],
+                     position=slots, click=clicked.astype(np.int8), rating=stars.astype(np.float32))
+        cat.interactions[: cat.n] += np.bincount(slates[rows, slots][clicked], minlength=cat.n)
 
     def empty_round(self) -> dict:
         """State of a round in which nobody visits (so ``record`` sees empty batches)."""
@@ -177,11 +189,7 @@ class Market(mesa.Model):
         valid = slates >= 0
         rows, slots = np.nonzero(valid)
         clicked = feedback.choice[rows] == slots
-        # -- the log and popularity (clicks), in slate order -----------------------------------
         stars = np.where(clicked, feedback.stars[rows], np.nan)
-        w.log.append(round=np.full(len(rows), w.round), user=users[rows], item=slates[rows, slots],
-                     position=slots, click=clicked.astype(np.int8), rating=stars.astype(np.float32))
-        cat.interactions[: cat.n] += np.bincount(slates[rows, slots][clicked], minlength=cat.n)
         # -- users: trust, drift, fatigue, churn ------------------------------------------------
         churned = self.users.update(w, users, slates, feedback, shown.accuracy)
         # -- providers: bandit reward = rating-weighted clicks per impression --------------------
@@ -308,10 +316,12 @@ def build_policy(config: Config, name: str | None = None):
     name = name or config.policy.name
     params = dict(config.policy.params)
     accepted = policy_params(name)
-    if "refit_every" in accepted:
+    if "refit_every" in accepted and name != "generative":  # generative: GRPO cadence of its own
         params.setdefault("refit_every", config.policy.refit_every)
     if "max_len" in accepted:  # sequence models read the users' history window
         params.setdefault("max_len", config.market.history_length)
+    if "rl" in accepted:  # policies trained in the loop read the rl section
+        params.setdefault("rl", config.rl.model_dump())
     return make_policy(name, **params)
 
 

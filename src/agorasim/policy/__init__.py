@@ -12,6 +12,7 @@ import inspect
 from agorasim.policy.base import Policy, RecommendRequest, ScoringPolicy, top_k
 from agorasim.policy.baselines import PopularityPolicy, RandomPolicy, RefittingPolicy
 from agorasim.policy.bpr import BPRPolicy
+from agorasim.policy.generative import GenerativePolicy
 from agorasim.policy.sasrec import SASRecPolicy
 
 POLICIES: dict[str, type[Policy]] = {
@@ -19,6 +20,7 @@ POLICIES: dict[str, type[Policy]] = {
     "popularity": PopularityPolicy,
     "bpr": BPRPolicy,
     "sasrec": SASRecPolicy,
+    "generative": GenerativePolicy,
 }
 
 

@@ -23,22 +23,9 @@ from torch import nn
 
 from agorasim.env.state import Catalogue, InteractionLog
 from agorasim.policy.baselines import RefittingPolicy
+from agorasim.policy.threads import torch_threads
 
 _SCORE_CHUNK = 4096  # users encoded at once when scoring
-
-
-@contextmanager
-def torch_threads(n: int | None):
-    """Run the block with ``n`` intra-op threads, then restore torch's setting (None: leave it)."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def dropout(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -1,0 +1,532 @@
+"""Constrained decoding over the catalogue trie: batched beam search, sampling and teacher forcing.
+
+A generative recommender emits an item as its path of L+1 semantic-id codes (see
+``semantic_ids``). Only paths of items currently on the market are valid, so decoding is
+constrained to the *catalogue trie*: after a prefix of l codes the next code must extend some
+alive item's path.
+
+**Tables.** Prefix ids are assigned per level: level 0 has the single empty prefix 0; level l has
+one id per distinct l-code prefix of an alive item, numbered in lexicographic order. For each
+level l the trie stores, for every level-l prefix and every code c of that level, the *child*: the
+id of the (l+1)-prefix it leads to, the item id at the last level, or -1 when no alive item has
+that path (so "allowed" is ``child >= 0``). A level is stored densely, ``(n_prefixes, level_size)``
+int64, when that has at most ``dense_limit`` entries (default 2^20, 8 MB); otherwise as CSR rows
+(``ptr``, ``code``, ``target``: O(alive items) memory) and the few rows a decoding step needs are
+scattered into a dense block on the fly. For 20k items and 3x256 codes that makes levels 0, 1 and
+the de-duplication level dense (256, 65k and ~20k x dedup entries, about 1 MB) and level 2 CSR
+(~18k prefixes x 256 = 4.7M entries, 37 MB dense; 0.5 MB as CSR).
+
+**Scores.** A token's score is its log-probability under the model's *full-vocabulary*
+``log_softmax``; disallowed tokens are then set to -inf (no renormalisation over the allowed set).
+This is what transformers' ``PrefixConstrainedLogitsProcessor`` does in beam search, so our beams
+and scores equal ``model.generate(..., prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn(T),
+length_penalty=0.0)``, and ``token_logprobs`` of a returned item sums to its beam score.
+
+**Batching.** One Python iteration per code level (L+1 of them); beams, samples and prompts are
+tensor rows, and each step is one model call with the KV cache. Two cache layouts give the same
+results (tests check both against the reference):
+
+- expanded (``_ExpandedRows``): the prompts run once (B rows), then the cache is expanded to B*G
+  rows and reordered with ``Cache.reorder_cache`` after each step, as transformers' beam search
+  does (but without running the prompt G times). Works with any attention implementation.
+- shared prompt (``_SharedPromptRows``, the default where it fits): each prompt stays one cache
+  row and its G continuations are appended to it, a 4D attention mask letting each token see only
+  the prompt and its own ancestors. No cache copies; about 2x faster for 16 beams.
+
+Prompts must be left-padded; positions are ``cumsum(attention_mask) - 1``, as transformers'
+``generate`` makes them. Tie-breaking in beam search: equal scores go to the lower flat index
+``beam * level_size + code`` (transformers' ``topk`` leaves ties unspecified; with real-valued
+scores ties do not occur in practice).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from agorasim.policy.semantic_ids import token_offsets
+
+_DENSE_LIMIT = 1 << 20  # entries of a dense child table (int64: 8 MB) before a level switches to CSR
+
+
+@dataclass
+class _Level:
+    """Child table of one level: dense ``(n_prefixes, size)`` or CSR (``ptr``, ``code``, ``target``)."""
+
+    size: int
+    dense: torch.Tensor | None
+    ptr: torch.Tensor | None = None  # (n_prefixes + 1,) start of each prefix's children in code/target
+    code: torch.Tensor | None = None  # (n_edges,) code of each child, sorted within a prefix
+    target: torch.Tensor | None = None  # (n_edges,) child prefix id (item id at the last level)
+
+    def to(self, device: torch.device) -> _Level:
+        move = (lambda t: None if t is None else t.to(device))
+        return _Level(self.size, move(self.dense), move(self.ptr), move(self.code), move(self.target))
+
+    def children(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Child ids (R, size) of prefixes ``prefix`` (R,); -1 where not allowed or prefix < 0."""
+        valid = prefix >= 0
+        p = prefix.clamp(min=0)
+        if self.dense is not None:
+            return self.dense[p].masked_fill_(~valid[:, None], -1)
+        start = self.ptr[p]
+        count = (self.ptr[p + 1] - start) * valid
+        # row r's children are edges start[r] .. start[r] + count[r] - 1, laid out one after another
+        rows = torch.repeat_interleave(torch.arange(len(p), device=p.device), count)
+        first = torch.cumsum(count, 0) - count
+        edge = torch.repeat_interleave(start - first, count) + torch.arange(len(rows), device=p.device)
+        out = torch.full((len(p), self.size), -1, dtype=torch.long, device=p.device)
+        out[rows, self.code[edge]] = self.target[edge]
+        return out
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_tokens: torch.Tensor,
+                   return_entropy: bool = False):
+    """Teacher-forced log-probabilities of item token paths after their prompts (differentiable).
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: (B, T) left-padded prompts; B == N, or N a multiple of B (each prompt then
+            serves N // B consecutive paths, as a GRPO group).
+        attention_mask: (B, T).
+        item_tokens: (N, L+1) token paths (non-negative).
+        return_entropy: also return the entropy of the full-vocabulary distribution at each position.
+
+    Returns:
+        (N, L+1) full-vocabulary log-probs of every path token (their row sum is the beam score),
+        and with ``return_entropy`` the (N, L+1) entropies.
+    """
+    item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=input_ids.device)
+    n, depth = item_tokens.shape
+    batch = input_ids.shape[0]
+    if n != batch:
+        if batch == 0 or n % batch:
+            raise ValueError(f"token_logprobs: {n} paths cannot be split evenly over {batch} prompts")
+        input_ids = input_ids.repeat_interleave(n // batch, 0)
+        attention_mask = attention_mask.repeat_interleave(n // batch, 0)
+    if (item_tokens < 0).any():
+        raise ValueError("token_logprobs: item_tokens must be non-negative token ids (no -1 padding)")
+    attention_mask = _check_left_padded(attention_mask)
+    ids = torch.cat([input_ids, item_tokens], 1)
+    mask = torch.nn.functional.pad(attention_mask, (0, depth), value=1)
+    # logits at positions T-1 .. T+L predict the path tokens (the last one, after the path, is unused)
+    logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
+    logp_all = torch.log_softmax(logits[:, -(depth + 1):-1].float(), dim=-1)
+    logp = logp_all.gather(-1, item_tokens[..., None]).squeeze(-1)
+    if return_entropy:
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    return logp
+
+
+class CatalogueTrie:
+    """The alive items' semantic-id paths as per-level child tables, and decoding constrained to them.
+
+    Attributes:
+        codes: (n_items, L+1) int64 code paths of all items (alive or not).
+        level_sizes: codes per level; level l code c is token ``offsets[l] + c``.
+        first_token: vocabulary id of level 0 code 0.
+        offsets: (L+1,) int64 token id of code 0 of every level.
+        alive: (n_items,) bool, the items decoding may produce.
+        n_prefixes: number of distinct alive prefixes per level (level 0: 1).
+    """
+
+    def __init__(self, codes: np.ndarray, level_sizes, first_token: int, alive: np.ndarray | None = None,
+                 dense_limit: int = _DENSE_LIMIT):
+        """
+        Args:
+            codes: (n, L+1) code paths, unique among alive items.
+            level_sizes: L+1 ints, codes per level.
+            first_token: vocabulary id of level 0 code 0.
+            alive: (n,) bool; None means all items.
+            dense_limit: largest dense table (entries) before a level is stored as CSR.
+        """
+        codes = np.asarray(codes, np.int64)
+        sizes = np.asarray(level_sizes, np.int64)
+        if codes.ndim != 2 or codes.shape[1] != len(sizes):
+            raise ValueError(f"trie: codes must be (n, {len(sizes)}) for level_sizes={list(level_sizes)}, "
+                             f"got shape {codes.shape}")
+        if ((codes < 0) | (codes >= sizes)).any():
+            raise ValueError("trie: every code must lie in [0, level_sizes[level])")
+        self.codes = codes
+        self.level_sizes = [int(s) for s in sizes]
+        self.first_token = int(first_token)
+        self.offsets = token_offsets(self.level_sizes, self.first_token)
+        self.dense_limit = int(dense_limit)
+        self.update_alive(np.ones(len(codes), bool) if alive is None else alive)
+
+    @property
+    def depth(self) -> int:
+        """Codes per item path (L + 1)."""
+        return len(self.level_sizes)
+
+    @property
+    def n_alive(self) -> int:
+        return int(self.alive.sum())
+
+    # -- tables -------------------------------------------------------------------------------------
+    def update_alive(self, alive: np.ndarray) -> None:
+        """Rebuild the tables for a new set of alive items (one lexsort, O(n log n))."""
+        alive = np.asarray(alive, bool)
+        if alive.shape != (len(self.codes),):
+            raise ValueError(f"trie: alive must be ({len(self.codes)},) bool, got shape {alive.shape}")
+        self.alive = alive.copy()
+        ids = np.flatnonzero(alive)
+        paths = self.codes[ids]
+        order = np.lexsort(paths.T[::-1])  # lexsort's primary key is the last one given
+        paths, ids = paths[order], ids[order]
+        m, depth = paths.shape
+        # starts[r, l]: row r begins a new l-code prefix (column 0: the empty prefix, begun by row 0)
+        starts = np.ones((m, depth + 1), bool)
+        if m > 1:
+            starts[1:, 0] = False
+            starts[1:, 1:] = np.logical_or.accumulate(paths[1:] != paths[:-1], axis=1)
+        if not starts[:, depth].all():
+            raise ValueError("trie: two alive items share one code path; semantic ids must be unique")
+        prefix = np.cumsum(starts, axis=0) - 1  # (m, depth+1): id of each row's l-prefix at level l
+        self.n_prefixes = [int(prefix[-1, l] + 1) if m else int(l == 0) for l in range(depth)]
+        self._levels = []
+        for level in range(depth):
+            edges = starts[:, level + 1]  # rows that begin a new (l+1)-prefix: one edge each
+            parent, code = prefix[edges, level], paths[edges, level]
+            target = prefix[edges, level + 1] if level + 1 < depth else ids[edges]
+            n_parent, size = self.n_prefixes[level], self.level_sizes[level]
+            if n_parent * size <= self.dense_limit:
+                dense = torch.full((n_parent, size), -1, dtype=torch.long)
+                dense[torch.from_numpy(parent), torch.from_numpy(code)] = torch.from_numpy(target)
+                self._levels.append(_Level(size, dense))
+            else:
+                ptr = np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=n_parent))])
+                self._levels.append(_Level(size, None, torch.from_numpy(ptr), torch.from_numpy(code.copy()),
+                                           torch.from_numpy(target.copy())))
+        self._on_device: dict[str, list[_Level]] = {}
+        self._token_table: dict[tuple[int, ...], list[int]] | None = None
+
+    def _levels_on(self, device: torch.device) -> list[_Level]:
+        if device.type == "cpu":
+            return self._levels
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = [level.to(device) for level in self._levels]
+        return self._on_device[key]
+
+    def children(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
+        """Child ids (R, level_sizes[level]) of level-``level`` prefix ids (R,); -1 = not allowed."""
+        return self._levels_on(prefix.device)[level].children(prefix)
+
+    def is_dense(self, level: int) -> bool:
+        """Whether level ``level`` is stored as a dense table (else CSR)."""
+        return self._levels[level].dense is not None
+
+    def item_tokens(self, items) -> np.ndarray:
+        """Token paths (..., L+1) of item ids ``items`` (alive or not); -1 rows where items < 0."""
+        items = np.asarray(items, np.int64)
+        tokens = self.codes[np.maximum(items, 0)] + self.offsets
+        return np.where(items[..., None] >= 0, tokens, -1)
+
+    # -- decoding -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def beam_search(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int,
+                    shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``num_beams`` alive items per prompt by beam search over the trie.
+
+        Standard beam search without length penalty (all paths have L+1 tokens): at each step keep
+        the G (beam, code) pairs with the highest cumulative score per prompt, ties to the lower
+        flat index ``beam * level_size + code``.
+
+        Args:
+            model: a transformers causal LM, in eval mode.
+            input_ids: (B, T) left-padded prompts.
+            attention_mask: (B, T), 0 on padding.
+            num_beams: G.
+            shared_prompt: cache each prompt once and decode its beams with a tree attention mask
+                (``_SharedPromptRows``); False: one cache row per beam, reordered every step
+                (``_ExpandedRows``, works with any attention). None: shared when the model's
+                attention takes custom 4D masks (eager, sdpa) and G x L <= 2 T (see ``_rows``).
+
+        Returns:
+            items (B, G) int64 and scores (B, G) float32 (sums of full-vocabulary log-probs),
+            best first; distinct alive items; -1 and -inf where fewer than G items exist.
+        """
+        if num_beams < 1:
+            raise ValueError(f"beam search: num_beams must be >= 1, got {num_beams}")
+        batch, beams, device = input_ids.shape[0], num_beams, input_ids.device
+        if batch == 0 or self.n_alive == 0:
+            return (torch.full((batch, beams), -1, dtype=torch.long, device=device),
+                    torch.full((batch, beams), -torch.inf, device=device))
+        rows = _rows(model, input_ids, attention_mask, shared_prompt, beams, self.depth - 1)
+        logits = rows.logits
+        scores = torch.zeros(batch, 1, device=device)  # (B, width): width is 1 before the first step
+        prefix = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        for level, table in enumerate(self._levels_on(device)):
+            size, width = table.size, scores.shape[1]
+            start = int(self.offsets[level])
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, start:start + size]
+            child = table.children(prefix.reshape(-1))  # (B*width, size)
+            candidates = (scores.reshape(-1, 1) + logp).masked_fill(child < 0, -torch.inf)
+            candidates = candidates.reshape(batch, width * size)
+            keep = min(beams, width * size)
+            scores, flat = _stable_top_k(candidates, keep)
+            prefix = child.reshape(batch, width * size).gather(1, flat)
+            if keep < beams:  # fewer candidates than beams (tiny catalogues): pad with dead beams
+                scores = torch.nn.functional.pad(scores, (0, beams - keep), value=-torch.inf)
+                prefix = torch.nn.functional.pad(prefix, (0, beams - keep), value=-1)
+                flat = torch.nn.functional.pad(flat, (0, beams - keep), value=0)
+            prefix = prefix.masked_fill(torch.isneginf(scores), -1)
+            if level + 1 == self.depth:
+                break
+            logits = rows.advance(flat // size, start + flat % size)
+        return prefix, scores
+
+    @torch.no_grad()
+    def sample(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int,
+               temperature: float = 1.0, generator: torch.Generator | None = None,
+               shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``num_samples`` constrained ancestral samples per prompt (repeats possible).
+
+        Each code is drawn from ``softmax(logits / temperature)`` renormalised over the allowed
+        codes, by Gumbel-max with noise from ``generator`` (same generator state, same samples).
+        ``shared_prompt`` as in ``beam_search``.
+
+        Returns:
+            items (B, n) int64; logprobs (B, n) float32, the sum of the tokens' full-vocabulary
+            log-probabilities at temperature 1 (the same quantity as beam scores and
+            ``token_logprobs``, whatever the sampling temperature); tokens (B, n, L+1) int64.
+            Samples are in draw order.
+        """
+        if num_samples < 1:
+            raise ValueError(f"sample: num_samples must be >= 1, got {num_samples}")
+        if not temperature > 0:
+            raise ValueError(f"sample: temperature must be > 0, got {temperature}")
+        batch, n, device = input_ids.shape[0], num_samples, input_ids.device
+        items = torch.full((batch * n,), -1, dtype=torch.long, device=device)
+        total = torch.zeros(batch * n, device=device)
+        tokens = torch.full((batch * n, self.depth), -1, dtype=torch.long, device=device)
+        if batch == 0 or self.n_alive == 0:
+            return items.view(batch, n), total.fill_(-torch.inf).view(batch, n), tokens.view(batch, n, -1)
+        rows = _rows(model, input_ids, attention_mask, shared_prompt, n, self.depth - 1)
+        logits = rows.logits.repeat_interleave(n, 0)
+        parent = torch.zeros(batch, n, dtype=torch.long, device=device)  # all samples start at the prompt
+        prefix = torch.zeros(batch * n, dtype=torch.long, device=device)
+        for level, table in enumerate(self._levels_on(device)):
+            start = int(self.offsets[level])
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, start:start + table.size]
+            child = table.children(prefix)
+            race = torch.empty_like(logp).exponential_(generator=generator)
+            # Gumbel-max: argmax(z - log E), E ~ Exp(1), draws from softmax(z) over the allowed codes
+            key = (logp / temperature - race.log()).masked_fill(child < 0, -torch.inf)
+            code = key.argmax(dim=1, keepdim=True)
+            total += logp.gather(1, code).squeeze(1)
+            prefix = child.gather(1, code).squeeze(1)
+            tokens[:, level] = start + code.squeeze(1)
+            if level + 1 == self.depth:
+                break
+            logits = rows.advance(parent, tokens[:, level].view(batch, n))
+            parent = torch.arange(n, device=device).expand(batch, n)  # each sample continues itself
+        items = prefix
+        total = total.masked_fill(items < 0, -torch.inf)
+        return items.view(batch, n), total.view(batch, n), tokens.view(batch, n, -1)
+
+    def prefix_allowed_tokens_fn(self, prompt_length: int):
+        """The trie as a ``prefix_allowed_tokens_fn`` for transformers' ``generate`` (a baseline).
+
+        ``prompt_length`` is the (padded) prompt width T: tokens after it are the generated path.
+        A path that left the trie (only beams whose score is already -inf or -1e9) may continue
+        with any token of the next level, since transformers rejects an empty allowed list.
+        """
+        if self._token_table is None:
+            table: dict[tuple[int, ...], set[int]] = {}
+            for path in (self.codes[self.alive] + self.offsets).tolist():
+                for level in range(self.depth):
+                    table.setdefault(tuple(path[:level]), set()).add(path[level])
+            self._token_table = {key: sorted(value) for key, value in table.items()}
+        table = self._token_table
+        anything = [list(range(int(o), int(o) + s)) for o, s in zip(self.offsets, self.level_sizes)]
+
+        def allowed(batch_id: int, sent: torch.Tensor) -> list[int]:
+            generated = tuple(sent[prompt_length:].tolist())
+            found = table.get(generated)
+            return found if found is not None else anything[min(len(generated), self.depth - 1)]
+
+        return allowed
+
+    token_logprobs = staticmethod(token_logprobs)
+
+
+class _ExpandedRows:
+    """Standard beam layout: one KV-cache row per continuation (B*W rows), reordered every step
+    with ``Cache.reorder_cache`` (as transformers' beam search). Works with any attention."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.model = model
+        positions = _positions(attention_mask)
+        logits, self.cache = _forward(model, input_ids, attention_mask, positions, keep=1)
+        self.logits = logits[:, -1]  # (B, V): next-token logits of the prompts
+        self.mask, self.positions, self.width = attention_mask, positions[:, -1:], 1
+
+    def advance(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Continue row ``parent[b, w]`` of prompt b with ``tokens[b, w]``; next-token logits (B*W, V)."""
+        batch, width = parent.shape
+        source = (torch.arange(batch, device=parent.device)[:, None] * self.width + parent).reshape(-1)
+        self.cache.reorder_cache(source)
+        self.mask = torch.nn.functional.pad(self.mask[source], (0, 1), value=1)
+        self.positions = self.positions[source] + 1
+        logits, self.cache = _forward(self.model, tokens.reshape(-1, 1), self.mask, self.positions, cache=self.cache)
+        self.width = width
+        return logits[:, -1]
+
+
+class _SharedPromptRows:
+    """Each prompt is cached once (B rows). The continuations of a prompt are extra entries of
+    its cache row: every step appends W tokens to the row, and a 4D mask lets each new token see
+    the prompt, its own ancestors and itself only (tree attention, as in the token-tree
+    verification of SpecInfer, Miao et al. 2024). Nothing is copied or reordered:
+    a beam's ancestry is a list of cache columns. Costs B*T prompt work instead of B*G*T and
+    keeps the cache G times smaller; needs an attention that takes additive 4D masks (eager, sdpa).
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.model = model
+        positions = _positions(attention_mask)
+        logits, self.cache = _forward(model, input_ids, attention_mask, positions, keep=1)
+        self.logits = logits[:, -1]
+        self.prompt_mask = attention_mask.bool()
+        self.next_position = positions[:, -1:] + 1  # (B, 1) position of the first generated token
+        batch, self.length = input_ids.shape  # cache columns so far
+        self.ancestors = torch.zeros(batch, 1, 0, dtype=torch.long, device=input_ids.device)
+        self.dtype = getattr(model, "dtype", torch.float32)
+
+    def advance(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        batch, width = parent.shape
+        steps = self.ancestors.shape[2]
+        own = self.length + torch.arange(width, device=parent.device).expand(batch, width)
+        inherited = self.ancestors.gather(1, parent[..., None].expand(batch, width, steps))
+        self.ancestors = torch.cat([inherited, own[..., None]], 2)  # (B, W, steps + 1) cache columns
+        self.length += width
+        visible = torch.zeros(batch, width, self.length, dtype=torch.bool, device=parent.device)
+        visible[:, :, :self.prompt_mask.shape[1]] = self.prompt_mask[:, None, :]
+        visible.scatter_(2, self.ancestors, True)
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=parent.device)
+        mask = mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None]  # additive, (B, 1, W, K)
+        positions = (self.next_position + steps).expand(batch, width)
+        logits, self.cache = _forward(self.model, tokens, mask, positions, cache=self.cache)
+        return logits.reshape(batch * width, -1)
+
+
+def _rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prompt: bool | None,
+          width: int, steps: int):
+    """The decoding layout for ``width`` continuations per prompt and ``steps`` generated inputs.
+
+    Auto (None): the shared-prompt layout when the attention takes 4D masks and the generated
+    tokens of a prompt (width x steps) are at most twice the prompt width; its attention grows as
+    width x (T + width x steps) per prompt, so many samples (e.g. 4,000 per prompt) are cheaper as
+    expanded rows, while beam search (16 beams x 3 steps, T ~ 40) runs about 2x faster shared.
+    """
+    attention_mask = _check_left_padded(attention_mask)
+    if shared_prompt is None:
+        shared_prompt = (getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
+                         and width * steps <= 2 * input_ids.shape[1])
+    return (_SharedPromptRows if shared_prompt else _ExpandedRows)(model, input_ids, attention_mask)
+
+
+@torch.no_grad()
+def reference_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, trie: CatalogueTrie,
+                          num_beams: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain beam search for tests: one prompt and one beam at a time, padding stripped, no KV
+    cache (the whole sequence is re-run for every beam), allowed codes from a dict built
+    directly from ``trie.codes`` and ``trie.alive`` (not from the trie's tables).
+
+    Same contract as ``CatalogueTrie.beam_search``; scores are summed in float64.
+    """
+    depth, sizes = trie.depth, trie.level_sizes
+    children: dict[tuple[int, ...], set[int]] = {}
+    item_of: dict[tuple[int, ...], int] = {}
+    for item in np.flatnonzero(trie.alive):
+        path = tuple(int(c) for c in trie.codes[item])
+        item_of[path] = int(item)
+        for level in range(depth):
+            children.setdefault(path[:level], set()).add(path[level])
+    items = torch.full((len(input_ids), num_beams), -1, dtype=torch.long)
+    scores = torch.full((len(input_ids), num_beams), -torch.inf)
+    for b in range(len(input_ids)):
+        prompt = input_ids[b][attention_mask[b].bool()].cpu()
+        beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]
+        for level in range(depth):
+            candidates = []
+            for index, (path, score) in enumerate(beams):
+                tokens = torch.tensor([int(trie.offsets[lv]) + c for lv, c in enumerate(path)], dtype=torch.long)
+                sequence = torch.cat([prompt, tokens])[None].to(input_ids.device)
+                logits = model(input_ids=sequence, use_cache=False).logits[0, -1].float()
+                logp = torch.log_softmax(logits, dim=-1).cpu()
+                for code in sorted(children.get(path, ())):
+                    token_logp = float(logp[int(trie.offsets[level]) + code])
+                    candidates.append((score + token_logp, index * sizes[level] + code, path + (code,)))
+            candidates.sort(key=lambda c: (-c[0], c[1]))
+            beams = [(path, score) for score, _, path in candidates[:num_beams] if score != -np.inf]
+        for g, (path, score) in enumerate(beams):
+            items[b, g] = item_of[path]
+            scores[b, g] = score
+    return items, scores
+
+
+def _stable_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top ``k`` values of ``x`` and their indices, best first, equal values by lower index.
+
+    ``torch.topk`` is ~30x faster than a full stable sort here but leaves the order of equal
+    values unspecified. So take the top k+1, order them by (value desc, index asc), and redo a
+    row with a full stable sort only when a finite value straddles the cut (then an equal value
+    with a lower index may lie outside). Ties at -inf are dead beams, whose order does not matter.
+    """
+    if k >= x.shape[1]:
+        return torch.sort(x, dim=1, descending=True, stable=True)
+    top, index = torch.topk(x, k + 1, dim=1)
+    order = index.argsort(dim=1)
+    top, index = top.gather(1, order), index.gather(1, order)
+    order = torch.sort(top, dim=1, descending=True, stable=True).indices
+    top, index = top.gather(1, order), index.gather(1, order)
+    straddle = (top[:, k - 1] == top[:, k]) & torch.isfinite(top[:, k])
+    if bool(straddle.any()):
+        rows = straddle.nonzero().squeeze(1)
+        exact_top, exact_index = torch.sort(x[rows], dim=1, descending=True, stable=True)
+        top[rows], index[rows] = exact_top[:, :k + 1], exact_index[:, :k + 1]
+    return top[:, :k], index[:, :k]
+
+
+def _check_left_padded(attention_mask: torch.Tensor) -> torch.Tensor:
+    attention_mask = attention_mask.long()
+    if attention_mask.shape[1] == 0 or not bool(attention_mask[:, -1].all()):
+        raise ValueError("decoding: prompts must be non-empty and left-padded (last attention_mask column all 1)")
+    return attention_mask
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at the first real token (padding gets 0, it is masked)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+_FORWARD_ARGS: dict[type, set[str]] = {}
+
+
+def _forward(model, input_ids, attention_mask, position_ids, cache=None, keep: int | None = None,
+             use_cache: bool = True):
+    """One model call; returns (logits, cache).
+
+    ``keep``: compute logits only for the last ``keep`` positions when the model takes
+    ``logits_to_keep`` (saves the vocabulary projection over the prompt). The KV cache argument is
+    ``cache`` in transformers >= 5.x and ``past_key_values`` before; we pass whichever the model takes.
+    """
+    kind = type(model)
+    if kind not in _FORWARD_ARGS:
+        _FORWARD_ARGS[kind] = set(inspect.signature(model.forward).parameters)
+    accepted = _FORWARD_ARGS[kind]
+    kwargs = {}
+    if keep is not None and "logits_to_keep" in accepted:
+        kwargs["logits_to_keep"] = keep
+    if cache is not None:
+        kwargs["cache" if "cache" in accepted else "past_key_values"] = cache
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=use_cache, **kwargs)
+    new_cache = getattr(out, "cache", None) if "cache" in accepted else getattr(out, "past_key_values", None)
+    return out.logits, new_cache

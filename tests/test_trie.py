@@ -1,0 +1,259 @@
+"""Constrained decoding over the catalogue trie against a plain reference and transformers' generate."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
+
+from agorasim.policy.semantic_ids import SemanticIds
+from agorasim.policy.trie import CatalogueTrie, reference_beam_search, token_logprobs
+
+FIRST = 3  # tokens 0..2: pad, bos, sep
+SIZES = [4, 4, 4]  # two levels of 4 codes + a de-duplication level of 4
+
+
+def catalogue(n_items: int = 40, seed: int = 0) -> np.ndarray:
+    """``n_items`` distinct paths of the 4x4x4 grid, in shuffled item order (ragged branching)."""
+    rng = np.random.default_rng(seed)
+    grid = np.array([(a, b, c) for a in range(4) for b in range(4) for c in range(4)])
+    return grid[rng.choice(len(grid), n_items, replace=False)]
+
+
+def tiny_model(kind: str = "qwen2", vocab: int = FIRST + sum(SIZES), seed: int = 0):
+    torch.manual_seed(seed)
+    # initializer_range 0.3: a peaked next-token distribution, so no two beams are within float noise
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    return LlamaForCausalLM(LlamaConfig(**common)).eval()
+
+
+def prompts(batch: int = 4, width: int = 10, vocab: int = FIRST + sum(SIZES), seed: int = 0):
+    """Left-padded random prompts; row b has ``2 * b`` padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(FIRST, vocab, (batch, width), generator=g)
+    mask = torch.ones(batch, width, dtype=torch.long)
+    for b in range(batch):
+        mask[b, :min(2 * b, width - 1)] = 0
+    return input_ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_model("qwen2")
+
+
+def walk(trie: CatalogueTrie, path) -> int:
+    """Follow ``path`` from the root through the child tables; -1 if it leaves the trie."""
+    prefix = torch.zeros(1, dtype=torch.long)
+    for level, code in enumerate(path):
+        prefix = trie.children(level, prefix)[:, code]
+    return int(prefix)
+
+
+# ---------------------------------------------------------------- tables
+
+@pytest.mark.parametrize("dense_limit", [0, 1 << 20])
+def test_tables_reach_exactly_the_alive_items(dense_limit):
+    codes = catalogue()
+    alive = np.random.default_rng(1).random(len(codes)) < 0.7
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=dense_limit)
+    assert all(trie.is_dense(level) == (dense_limit > 0) for level in range(3))
+    for item, path in enumerate(codes):
+        assert walk(trie, path) == (item if alive[item] else -1)
+    assert trie.n_prefixes[0] == 1
+    assert trie.n_prefixes[1] == len(np.unique(codes[alive, :1], axis=0))
+    assert trie.n_prefixes[2] == len(np.unique(codes[alive, :2], axis=0))
+    assert (trie.children(1, torch.tensor([-1])) == -1).all()  # a dead beam has no children
+
+
+def test_dense_and_csr_tables_agree():
+    codes = catalogue(50, seed=2)
+    dense, csr = CatalogueTrie(codes, SIZES, FIRST), CatalogueTrie(codes, SIZES, FIRST, dense_limit=0)
+    for level in range(3):
+        prefixes = torch.arange(-1, dense.n_prefixes[level])
+        torch.testing.assert_close(dense.children(level, prefixes), csr.children(level, prefixes))
+
+
+def test_bad_catalogues_are_explained():
+    codes = catalogue()
+    with pytest.raises(ValueError, match="unique"):
+        CatalogueTrie(np.concatenate([codes, codes[:1]]), SIZES, FIRST)
+    with pytest.raises(ValueError, match="level_sizes"):
+        CatalogueTrie(codes + 4, SIZES, FIRST)
+    trie = CatalogueTrie(codes, SIZES, FIRST)
+    input_ids, mask = prompts()
+    right_padded = mask.flip(1)
+    with pytest.raises(ValueError, match="left-padded"):
+        trie.beam_search(tiny_model(), input_ids, right_padded, 3)
+
+
+# ---------------------------------------------------------------- beam search
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("shared_prompt", [True, False])
+@pytest.mark.parametrize("beams", [1, 5, 12])
+def test_beam_search_equals_reference(kind, shared_prompt, beams):
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=0 if beams == 5 else 1 << 20)
+    model = tiny_model(kind)
+    input_ids, mask = prompts()
+    items, scores = trie.beam_search(model, input_ids, mask, beams, shared_prompt=shared_prompt)
+    ref_items, ref_scores = reference_beam_search(model, input_ids, mask, trie, beams)
+    torch.testing.assert_close(items, ref_items)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    assert alive[items.numpy()].all() and (items >= 0).all()
+    assert all(len(set(row)) == beams for row in items.tolist())  # distinct items per prompt
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+
+
+def test_beam_search_on_semantic_ids_equals_reference(qwen):
+    x = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    ids = SemanticIds(levels=2, codebook_size=8)
+    codes = ids.fit(x, seed=0)
+    model = tiny_model(vocab=FIRST + sum(ids.level_sizes))
+    trie = CatalogueTrie(codes, ids.level_sizes, FIRST)
+    input_ids, mask = prompts(vocab=FIRST + sum(ids.level_sizes))
+    items, scores = trie.beam_search(model, input_ids, mask, 6)
+    ref_items, ref_scores = reference_beam_search(model, input_ids, mask, trie, 6)
+    torch.testing.assert_close(items, ref_items)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_fewer_items_than_beams_are_padded(qwen):
+    codes = catalogue()
+    alive = np.zeros(len(codes), bool)
+    alive[[3, 17, 30]] = True
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive)
+    input_ids, mask = prompts()
+    items, scores = trie.beam_search(qwen, input_ids, mask, 5)
+    assert (items[:, 3:] == -1).all() and torch.isneginf(scores[:, 3:]).all()
+    assert all(sorted(row[:3]) == [3, 17, 30] for row in items.tolist())
+    ref_items, ref_scores = reference_beam_search(qwen, input_ids, mask, trie, 5)
+    torch.testing.assert_close(items, ref_items)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-5)
+    trie.update_alive(np.zeros(len(codes), bool))  # an empty market: only padding
+    items, scores = trie.beam_search(qwen, input_ids, mask, 2)
+    assert (items == -1).all() and torch.isneginf(scores).all()
+
+
+def test_dead_items_are_never_produced_after_update_alive(qwen):
+    codes = catalogue()
+    trie = CatalogueTrie(codes, SIZES, FIRST)
+    input_ids, mask = prompts()
+    before, _ = trie.beam_search(qwen, input_ids, mask, 8)
+    alive = np.ones(len(codes), bool)
+    alive[np.unique(before[:, :4].numpy())] = False  # the favourites leave the market
+    trie.update_alive(alive)
+    after, _ = trie.beam_search(qwen, input_ids, mask, 8)
+    assert alive[after.numpy()].all()
+    items, _, _ = trie.sample(qwen, input_ids, mask, 200, 1.5, torch.Generator().manual_seed(0))
+    assert alive[items.numpy()].all()
+
+
+def test_equals_transformers_generate_with_prefix_allowed_tokens_fn(qwen):
+    # G <= 4 codes at level 0: with more beams than first codes, transformers keeps extra copies
+    # of the prompt beam at score -1e9 instead of dead beams, so only the valid part would compare
+    hf_logging.set_verbosity_error()
+    codes = catalogue()
+    alive = np.random.default_rng(4).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive)
+    input_ids, mask = prompts(batch=5, seed=1)
+    beams, width = 4, input_ids.shape[1]
+    out = qwen.generate(input_ids, attention_mask=mask, num_beams=beams, num_return_sequences=beams,
+                        do_sample=False, max_new_tokens=trie.depth,
+                        prefix_allowed_tokens_fn=trie.prefix_allowed_tokens_fn(width),
+                        length_penalty=0.0, early_stopping=True, output_scores=True,
+                        return_dict_in_generate=True, pad_token_id=0, eos_token_id=2)
+    item_of = {tuple(p): i for i, p in enumerate(trie.item_tokens(np.arange(len(codes))).tolist())}
+    hf_items = torch.tensor([item_of[tuple(p)] for p in out.sequences[:, width:].tolist()]).view(5, beams)
+    items, scores = trie.beam_search(qwen, input_ids, mask, beams)
+    torch.testing.assert_close(items, hf_items)  # same items, same order
+    torch.testing.assert_close(scores, out.sequences_scores.view(5, beams), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- teacher forcing
+
+def test_token_logprobs_sum_to_beam_scores_and_carry_gradients(qwen):
+    codes = catalogue()
+    trie = CatalogueTrie(codes, SIZES, FIRST)
+    input_ids, mask = prompts()
+    items, scores = trie.beam_search(qwen, input_ids, mask, 6)
+    paths = torch.from_numpy(trie.item_tokens(items.numpy())).reshape(-1, 3)
+    logp = token_logprobs(qwen, input_ids, mask, paths)  # (B, T) prompts shared by groups of 6 paths
+    assert logp.shape == (24, 3) and (logp <= 0).all()
+    torch.testing.assert_close(logp.sum(1).view(4, 6), scores, rtol=1e-5, atol=1e-5)
+    same, entropy = trie.token_logprobs(qwen, input_ids.repeat_interleave(6, 0), mask.repeat_interleave(6, 0),
+                                        paths, return_entropy=True)
+    torch.testing.assert_close(same, logp)
+    assert entropy.shape == (24, 3) and (entropy > 0).all()
+    qwen.zero_grad()
+    (-logp.mean()).backward()
+    assert all(p.grad is not None for p in qwen.parameters())
+    qwen.zero_grad()
+
+
+# ---------------------------------------------------------------- sampling
+
+def exact_item_probabilities(model, prompt: torch.Tensor, trie: CatalogueTrie, temperature: float):
+    """P(item) under constrained ancestral sampling: per level, softmax(logp / T) over allowed codes."""
+    probs = {}
+    alive_paths = {tuple(trie.codes[i]): i for i in np.flatnonzero(trie.alive)}
+
+    def visit(path, p):
+        if len(path) == trie.depth:
+            probs[alive_paths[path]] = p
+            return
+        allowed = sorted({q[len(path)] for q in alive_paths if q[:len(path)] == path})
+        tokens = torch.tensor([int(trie.offsets[lv]) + c for lv, c in enumerate(path)], dtype=torch.long)
+        logits = model(input_ids=torch.cat([prompt, tokens])[None]).logits[0, -1]
+        logp = torch.log_softmax(logits.double(), -1)[[int(trie.offsets[len(path)]) + c for c in allowed]]
+        for code, q in zip(allowed, torch.softmax(logp / temperature, 0).tolist()):
+            visit(path + (code,), p * q)
+
+    with torch.no_grad():
+        visit((), 1.0)
+    return probs
+
+
+def test_sampling_follows_the_constrained_distribution(qwen):
+    codes = catalogue()
+    alive = np.random.default_rng(5).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive)
+    input_ids, mask = prompts(batch=2)
+    n, temperature = 4000, 1.5
+    items, logprobs, tokens = trie.sample(qwen, input_ids, mask, n, temperature, torch.Generator().manual_seed(0))
+    assert alive[items.numpy()].all()
+    np.testing.assert_array_equal(tokens.numpy(), trie.item_tokens(items.numpy()))
+    exact = exact_item_probabilities(qwen, input_ids[1][mask[1].bool()], trie, temperature)
+    counts = np.bincount(items[1].numpy(), minlength=len(codes)) / n
+    total_variation = 0.5 * sum(abs(counts[i] - exact.get(i, 0.0)) for i in range(len(codes)))
+    assert total_variation < 0.05
+    # log-probs are the model's (temperature 1, full vocabulary), as token_logprobs computes them
+    some = tokens[:, :100].reshape(-1, 3)
+    logp = token_logprobs(qwen, input_ids, mask, some).sum(1).view(2, 100)
+    torch.testing.assert_close(logprobs[:, :100], logp.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_is_reproducible_from_the_generator(qwen):
+    trie = CatalogueTrie(catalogue(), SIZES, FIRST)
+    input_ids, mask = prompts()
+    draw = [trie.sample(qwen, input_ids, mask, 30, 1.0, torch.Generator().manual_seed(11), shared_prompt=s)
+            for s in (True, True, False)]
+    torch.testing.assert_close(draw[0][0], draw[1][0])
+    torch.testing.assert_close(draw[0][0], draw[2][0])  # both layouts draw the same noise in the same order
+    with pytest.raises(ValueError, match="temperature"):
+        trie.sample(qwen, input_ids, mask, 3, 0.0)
+
+
+def test_trie_pickles(qwen):
+    trie = CatalogueTrie(catalogue(), SIZES, FIRST, dense_limit=16)
+    clone = pickle.loads(pickle.dumps(trie))
+    input_ids, mask = prompts()
+    torch.testing.assert_close(trie.beam_search(qwen, input_ids, mask, 3), clone.beam_search(qwen, input_ids, mask, 3))
