@@ -67,6 +67,7 @@ class GenerativePolicy(Policy):
         max_len: history length the market keeps (prompts use the last ``prompt_items``).
         grpo_every: rounds between GRPO steps (1 = every round).
         threads: torch intra-op threads while serving and training (restored after; None: leave).
+        device: torch device of the model (``cuda`` on a GPU machine).
     """
 
     name = "generative"
@@ -74,7 +75,7 @@ class GenerativePolicy(Policy):
     def __init__(self, warmup_rounds: int = 10, levels: int = 3, codebook_size: int = 256, hidden: int = 64,
                  layers: int = 2, heads: int = 4, arch: str = "qwen2", prompt_items: int = 10, beams: int = 20,
                  sft_epochs: int = 10, sft_lr: float = 3e-3, sft_batch: int = 256, rl: dict | None = None,
-                 max_len: int = 20, grpo_every: int = 1, threads: int | None = 1):
+                 max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, device: str = "cpu"):
         if arch not in ("qwen2", "llama"):
             raise ValueError(f"generative: arch must be qwen2 or llama, got {arch!r}")
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, codebook_size=codebook_size, hidden=hidden,
@@ -93,6 +94,7 @@ class GenerativePolicy(Policy):
         self.sft_epochs, self.sft_lr, self.sft_batch = sft_epochs, sft_lr, sft_batch
         self.grpo_every = grpo_every
         self.threads = threads
+        self.device = str(device)
         self.behaviour = PopularityPolicy(refit_every=1)
         self.oracle: FeedbackOracle | None = None
         self.ids: SemanticIds | None = None
@@ -157,7 +159,7 @@ class GenerativePolicy(Policy):
             vocab = FIRST_CODE_TOKEN + int(sum(self.ids.level_sizes))
             positions = 2 + (self.prompt_items + 1) * (self.levels + 1) + 8
             self.model = build_model(vocab, self.hidden, self.layers, self.heads, positions, self.arch,
-                                     seed=int(rng.integers(2**31)))
+                                     seed=int(rng.integers(2**31))).to(self.device)
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.rl.lr, weight_decay=0.0)
             self.trie = CatalogueTrie(codes, self.ids.level_sizes, FIRST_CODE_TOKEN, catalogue.alive[:n].copy())
         elif len(self.tokens) < n:
@@ -201,9 +203,9 @@ class GenerativePolicy(Policy):
         items, scores = [], []
         for start in range(0, len(history), chunk):
             ids, mask = self.prompts(history[start:start + chunk])
-            found, score = self.trie.beam_search(self.model, ids, mask, num_beams=beams)
-            items.append(found.numpy())
-            scores.append(score.float().numpy())
+            found, score = self.trie.beam_search(self.model, ids.to(self.device), mask.to(self.device), num_beams=beams)
+            items.append(found.cpu().numpy())
+            scores.append(score.float().cpu().numpy())
         if not items:
             return np.zeros((0, beams), np.int64), np.zeros((0, beams))
         return np.concatenate(items).astype(np.int64), np.concatenate(scores).astype(np.float64)
@@ -246,8 +248,8 @@ class GenerativePolicy(Policy):
     def _sequence_nll(self, history: np.ndarray, targets: np.ndarray) -> torch.Tensor:
         """Mean token cross-entropy of the targets' code tokens after their prompts."""
         ids, mask = self.prompts(history)
-        target_tokens = torch.from_numpy(self.tokens[targets])
-        logp = token_logprobs(self.model, ids, mask, target_tokens)
+        target_tokens = torch.from_numpy(self.tokens[targets]).to(self.device)
+        logp = token_logprobs(self.model, ids.to(self.device), mask.to(self.device), target_tokens)
         return -logp.mean()
 
     # -- GRPO ------------------------------------------------------------------------------------------
@@ -260,8 +262,8 @@ class GenerativePolicy(Policy):
             return {}
         pick = np.sort(rng.choice(len(users), min(rl.users_per_step, len(users)), replace=False))
         users, history = users[pick], history[pick]
-        ids, mask = self.prompts(history)
-        generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        ids, mask = (t.to(self.device) for t in self.prompts(history))
+        generator = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**31)))
         self.model.eval()
         with torch.inference_mode():
             if rl.rollout == "beam":
@@ -269,7 +271,7 @@ class GenerativePolicy(Policy):
             else:
                 items, beam_scores, _ = self.trie.sample(self.model, ids, mask, num_samples=rl.group_size,
                                                          temperature=rl.temperature, generator=generator)
-        items = items.numpy().astype(np.int64)
+        items = items.cpu().numpy().astype(np.int64)
         timer["generate"] = time.perf_counter() - started
         # -- rewards from the simulated users ------------------------------------------------------
         t = time.perf_counter()
@@ -277,7 +279,7 @@ class GenerativePolicy(Policy):
         groups, share, target_share = self.oracle.exposure_state()
         target = self._clicked_this_round(log, round, users)
         ctx = RewardContext(items=items, rating=judged["rating"], click=judged["click"], target=target,
-                            beam_scores=beam_scores.float().numpy(), item_group=groups[np.maximum(items, 0)],
+                            beam_scores=beam_scores.float().cpu().numpy(), item_group=groups[np.maximum(items, 0)],
                             group_share=share, target_share=target_share)
         rewards = compute_rewards(ctx, rl.rewards)
         advantages = combine(rewards, rl.rewards, rl.reward_mode, rl.advantage_scale)
@@ -287,19 +289,21 @@ class GenerativePolicy(Policy):
         valid = items >= 0
         g = items.shape[1]
         prompt_ids, prompt_mask = ids, mask  # token_logprobs repeats each prompt over its group
-        completions = torch.from_numpy(self.tokens[np.maximum(items, 0)].reshape(-1, self.levels + 1))
-        token_mask = torch.from_numpy(np.repeat(valid.reshape(-1, 1), self.levels + 1, 1))
-        advantage = torch.as_tensor(np.asarray(advantages, dtype=np.float32).reshape(-1))
+        completions = torch.from_numpy(self.tokens[np.maximum(items, 0)].reshape(-1, self.levels + 1)).to(self.device)
+        token_mask = torch.from_numpy(np.repeat(valid.reshape(-1, 1), self.levels + 1, 1)).to(self.device)
+        advantage = torch.as_tensor(np.asarray(advantages, dtype=np.float32).reshape(-1)).to(self.device)
         self.model.train()
         with torch.no_grad():
-            old_logp = token_logprobs(self.model, prompt_ids, prompt_mask, completions)
+            # with one update per batch the sampling policy is the current one (ratio 1), as in TRL
+            old_logp = (token_logprobs(self.model, prompt_ids, prompt_mask, completions)
+                        if rl.updates_per_batch > 1 else None)
             ref_logp = (token_logprobs(self.reference, prompt_ids, prompt_mask, completions)
                         if rl.beta > 0 else None)
         stats_sum: dict[str, float] = {}
         for _ in range(rl.updates_per_batch):
-            logp, entropy = token_logprobs(self.model, prompt_ids, prompt_mask, completions,
-                                                     return_entropy=True)
-            loss, stats = policy_loss(logp, old_logp, advantage, token_mask, rl.loss, ref_logp=ref_logp,
+            logp, entropy = token_logprobs(self.model, prompt_ids, prompt_mask, completions, return_entropy=True)
+            loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, advantage, token_mask,
+                                      rl.loss, ref_logp=ref_logp,
                                       beta=rl.beta, epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high,
                                       group_size=g)
             self.optimizer.zero_grad()

@@ -1,0 +1,68 @@
+"""One in-loop GRPO step of the default generative policy: generation, reward, update.
+
+Runs the cold-start market with the generative policy through its warm-up and SFT, then times
+the GRPO steps of the following rounds (``time/generate``, ``time/score``, ``time/update`` that the
+policy logs to train.csv). Reports seconds per step, the share of each phase, tokens per second
+(prompt + completion tokens of the group, forward and backward) and, on a GPU, an estimate of the
+model FLOPs utilisation (6 x parameters x tokens per second / peak FLOP/s).
+
+    python benchmarks/grpo_step.py [--steps 5] [--device cpu|cuda] [--peak-tflops 989]
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from agorasim.config import build_config
+from agorasim.env.market import Market
+from agorasim.scenarios import load_scenario
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed GRPO steps")
+    parser.add_argument("--warmup", type=int, default=4, help="rounds before SFT")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the policy's model device)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak (for MFU), e.g. 989 for H100 bf16")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
+    args = parser.parse_args()
+    config = build_config(load_scenario("cold-start"), [
+        "policy.name=generative", "run.progress=false",
+        f"policy.params={{warmup_rounds: {args.warmup}, sft_epochs: 2, device: {args.device}}}",
+        *args.overrides])
+    market = Market(config)
+    for _ in range(args.warmup + 1):  # warm-up rounds, SFT, and a first (untimed) GRPO step
+        market.step()
+    policy = market.policy
+    first = len(market.train_rows)
+    for _ in range(args.steps):
+        market.step()
+    rows = [r for r in market.train_rows[first:] if "time/update" in r]
+    seconds = np.array([r["time/seconds"] for r in rows])
+    phases = {p: np.array([r[f"time/{p}"] for r in rows]) for p in ("generate", "score", "update")}
+    rl = config.rl
+    n_params = sum(p.numel() for p in policy.model.parameters())
+    prompt_tokens = (policy.prompt_items * (policy.levels + 1)) + 2
+    tokens = rl.users_per_step * rl.group_size * (prompt_tokens + policy.levels + 1)
+    per_step = float(np.median(seconds))
+    tokens_per_second = tokens / float(np.median(phases["update"]))
+    result = {"benchmark": "grpo_step", "device": args.device, "seconds_per_step": round(per_step, 4),
+              "share_generate": round(float(np.median(phases["generate"])) / per_step, 3),
+              "share_score": round(float(np.median(phases["score"])) / per_step, 3),
+              "share_update": round(float(np.median(phases["update"])) / per_step, 3),
+              "update_tokens_per_second": round(tokens_per_second, 1), "parameters": int(n_params)}
+    if args.peak_tflops:
+        result["mfu"] = round(6 * n_params * tokens_per_second / (args.peak_tflops * 1e12), 6)
+    print(f"GRPO step: {per_step:.3f} s ({rl.users_per_step} prompts x {rl.group_size}), "
+          f"model {n_params} parameters, torch {torch.__version__}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
