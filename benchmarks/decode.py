@@ -9,7 +9,7 @@ same catalogue (3,686 items, random unit embeddings, semantic ids 3x256 + de-dup
 - baseline: ``model.generate(num_beams=G, prefix_allowed_tokens_fn=...)`` with the trie as a
   dict from generated prefix to allowed tokens (transformers calls it once per beam per step).
 
-Both are timed in this process, median of 3 runs after a warm-up; ``identical`` checks that every
+Both are timed in this process, median of 3 alternating runs after a warm-up; ``identical`` checks that every
 prompt gets the same items in the same order from both. DESIGN section 11: speedup >= 10.
 
 The weights are drawn with ``initializer_range=0.2`` (transformers' default 0.02 makes an untrained
@@ -82,14 +82,17 @@ def paths_to_items(trie: CatalogueTrie, paths: torch.Tensor, shape) -> np.ndarra
     return np.array([item_of.get(tuple(p), -1) for p in paths.tolist()]).reshape(shape)
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, result = [], None
+def timed(fns, repeats: int) -> tuple[list[float], list[object]]:
+    """Median seconds and last result of each function, after one warm-up each. Runs alternate
+    (a, b, a, b, ...) so that both see the same background load on a shared machine."""
+    results = [fn() for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[k] = fn()
+            times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times], results
 
 
 def main() -> None:
@@ -106,10 +109,9 @@ def main() -> None:
     n_prompts = 16 if args.quick else args.prompts
     trie, model, input_ids, attention_mask = build(args.items, n_prompts, args.history, args.seed)
     with torch.inference_mode():
-        ours_seconds, (items, scores) = timed(
-            lambda: trie.beam_search(model, input_ids, attention_mask, args.beams), args.repeats)
-        hf_seconds, (paths, hf_scores) = timed(
-            lambda: hf_beam_search(model, trie, input_ids, attention_mask, args.beams), args.repeats)
+        (ours_seconds, hf_seconds), ((items, scores), (paths, hf_scores)) = timed(
+            [lambda: trie.beam_search(model, input_ids, attention_mask, args.beams),
+             lambda: hf_beam_search(model, trie, input_ids, attention_mask, args.beams)], args.repeats)
     hf_items = paths_to_items(trie, paths, (n_prompts, args.beams))
     identical = bool(np.array_equal(items.numpy(), hf_items))
     score_gap = float((scores - hf_scores.view(n_prompts, args.beams)).abs().max())

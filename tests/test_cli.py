@@ -31,7 +31,7 @@ def test_cold_start_run_writes_a_complete_run_folder(tmp_path, small_overrides):
                           + sets(small_overrides + ["run.rounds=5"]), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_folders(tmp_path)
-    assert run_dir.name.startswith("cold-start__popularity+trirec__0__")
+    assert run_dir.name.startswith("cold-start__generative+trirec__0__")
     assert f"run folder: {run_dir}" in proc.stdout
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert all(column in header for column in REQUIRED)
@@ -162,4 +162,4 @@ def test_named_variants_run_beside_the_policies(tmp_path, small_overrides):
                 + sets(small_overrides + ["run.rounds=2"]))
     assert code == 0
     names = sorted(p.name.split("__")[1] for p in run_folders(tmp_path))
-    assert names == ["fair", "popularity+trirec"]
+    assert names == ["fair", "generative+trirec"]

@@ -17,7 +17,7 @@ def test_cold_start_defaults():
     config = build_config(load_scenario("cold-start"))
     assert config.run.rounds == 200
     assert config.market.new_items_per_round > 0 and config.market.new_users_per_round > 0
-    assert config.label == "popularity+trirec"
+    assert config.label == "generative+trirec"
 
 
 def test_override_types_are_parsed_as_yaml():

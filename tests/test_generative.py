@@ -82,7 +82,6 @@ def test_generative_run_is_deterministic_and_resumable():
     for _ in range(3):
         first.step()
     resumed = pickle.loads(pickle.dumps(first))
-    resumed.policy.bind(resumed)
     for _ in range(2):
         resumed.step()
     assert json.dumps(resumed.rows) == json.dumps(straight.rows)

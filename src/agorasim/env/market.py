@@ -83,6 +83,10 @@ class Market(mesa.Model):
         state["recorder"] = None
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.policy.bind(self)  # the policy's oracle reference is not pickled
+
     @property
     def graph(self):
         if self._graph is None:
