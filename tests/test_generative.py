@@ -96,3 +96,38 @@ def test_every_loss_trains_in_the_loop(loss):
     row = market.rows[-1]
     assert np.isfinite(row["train/loss"]) and row["train/kl"] >= 0
     assert "train/reward/exposure_mean" in row and row["train/reward/exposure_mean"] <= 0
+
+
+def test_served_only_mode_rewards_served_items_and_a_critic_for_the_rest():
+    market = tiny_market("rl.mode=served-only")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("served-only mode must not query the user model")
+
+    market.judge = forbidden
+    for _ in range(4):
+        market.step()
+    row = market.rows[-1]
+    assert np.isfinite(row["train/critic_mse"]) and 0 < row["train/served_share"] <= 1
+    assert np.isfinite(row["train/loss"])
+
+
+def test_critic_by_hand():
+    from agorasim.env.state import Catalogue, InteractionLog
+    from agorasim.policy.generative import ServedCritic
+
+    cat = Catalogue.empty(dim=2, depth=1)
+    cat.add(["a", "b"], embedding=np.eye(2, dtype=np.float32), content=np.eye(2, dtype=np.float32),
+            quality=np.zeros(2), provider=np.zeros(2), category=np.zeros((2, 1)), brand=np.zeros(2),
+            price_band=np.zeros(2), features=np.zeros(2), born=np.zeros(2), alive=np.ones(2, bool),
+            interactions=np.zeros(2), first_exposure=np.zeros(2))
+    log = InteractionLog()
+    # user 0 clicked item 0 with 5 stars (outcome 10) and skipped item 1 (outcome 0)
+    log.append(round=np.array([3, 3]), user=np.array([0, 0]), item=np.array([0, 1]), position=np.array([0, 1]),
+               click=np.array([1, 0], np.int8), rating=np.array([5.0, np.nan], np.float32))
+    critic = ServedCritic(window=5, ridge=1e-6)
+    judged = critic.judge(log, cat, 3, np.array([0]), np.array([[0]]), np.array([[0, 1, -1]]))
+    # both candidates were served: observed outcomes, not predictions
+    np.testing.assert_allclose(judged["rating"], [[10.0, 0.0, 0.0]])
+    np.testing.assert_allclose(judged["click"], [[1.0, 0.0, 0.0]])
+    assert critic.served_share == 1.0

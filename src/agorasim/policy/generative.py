@@ -104,6 +104,7 @@ class GenerativePolicy(Policy):
         self.ready = False  # SFT done: the model serves
         self.steps = 0
         self._served: tuple[np.ndarray, np.ndarray] | None = None  # (users, history) of the round
+        self.critic = ServedCritic()
 
     # -- contract ------------------------------------------------------------------------------
     def bind(self, oracle: FeedbackOracle) -> None:
@@ -275,7 +276,10 @@ class GenerativePolicy(Policy):
         timer["generate"] = time.perf_counter() - started
         # -- rewards from the simulated users ------------------------------------------------------
         t = time.perf_counter()
-        judged = self.oracle.judge(users, items)
+        if rl.mode == "counterfactual":
+            judged = self.oracle.judge(users, items)
+        else:
+            judged = self.critic.judge(log, catalogue, round, users, history, items)
         groups, share, target_share = self.oracle.exposure_state()
         target = self._clicked_this_round(log, round, users)
         ctx = RewardContext(items=items, rating=judged["rating"], click=judged["click"], target=target,
@@ -327,6 +331,9 @@ class GenerativePolicy(Policy):
             out[f"train/reward/{name}_std"] = float(np.std(values[valid]))
         out["train/hit_rate"] = float(hit[has_target].mean()) if has_target.any() else float("nan")
         out["train/step"] = float(self.steps)
+        if rl.mode == "served-only":
+            out["train/critic_mse"] = self.critic.mse
+            out["train/served_share"] = self.critic.served_share
         out["time/seconds"] = time.perf_counter() - started
         out.update({f"time/{k}": v for k, v in timer.items()})
         return out
@@ -341,3 +348,64 @@ class GenerativePolicy(Policy):
         clicked = chunk["click"] > 0
         by_user = dict(zip(chunk["user"][clicked].tolist(), chunk["item"][clicked].tolist()))
         return np.array([by_user.get(int(u), -1) for u in users], np.int64)
+
+
+class ServedCritic:
+    """Rewards from served feedback only (``rl.mode=served-only``).
+
+    A candidate the user was actually shown this round is scored by what the user did (rating
+    0-10 if clicked, 0 if skipped; click 1/0). Every other candidate is scored by a critic: ridge
+    regression of that observed outcome on features of (user profile, item content) fitted on the
+    impressions of the last ``window`` rounds. Nothing is asked of the user model.
+
+    Features: ``profile * content`` (d), ``content`` (d), ``log(1 + clicks)`` and a bias, where
+    the profile is the mean content vector of the user's history (what the platform knows).
+    """
+
+    def __init__(self, window: int = 10, ridge: float = 1.0):
+        self.window, self.ridge = window, ridge
+        self.mse = float("nan")
+        self.served_share = 0.0
+
+    @staticmethod
+    def _features(profile: np.ndarray, content: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+        return np.concatenate([profile * content, content, np.log1p(popularity)[..., None],
+                               np.ones(content.shape[:-1] + (1,))], -1)
+
+    def judge(self, log, catalogue, round: int, users: np.ndarray, history: np.ndarray,
+              items: np.ndarray) -> dict[str, np.ndarray]:
+        content = catalogue.content[: catalogue.n].astype(np.float64)
+        popularity = catalogue.interactions[: catalogue.n]
+        recent = log.arrays(since_round=round - self.window + 1)
+        # training rows: every recent impression; the user's profile is approximated by the
+        # history the policy saw at serving time for this round's users, else by the clicked
+        # items of the user in the window
+        outcome = np.where(recent["click"] > 0, 2.5 * (np.nan_to_num(recent["rating"]) - 1.0), 0.0)
+        clicks_by_user = np.zeros((int(recent["user"].max(initial=-1)) + 1, content.shape[1]))
+        hit = recent["click"] > 0
+        np.add.at(clicks_by_user, recent["user"][hit], content[recent["item"][hit]])
+        norms = np.linalg.norm(clicks_by_user, axis=1, keepdims=True)
+        profiles = clicks_by_user / np.maximum(norms, 1e-12)
+        x = self._features(profiles[recent["user"]], content[recent["item"]], popularity[recent["item"]])
+        a = x.T @ x + self.ridge * np.eye(x.shape[1])
+        weights = np.linalg.solve(a, x.T @ outcome) if len(outcome) else np.zeros(x.shape[1])
+        self.mse = float(np.mean((x @ weights - outcome) ** 2)) if len(outcome) else float("nan")
+        # candidates: the critic's prediction, replaced by the observed outcome where served
+        valid = history >= 0
+        prof = (content[np.maximum(history, 0)] * valid[..., None]).sum(1)
+        prof /= np.maximum(np.linalg.norm(prof, axis=1, keepdims=True), 1e-12)
+        safe = np.maximum(items, 0)
+        predicted = np.clip(self._features(prof[:, None, :], content[safe], popularity[safe]) @ weights, 0.0, 10.0)
+        now = recent["round"] == round
+        served = {(int(u), int(i)): float(o) for u, i, o in zip(recent["user"][now], recent["item"][now], outcome[now])}
+        rating = predicted.copy()
+        observed = np.zeros(items.shape, bool)
+        for b, user in enumerate(users.tolist()):  # B x G lookups (a few hundred), not a hot loop
+            for g, item in enumerate(items[b].tolist()):
+                if (user, item) in served:
+                    rating[b, g] = served[(user, item)]
+                    observed[b, g] = True
+        self.served_share = float(observed[items >= 0].mean()) if (items >= 0).any() else 0.0
+        valid_items = items >= 0
+        return {"rating": np.where(valid_items, rating, 0.0),
+                "click": np.where(valid_items, np.clip(rating / 10.0, 0.0, 1.0), 0.0)}
