@@ -28,8 +28,11 @@ def tiny_model(kind: str = "qwen2", vocab: int = FIRST + sum(SIZES), seed: int =
     common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                   initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if kind == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if kind.startswith("qwen2"):
+        config = Qwen2Config(**common)
+        # eager attention takes the tree mask in additive form, sdpa (the default) in boolean form
+        config._attn_implementation = "eager" if kind == "qwen2-eager" else "sdpa"
+        return Qwen2ForCausalLM(config).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 
@@ -95,7 +98,7 @@ def test_bad_catalogues_are_explained():
 
 # ---------------------------------------------------------------- beam search
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-eager", "llama"])
 @pytest.mark.parametrize("shared_prompt", [True, False])
 @pytest.mark.parametrize("beams", [1, 5, 12])
 def test_beam_search_equals_reference(kind, shared_prompt, beams):

@@ -1,4 +1,4 @@
-"""Command line: ``agorasim run|report`` (``experiments/run.py`` is ``agorasim run``).
+"""Command line: ``agorasim run|report|eval`` (``experiments/run.py`` is ``agorasim run``).
 
 Every error a user can cause (scenario name, policy, config key or value, data file, resume
 folder) is reported on one line and exits with status 2 before any run folder is written.
@@ -187,13 +187,19 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report}
+def cmd_eval(argv: list[str]) -> int:
+    from agorasim.run.offline import main as offline_main
+
+    return offline_main(argv)
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: agorasim {run,report} [options]   (agorasim run --help)")
+        print("usage: agorasim {run,report,eval} [options]   (agorasim run --help, agorasim eval --help)")
         return 0
     command = argv[0]
     try:

@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -91,6 +93,9 @@ class OfflineConfig(BaseModel):
     sft_epochs: int = Field(20, ge=1, description="SFT epochs over the training pairs")
     sft_lr: float = Field(3e-3, gt=0, description="AdamW learning rate of SFT")
     sft_batch: int = Field(256, ge=1, description="training pairs per SFT step")
+    sft_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="SFT learning rate: constant, or one epoch of linear warm-up then "
+        "cosine decay to 0 at the last epoch")
     valid_beams: int = Field(
         20, ge=10, description="beams when scoring validation NDCG@10 for selection (>= 10)")
     # -- GRPO -----------------------------------------------------------------------------------
@@ -242,14 +247,37 @@ def build_generative(embeddings: np.ndarray, config: OfflineConfig, rng: np.rand
     return policy
 
 
-def rank_generative(policy: GenerativePolicy, rows: Rows, beams: int) -> np.ndarray:
-    """``(N, beams)`` items by constrained beam search, best first."""
-    items, _ = policy._beam_search(rows.history, beams)
-    return items
+def rank_generative(policy: GenerativePolicy, rows: Rows, beams: int, chunk: int = 256) -> np.ndarray:
+    """``(N, beams)`` items by constrained beam search, best first.
+
+    Like ``GenerativePolicy._beam_search`` but always in the trie's shared-prompt layout: for
+    this model (42-token prompts) it was 3x faster at 50 beams than the expanded layout the
+    trie picks by default for wide beams (1 CPU thread, 1,024 prompts: 3.9 s against 11.3 s),
+    and it gives the same beams.
+    """
+    policy.model.eval()
+    items = [np.zeros((0, beams), np.int64)]
+    with torch.inference_mode():
+        for start in range(0, len(rows), chunk):
+            ids, mask = policy.prompts(rows.history[start:start + chunk])
+            found, _ = policy.trie.beam_search(policy.model, ids, mask, num_beams=beams, shared_prompt=True)
+            items.append(found.numpy().astype(np.int64))
+    return np.concatenate(items)
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _lr_factor(step: int, steps_per_epoch: int, epochs: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based)."""
+    if schedule == "constant":
+        return 1.0
+    if step < steps_per_epoch:  # linear warm-up over the first epoch
+        return (step + 1) / steps_per_epoch
+    total = max(1, steps_per_epoch * (epochs - 1))
+    progress = min(1.0, (step - steps_per_epoch) / total)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: OfflineConfig,
@@ -261,6 +289,9 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
     """
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.sft_lr)
+    steps_per_epoch = -(-len(train) // config.sft_batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, steps_per_epoch, config.sft_epochs, config.sft_schedule))
     best = {"epoch": 0.0, "valid_ndcg@10": -1.0, "loss": float("nan")}
     best_state = _snapshot(policy.model)
     for epoch in range(1, config.sft_epochs + 1):
@@ -274,6 +305,7 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
             loss.backward()
             torch.nn.utils.clip_grad_norm_(policy.model.parameters(), config.grad_clip)
             optimizer.step()
+            scheduler.step()
             losses.append(loss.item())
         score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
         log(f"sft epoch {epoch:3d}  loss {np.mean(losses):.4f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
@@ -297,7 +329,8 @@ def grpo_step(policy: GenerativePolicy, prompts: Rows, config: OfflineConfig, op
     ids, mask = policy.prompts(prompts.history)
     policy.model.eval()
     with torch.inference_mode():
-        items, beam_scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=config.group_size)
+        items, beam_scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=config.group_size,
+                                                     shared_prompt=True)
     items = items.numpy().astype(np.int64)
     weights = {"rere_rank": 1.0}
     ctx = RewardContext(items=items, target=prompts.target, beam_scores=beam_scores.float().numpy())
@@ -326,7 +359,7 @@ def grpo_step(policy: GenerativePolicy, prompts: Rows, config: OfflineConfig, op
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.model.parameters(), config.grad_clip)
     optimizer.step()
-    return {**stats, "loss": float(loss), **loss_stats}
+    return {**stats, "loss": float(loss.detach()), **loss_stats}
 
 
 def train_grpo(policy: GenerativePolicy, train: Rows, valid: Rows, config: OfflineConfig,
@@ -537,8 +570,7 @@ def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig,
 
     info["time/seconds"] = time.perf_counter() - started
     table = write_report(out_dir, test_results, valid_results, info, config, data.source)
-    if progress:
-        print(table)
+    log("test split:\n" + table)
     log(f"report: {out_dir / 'offline.md'}  ({info['time/seconds']:.0f} s)")
     metrics = {f"{model}/{split}/{metric}": value
                for split, results in (("test", test_results), ("valid", valid_results))
