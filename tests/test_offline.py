@@ -1,0 +1,141 @@
+"""Offline protocol (``agorasim eval``): metrics by hand, data plumbing, a GRPO step, quick runs."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agorasim.data.amazon import item_embeddings, load_amazon
+from agorasim.errors import UserInputError
+from agorasim.run.offline import (
+    KS,
+    METRICS,
+    MODELS,
+    PUBLISHED_NOTE,
+    Rows,
+    build_generative,
+    evaluate,
+    grpo_step,
+    main,
+    make_config,
+    quick_config,
+    rank_generative,
+    ranking_metrics,
+    training_windows,
+)
+from agorasim.policy.trie import token_logprobs
+
+
+def test_ranking_metrics_by_hand():
+    ranked = np.array([
+        [5, 7, 9, 1, 2],    # target 9 at 0-based rank 2 (third place)
+        [4, 8, 3, 6, 0],    # target 4 first
+        [1, 2, 3, 5, 6],    # target 7 not ranked (e.g. outside the beams): a miss at every K
+        [3, -1, -1, -1, -1],  # padding never hits; target 3 first
+    ])
+    target = np.array([9, 4, 7, 3])
+    m = ranking_metrics(ranked, target, ks=(1, 3, 5))
+    # hits per row at K=1: 0,1,0,1; K=3 and K=5: 1,1,0,1
+    assert m["hr@1"] == pytest.approx(2 / 4)
+    assert m["hr@3"] == pytest.approx(3 / 4)
+    assert m["hr@5"] == pytest.approx(3 / 4)
+    # NDCG with one relevant item: 1/log2(rank+2) for 0-based rank < K; row 0 gives 1/log2(4) = 0.5
+    assert m["ndcg@1"] == pytest.approx((0 + 1 + 0 + 1) / 4)
+    assert m["ndcg@3"] == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+    assert m["ndcg@5"] == pytest.approx(m["ndcg@3"])
+    single = ranking_metrics(ranked[:1], target[:1], ks=(1, 3))
+    assert single == {"hr@1": 0.0, "hr@3": 1.0, "ndcg@1": 0.0, "ndcg@3": pytest.approx(1 / math.log2(4))}
+
+
+def test_training_windows_train_each_transition_once():
+    # user A: a=10, b=11, c=12 -> pairs [a]->b, [a,b]->c; user B: d=20, e=21 -> [d]->e
+    history = np.array([[-1, -1, 10], [-1, 10, 11], [-1, -1, 20]])
+    target = np.array([11, 12, 21])
+    x, y = training_windows(Rows(history, target), max_len=3)
+    np.testing.assert_array_equal(x, [[-1, 10, 11], [-1, -1, 20]])
+    np.testing.assert_array_equal(y, [[-1, 11, 12], [-1, -1, 21]])
+
+
+@pytest.fixture(scope="module")
+def amazon():
+    data = load_amazon()
+    return data, item_embeddings(data, dim=32)
+
+
+def test_grpo_step_rewards_the_target_beam_and_changes_every_parameter(amazon):
+    data, embeddings = amazon
+    config = make_config(quick=True, grpo_lr=1e-3)
+    policy = build_generative(embeddings, config, np.random.default_rng(0))
+    history = data.valid.history[:16]
+    # the held-out target of each prompt is its third beam: every group holds it, so every
+    # group is informative and the target's advantage is the group's largest
+    beams = rank_generative(policy, Rows(history, data.valid.target[:16]), config.group_size)
+    prompts = Rows(history, beams[:, 2])
+    before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
+    ids, mask = policy.prompts(history)
+    target_tokens = torch.from_numpy(policy.tokens[prompts.target])
+    with torch.no_grad():
+        logp_before = token_logprobs(policy.model, ids, mask, target_tokens).sum(1)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.grpo_lr, weight_decay=0.0)
+    stats = grpo_step(policy, prompts, config, optimizer)
+    assert stats["hit_rate"] == 1.0 and stats["groups"] == 16
+    for name, p in policy.model.named_parameters():
+        assert not torch.equal(p, before[name]), f"{name} did not change"
+    with torch.no_grad():
+        logp_after = token_logprobs(policy.model, ids, mask, target_tokens).sum(1)
+    assert (logp_after > logp_before).float().mean() > 0.5  # the rewarded items became likelier
+
+
+def test_bad_settings_and_data_are_user_errors(tmp_path):
+    with pytest.raises(UserInputError, match="no such directory"):
+        evaluate(data_dir=tmp_path / "missing", out_dir=tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match="info.txt"):
+        main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    with pytest.raises(UserInputError, match="beams"):
+        evaluate(out_dir=tmp_path / "out", beams=5, progress=False)
+    with pytest.raises(UserInputError, match="unknown setting"):
+        make_config(sft_epoch=3)
+    with pytest.raises(UserInputError):
+        main(["--no-such-flag"])
+    assert not (tmp_path / "out").exists()
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_quick_evaluate_writes_the_report(tmp_path):
+    metrics = evaluate(out_dir=tmp_path, quick=True, progress=False)
+    rows = read_rows(tmp_path / "offline.csv")
+    assert list(rows[0]) == ["model", "split", "metric", "value"]
+    table = {(r["model"], r["split"], r["metric"]): float(r["value"]) for r in rows}
+    assert {(m, "test", k) for m in MODELS for k in METRICS} <= set(table)
+    for (model, split, metric), value in table.items():
+        assert 0.0 <= value <= 1.0
+        assert metrics[f"{model}/{split}/{metric}"] == pytest.approx(value, abs=1e-6)
+    for model in MODELS:
+        hr = [table[(model, "test", f"hr@{k}")] for k in KS]
+        ndcg = [table[(model, "test", f"ndcg@{k}")] for k in KS]
+        assert hr == sorted(hr) and ndcg == sorted(ndcg)
+        assert all(n <= h + 1e-12 for n, h in zip(ndcg, hr))
+        assert hr[0] == pytest.approx(ndcg[0])  # one relevant item: NDCG@1 = HR@1
+    report = (tmp_path / "offline.md").read_text()
+    for figure in ("0.0806", "0.0908", "0.1082", "0.1167", "0.1088", "0.1321", "0.1586"):
+        assert figure in report
+    assert PUBLISHED_NOTE in report
+    assert metrics["info/data/test_rows"] == quick_config().test_rows
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(tmp_path):
+    tiny = dict(quick=True, progress=False, valid_rows=40, test_rows=40, train_users=120)
+    a = evaluate(out_dir=tmp_path / "a", seed=3, **tiny)
+    b = evaluate(out_dir=tmp_path / "b", seed=3, **tiny)
+    drop = {"info/time/seconds"}
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    assert (tmp_path / "a" / "offline.csv").read_bytes() == (tmp_path / "b" / "offline.csv").read_bytes()
