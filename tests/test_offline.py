@@ -1,5 +1,6 @@
 """Offline protocol (``agorasim eval``): metrics by hand, data plumbing, a GRPO step, quick runs."""
 
+import copy
 import csv
 import math
 
@@ -64,6 +65,7 @@ def amazon():
     return data, item_embeddings(data, dim=32)
 
 
+@pytest.mark.slow  # loads the title-embedding model on a cold cache (~20 s)
 def test_grpo_step_rewards_the_target_beam_and_changes_every_parameter(amazon):
     data, embeddings = amazon
     config = make_config(quick=True, grpo_lr=1e-3)
@@ -79,8 +81,10 @@ def test_grpo_step_rewards_the_target_beam_and_changes_every_parameter(amazon):
     with torch.no_grad():
         logp_before = token_logprobs(policy.model, ids, mask, target_tokens).sum(1)
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.grpo_lr, weight_decay=0.0)
-    stats = grpo_step(policy, prompts, config, optimizer)
+    reference = copy.deepcopy(policy.model).eval()  # config.grpo_beta > 0: k3 KL to the start
+    stats = grpo_step(policy, prompts, config, optimizer, reference)
     assert stats["hit_rate"] == 1.0 and stats["groups"] == 16
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
     for name, p in policy.model.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} did not change"
     with torch.no_grad():
@@ -108,7 +112,7 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # model-loading (title embeddings), a few seconds once cached
 def test_quick_evaluate_writes_the_report(tmp_path):
     metrics = evaluate(out_dir=tmp_path, quick=True, progress=False)
     rows = read_rows(tmp_path / "offline.csv")

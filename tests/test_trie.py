@@ -46,6 +46,16 @@ def prompts(batch: int = 4, width: int = 10, vocab: int = FIRST + sum(SIZES), se
     return input_ids.masked_fill(mask == 0, 0), mask
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from a second intra-op thread, and on a busy 2-core machine
+    OpenMP's spinning threads slow them down 20x; results do not depend on the thread count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def qwen():
     return tiny_model("qwen2")
