@@ -21,6 +21,7 @@ from agorasim.run.offline import (
     grpo_step,
     main,
     make_config,
+    paired_difference,
     quick_config,
     rank_generative,
     ranking_metrics,
@@ -48,6 +49,16 @@ def test_ranking_metrics_by_hand():
     assert m["ndcg@5"] == pytest.approx(m["ndcg@3"])
     single = ranking_metrics(ranked[:1], target[:1], ks=(1, 3))
     assert single == {"hr@1": 0.0, "hr@3": 1.0, "ndcg@1": 0.0, "ndcg@3": pytest.approx(1 / math.log2(4))}
+
+
+def test_paired_difference_by_hand():
+    a = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    b = np.array([[3, 2, 1], [4, 5, 6], [8, 7, 9]])
+    target = np.array([3, 5, 0])
+    # per-row NDCG@3: a = 0.5, 1/log2(3), 0; b = 1, 1/log2(3), 0 -> differences 0.5, 0, 0
+    gain, error = paired_difference(a, b, target, k=3)
+    assert gain == pytest.approx(0.5 / 3)
+    assert error == pytest.approx(np.std([0.5, 0.0, 0.0], ddof=1) / np.sqrt(3))
 
 
 def test_training_windows_train_each_transition_once():
@@ -133,6 +144,13 @@ def test_quick_evaluate_writes_the_report(tmp_path):
         assert figure in report
     assert PUBLISHED_NOTE in report
     assert metrics["info/data/test_rows"] == quick_config().test_rows
+
+
+@pytest.mark.slow
+def test_cli_quick_run(tmp_path, capsys):
+    assert main(["--quick", "--seed", "1", "--out", str(tmp_path)]) == 0
+    assert "NDCG@10" in capsys.readouterr().out
+    assert (tmp_path / "offline.csv").is_file() and (tmp_path / "offline.md").is_file()
 
 
 @pytest.mark.slow
