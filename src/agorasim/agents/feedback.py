@@ -49,6 +49,11 @@ class SlateFeedback(BaseModel):
         return self
 
 
+def stars_to_rating(stars):
+    """The 0-10 view of a 1-5 star rating (1 star -> 0, 5 stars -> 10)."""
+    return 2.5 * (stars - 1.0)
+
+
 @dataclass
 class FeedbackBatch:
     """Feedback of B users on their (B, K) slates, as arrays.
@@ -81,7 +86,7 @@ class FeedbackBatch:
                 clicked = bool(self.choice[b] == slot)
                 judgements.append(Judgement(
                     item_id=int(item), click=clicked,
-                    rating=float(2.5 * (self.stars[b] - 1)) if clicked else None,
+                    rating=float(stars_to_rating(self.stars[b])) if clicked else None,
                     reason=REASONS[int(self.reason[b, slot])]))
             out.append(SlateFeedback(user_id=int(users[b]), round=round,
                                      slate=[int(i) for i in slates[b] if i >= 0], judgements=judgements))

@@ -11,7 +11,7 @@ import mesa
 import numpy as np
 
 from agorasim.agents.backends import make_backend
-from agorasim.agents.feedback import FeedbackBatch
+from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
 from agorasim.agents.items import ItemAgents, Promotions, factuality, STRATEGIES
 from agorasim.agents.users import UserAgents
 from agorasim.config import Config
@@ -268,7 +268,7 @@ class Market(mesa.Model):
         stars = np.clip(3.0 + 2.0 * (utility - cfg.rating_center), 1.0, 5.0)
         logit = np.clip((utility - cfg.outside_utility) / cfg.temperature, -50, 50)
         valid = items >= 0
-        return {"rating": np.where(valid, 2.5 * (stars - 1.0), 0.0),
+        return {"rating": np.where(valid, stars_to_rating(stars), 0.0),
                 "click": np.where(valid, 1.0 / (1.0 + np.exp(-logit)), 0.0)}
 
     def exposure_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

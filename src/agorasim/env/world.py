@@ -55,7 +55,7 @@ class World:
 
     def freshness(self, items: np.ndarray) -> np.ndarray:
         """``0.5 ** (age / halflife)``: 1 for a brand-new item (novelty term of utility)."""
-        return np.exp2(-(self.round - self.catalogue.born[items]) / self.novelty_halflife)
+        return np.exp2(-self.age(items) / self.novelty_halflife)
 
     def is_new(self) -> np.ndarray:
         """(n_items,) item arrived within the new-item horizon (initial catalogue excluded)."""

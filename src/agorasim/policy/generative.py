@@ -24,6 +24,7 @@ import time
 import numpy as np
 import torch
 
+from agorasim.agents.feedback import stars_to_rating
 from agorasim.env.state import Catalogue, InteractionLog
 from agorasim.policy.base import FeedbackOracle, Policy, RecommendRequest
 from agorasim.policy.baselines import PopularityPolicy
@@ -380,7 +381,7 @@ class ServedCritic:
         # training rows: every recent impression; the user's profile is approximated by the
         # history the policy saw at serving time for this round's users, else by the clicked
         # items of the user in the window
-        outcome = np.where(recent["click"] > 0, 2.5 * (np.nan_to_num(recent["rating"]) - 1.0), 0.0)
+        outcome = np.where(recent["click"] > 0, stars_to_rating(np.nan_to_num(recent["rating"])), 0.0)
         clicks_by_user = np.zeros((int(recent["user"].max(initial=-1)) + 1, content.shape[1]))
         hit = recent["click"] > 0
         np.add.at(clicks_by_user, recent["user"][hit], content[recent["item"][hit]])
