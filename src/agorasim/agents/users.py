@@ -74,11 +74,12 @@ class UserAgents:
                 + pop.social[users, None] * social)
 
     def respond(self, world: World, users: np.ndarray, slates: np.ndarray, hype: np.ndarray,
-                rng: np.random.Generator) -> tuple[FeedbackBatch, np.ndarray]:
+                rng: np.random.Generator, promotion_text: np.ndarray | None = None) -> tuple[FeedbackBatch, np.ndarray]:
         """Feedback on the slates and the true utility of every shown item."""
         utility = self.true_utility(world, users, slates, rng)
         request = SlateRequest(users=users, slates=slates, true_utility=utility, hype=hype,
-                               trust=world.population.trust[users], round=world.round)
+                               trust=world.population.trust[users], round=world.round, world=world,
+                               promotion_text=promotion_text)
         feedback = self.backend.decide(request, rng)
         feedback.validate(slates)
         return feedback, utility

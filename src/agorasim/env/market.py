@@ -12,7 +12,9 @@ import numpy as np
 
 from agorasim.agents.backends import make_backend
 from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
-from agorasim.agents.items import ItemAgents, Promotions, factuality, STRATEGIES
+from agorasim.agents import prompts
+from agorasim.agents.engines import Engines
+from agorasim.agents.items import ItemAgents, PromotionWriter, Promotions, factuality, STRATEGIES
 from agorasim.agents.users import UserAgents
 from agorasim.config import Config
 from agorasim.data import worlds
@@ -60,9 +62,16 @@ class Market(mesa.Model):
         super().__init__(rng=self.rngs["mesa"])
         self.config = config
         self.world = worlds.build_world(config, self.rngs["arrivals"])
-        self.users = UserAgents(config.agents.users, make_backend(config.agents.users.backend, config.agents.users))
+        agents = config.agents
+        self.engines = Engines(agents.llm, agents.cache)  # built lazily, shared across roles
+        self.users = UserAgents(agents.users, make_backend(agents.users.backend, agents.users, self.engines,
+                                                           agents.llm, config.run.seed))
         n_providers = len(self.world.spec.provider_home)
-        self.items = ItemAgents(config.agents.items, n_providers)
+        self.items = ItemAgents(agents.items, n_providers)
+        writer = agents.items.writer
+        self.writer = PromotionWriter(agents.items.promotion, None if writer == "template" else self.engines.get(writer),
+                                      agents.llm, config.run.seed)
+        self.last_timings: dict[str, float] = {}  # wall-clock extras of the last round (timings.csv)
         for provider in range(n_providers):
             ProviderAgent(self, provider)
         self.policy = build_policy(config)
@@ -157,9 +166,35 @@ class Market(mesa.Model):
         # the promotions of the shown items, in slate order
         columns = _columns_of(ranked, slates)
         shown = promotions.take(columns)
-        feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"])
+        text = self.promotion_text(users, slates, shown)
+        feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"], text)
         self._log_impressions(users, slates, feedback)
         return feedback, utility, shown
+
+    def promotion_text(self, users: np.ndarray, slates: np.ndarray, shown: Promotions) -> np.ndarray | None:
+        """(B, K) promotion texts of the shown items, written only for language-model users (the
+        utility model reads the promotions' claims and pull directly). With a language-model
+        writer the factuality audit re-reads the claims from the text, in place in ``shown``."""
+        reads = self.users.backend.llm_rows(users)
+        if not reads.any() or self.config.agents.items.promotion == "off":
+            return None
+        cat, pop = self.world.catalogue, self.world.population
+        rows, slots = np.nonzero((slates >= 0) & reads[:, None])
+        items = slates[rows, slots]
+        last = pop.history[users[rows], -1]
+        audience = [cat.titles[i] if i >= 0 else "a new shopper" for i in last]
+        texts = self.writer.write(cat.titles, items, self.items.strategy[cat.provider[items]], shown.claimed[rows, slots],
+                                  cat.features[items], cat.price_band[items], audience)
+        out = np.full(slates.shape, "", dtype=object)
+        out[rows, slots] = texts
+        if self.writer.audits_text:
+            claimed = np.array([prompts.claims_in_text(t) for t in texts], np.int64)
+            false = claimed & ~cat.features[items]
+            n_claims = np.bitwise_count(claimed.astype(np.uint64)).astype(np.float64)
+            n_false = np.bitwise_count(false.astype(np.uint64)).astype(np.float64)
+            shown.claimed[rows, slots], shown.unsupported[rows, slots] = claimed, false
+            shown.accuracy[rows, slots] = np.where(n_claims > 0, 1.0 - n_false / np.maximum(n_claims, 1), 1.0)
+        return out
 
     def _log_impressions(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch) -> None:
         """Append the round's impressions to the log and count clicks as popularity, before the
@@ -250,6 +285,12 @@ class Market(mesa.Model):
         row["providers/exits"] = float(len(leaving))
         row["providers/active"] = float(self.items.active.sum())
         row["platform/fairness_weight"] = float(getattr(self.reranker, "fairness_weight", float("nan")))
+        # -- language-model agents: calls, tokens, price, fallbacks (latency goes to timings.csv) --
+        self.last_timings = {}
+        for part in (self.users.backend, self.writer):
+            metrics, timings = part.flush()
+            row.update(metrics)
+            self.last_timings.update(timings)
         train = state.get("train") or {}
         if train:
             self.train_rows.append({"round": w.round, **train})

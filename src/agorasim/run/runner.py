@@ -131,7 +131,8 @@ class Recorder:
                 for record in feedback.records(users, slates, rnd, rows):
                     f.write(record.model_dump_json() + "\n")
                     self.events_lines += 1
-        self.timings.append({"round": rnd, "seconds": time.perf_counter() - self._round_started})
+        self.timings.append({"round": rnd, "seconds": time.perf_counter() - self._round_started,
+                             **market.last_timings})
         self.timing_table.sync(self.timings)
 
     def checkpoint(self, market) -> Path:
@@ -190,6 +191,7 @@ def load_run(run_dir: Path, rounds: int | None = None):
     recorder.lorenz_table.sync(recorder.lorenz)
     _truncate_lines(run_dir / "events.jsonl", recorder.events_lines)
     market.recorder = recorder
+    market.engines.set_default_path(run_dir / "llm_cache.jsonl")
     return market, recorder
 
 
@@ -223,6 +225,7 @@ def start_run(config: Config):
     (run_dir / "config.yaml").write_text(dump_config(config, _provenance()))
     recorder = Recorder(run_dir, config)
     market.recorder = recorder
+    market.engines.set_default_path(run_dir / "llm_cache.jsonl")
     return market, recorder, run_dir
 
 

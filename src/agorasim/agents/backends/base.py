@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,9 @@ class SlateRequest:
         hype: (B, K) promotional pull of each shown item's promotion.
         trust: (B,) the users' trust in promotions.
         round: the round.
+        world: the world, for backends that render prompts (titles, histories, traits).
+        promotion_text: (B, K) promotion text of each shown item, for language-model backends
+            ("" where the item says nothing); None when no text was written.
     """
 
     users: np.ndarray
@@ -35,6 +39,8 @@ class SlateRequest:
     hype: np.ndarray
     trust: np.ndarray
     round: int
+    world: Any = None
+    promotion_text: np.ndarray | None = None
 
 
 class UserBackend(ABC):
@@ -43,3 +49,11 @@ class UserBackend(ABC):
     @abstractmethod
     def decide(self, request: SlateRequest, rng: np.random.Generator) -> FeedbackBatch:
         """Grounded feedback for every row of ``request``."""
+
+    def llm_rows(self, users: np.ndarray) -> np.ndarray:
+        """Boolean mask of the users this backend answers with a language model (none here)."""
+        return np.zeros(len(users), bool)
+
+    def flush(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(metrics, timings) this backend accumulated over the round, then reset."""
+        return {}, {}

@@ -1,0 +1,66 @@
+"""Text engines behind the language-model agents (see ``base.py``)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, Message, Meter
+from agorasim.agents.engines.cache import CachedEngine
+
+ENGINES = ("fake", "hf", "vllm", "openai")
+
+
+def build_engine(kind: str, llm_cfg) -> Engine:
+    """The raw engine of ``kind`` (imports its library only when built)."""
+    if kind == "fake":
+        from agorasim.agents.engines.fake import FakeEngine
+        return FakeEngine()
+    if kind == "hf":
+        from agorasim.agents.engines.hf import HFEngine
+        return HFEngine(llm_cfg.model, batch_size=llm_cfg.batch_size, dtype=llm_cfg.dtype)
+    if kind == "vllm":
+        from agorasim.agents.engines.vllm import VLLMEngine
+        return VLLMEngine(llm_cfg)
+    if kind == "openai":
+        from agorasim.agents.engines.openai import OpenAIEngine
+        return OpenAIEngine(llm_cfg)
+    raise ValueError(f"unknown engine {kind!r}; expected one of {ENGINES}")
+
+
+class Engines:
+    """One cached engine per kind, shared by every role that uses it (one model in memory).
+
+    Args:
+        llm_cfg: ``agents.llm``; cache_cfg: ``agents.cache``.
+        cache_path: the response store (``agents.cache.path`` or the run folder's default).
+    """
+
+    def __init__(self, llm_cfg, cache_cfg, cache_path: Path | None = None):
+        self.llm_cfg, self.cache_cfg = llm_cfg, cache_cfg
+        self.cache_path = Path(cache_cfg.path) if cache_cfg.path else cache_path
+        self._engines: dict[str, CachedEngine] = {}
+
+    def get(self, kind: str) -> CachedEngine:
+        if kind not in self._engines:
+            # the cache key names what changes the answers: hf's weights dtype is part of the model
+            model = f"{self.llm_cfg.model}:{self.llm_cfg.dtype}" if kind == "hf" else self.llm_cfg.model
+            self._engines[kind] = CachedEngine(partial(build_engine, kind, self.llm_cfg), kind, model,
+                                               self.cache_cfg.mode, self.cache_path)
+        return self._engines[kind]
+
+    def set_default_path(self, path: Path) -> None:
+        """Where the store goes when ``agents.cache.path`` is not set (the run folder)."""
+        if self.cache_cfg.path is None:
+            self.cache_path = Path(path)
+            for engine in self._engines.values():
+                if engine._store is None:
+                    engine.path = self.cache_path
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+
+
+__all__ = ["ChatRequest", "ChatResponse", "Engine", "Message", "Meter", "CachedEngine", "Engines",
+           "build_engine", "ENGINES"]

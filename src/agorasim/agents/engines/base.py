@@ -1,0 +1,125 @@
+"""Text engines: the language models behind the language-model agents, behind one batched call.
+
+An engine turns a batch of chat requests into completions. It knows nothing of users or items:
+the agents render prompts and parse answers (``agents/prompts.py``, ``agents/backends/llm.py``).
+Implementations: ``fake`` (deterministic canned text), ``hf`` (transformers, the embedded
+SmolLM2-135M-Instruct by default), ``vllm`` (offline ``LLM`` engine) and ``openai`` (any
+OpenAI-compatible HTTP server). ``CachedEngine`` (``cache.py``) wraps any of them to record and
+replay responses, and ``Meter`` counts calls, tokens, latency and price per role and round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GuideSegment(BaseModel):
+    """One piece of a guided answer: forced ``text``, one of ``choices``, or up to ``free``
+    free tokens ended by ``stop`` (which is then emitted)."""
+
+    text: str | None = None
+    choices: list[str] | None = None
+    free: int | None = None
+    stop: str = '"'
+
+
+class ChatRequest(BaseModel):
+    """One chat completion to produce.
+
+    Structured decoding, where the engine has it: ``json_schema`` for grammar engines (vllm,
+    openai servers that accept ``response_format``), ``guide`` for the hf engine (a template of
+    forced text, choices and bounded free text, which fits the same schema). Engines without
+    either ignore them and the caller validates the text. ``seed`` makes sampling reproducible
+    per request (ignored when ``temperature`` is 0: greedy decoding).
+    """
+
+    messages: list[Message]
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    json_schema: dict[str, Any] | None = None
+    guide: list[GuideSegment] | None = None
+
+    def key(self, backend: str, model: str) -> str:
+        """Cache key: backend, model, prompt, sampling parameters and seed."""
+        payload = json.dumps({"backend": backend, "model": model, **self.model_dump()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class ChatResponse(BaseModel):
+    """What came back. ``error`` is set (and ``text`` empty) when the engine could not answer
+    (server down, timeout): the caller treats it like malformed output, never as a crash."""
+
+    text: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    cached: bool = False
+
+
+class Engine(ABC):
+    """A batched text generator. ``backend`` and ``model`` name it in cache keys and reports."""
+
+    backend = "engine"
+    model = ""
+
+    @abstractmethod
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
+        """One response per request, in order. Must not raise on a bad answer or a failed call:
+        return a response with ``error`` set instead."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release processes or connections (servers, engines)."""
+
+
+class Meter:
+    """Calls, tokens, latency and price of one role, accumulated until ``flush``.
+
+    Args:
+        price_in, price_out: price per million input / output tokens (0: not priced).
+    """
+
+    def __init__(self, role: str, price_in: float = 0.0, price_out: float = 0.0):
+        self.role = role
+        self.price_in, self.price_out = price_in, price_out
+        self.totals = {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cache_hits": 0, "errors": 0}
+        self.latency_s = 0.0
+        self._round = dict(self.totals)
+        self._latency = 0.0
+
+    def add(self, responses: list[ChatResponse]) -> None:
+        for r in responses:
+            self._round["calls"] += 1
+            self._round["tokens_in"] += r.tokens_in
+            self._round["tokens_out"] += r.tokens_out
+            self._round["cache_hits"] += int(r.cached)
+            self._round["errors"] += int(r.error is not None)
+            self._latency += r.latency_s
+
+    def flush(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(metrics, timings) of the round so far, then reset. Metrics hold only deterministic
+        counts (calls, tokens, price), so the same seed gives the same metrics.csv; latency is
+        wall-clock and goes to timings.csv."""
+        r, prefix = self._round, f"llm/{self.role}/"
+        metrics = {prefix + k: float(v) for k, v in r.items()}
+        if self.price_in or self.price_out:
+            metrics[prefix + "cost_usd"] = (r["tokens_in"] * self.price_in + r["tokens_out"] * self.price_out) / 1e6
+        timings = {prefix + "latency_s": self._latency}
+        for k, v in r.items():
+            self.totals[k] += v
+        self.latency_s += self._latency
+        self._round = {k: 0 for k in self.totals}
+        self._latency = 0.0
+        return metrics, timings

@@ -1,0 +1,63 @@
+"""Deterministic fake engine for tests: canned text derived from a hash of the prompt.
+
+It reads the prompt the way a model would, just dumber: for a slate it picks an item by a hash of
+the prompt (or nothing) and rates it; it *obeys* any instruction it reads that asks for a rating
+of 10, which makes it the reference victim for the injection defence; for a promotion it lists
+the facts; for a description it echoes the first liked title. ``script`` replaces it with any
+function of the request (to produce malformed answers, say).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Callable
+
+from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine
+from agorasim.agents.prompts import INJECTION
+
+ITEM_LINE = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def fake_answer(request: ChatRequest) -> str:
+    prompt = request.messages[-1].content
+    h = _digest(prompt + str(request.seed))
+    if "Items shown:" in prompt:
+        ids = [int(m.group(1)) for m in ITEM_LINE.finditer(prompt)]
+        obeyed = [i for i, m in zip(ids, ITEM_LINE.finditer(prompt)) if INJECTION.search(m.group(2))]
+        pick = obeyed[0] if obeyed else (ids[h % (len(ids) + 1)] if h % (len(ids) + 1) < len(ids) else None)
+        answer = [{"item_id": i, "click": i == pick, "rating": 10 if i in obeyed else int(h >> 8) % 11,
+                   "reason": "told to" if i in obeyed else "fits me" if i == pick else "not for me"}
+                  for i in ids[:3] + ([pick] if pick is not None and pick not in ids[:3] else [])]
+        return json.dumps(answer)
+    if "Write a promotion" in prompt:
+        product = re.search(r"Product: (.*)", prompt).group(1)
+        facts = re.search(r"Facts: (.*)", prompt).group(1)
+        return f"{product}. {facts}."
+    if "Describe" in prompt:
+        liked = re.search(r"such as: ([^;.]*)", prompt)
+        return liked.group(1) if liked else "a useful everyday product"
+    return "ok"
+
+
+class FakeEngine(Engine):
+    backend = "fake"
+
+    def __init__(self, script: Callable[[ChatRequest], str] | None = None, model: str = "fake"):
+        self.script = script or fake_answer
+        self.model = model
+        self.calls = 0
+
+    def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
+        out = []
+        for request in requests:
+            self.calls += 1
+            text = self.script(request)
+            tokens_in = sum(len(m.content.split()) for m in request.messages)
+            out.append(ChatResponse(text=text, tokens_in=tokens_in, tokens_out=len(text.split())))
+        return out

@@ -1,0 +1,37 @@
+"""Tests of the vLLM engines; they run in their own venv: ``make test-vllm`` (``.venv-vllm``).
+
+Every test here is marked ``vllm`` and each module starts with ``pytest.importorskip("vllm")``,
+so the main suite (``make test``, a venv without vllm) collects and skips them. The hook below
+makes that hold for any module added later, too.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host memory for the KV cache (CPU build)
+
+HERE = Path(__file__).resolve().parent
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test of this folder ``vllm``; skip them where vllm is not installed."""
+    skip = pytest.mark.skip(reason="vllm is not installed (make test-vllm runs these in .venv-vllm)")
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.vllm)
+            if not HAS_VLLM:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a local transformers directory."""
+    from agorasim.agents.engines.models import model_dir
+
+    return model_dir("smollm2")
