@@ -14,6 +14,7 @@ from agorasim.agents.backends import make_backend
 from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
 from agorasim.agents import prompts
 from agorasim.agents.engines import Engines
+from agorasim.agents.grounding import append_unpromoted, build_grounder
 from agorasim.agents.items import ItemAgents, PromotionWriter, Promotions, factuality, STRATEGIES
 from agorasim.agents.users import UserAgents
 from agorasim.config import Config
@@ -71,6 +72,7 @@ class Market(mesa.Model):
         writer = agents.items.writer
         self.writer = PromotionWriter(agents.items.promotion, None if writer == "template" else self.engines.get(writer),
                                       agents.llm, config.run.seed)
+        self.grounder = build_grounder(agents, self.users.backend, self.engines, config.run.seed)  # None: off
         self.last_timings: dict[str, float] = {}  # wall-clock extras of the last round (timings.csv)
         for provider in range(n_providers):
             ProviderAgent(self, provider)
@@ -161,6 +163,16 @@ class Market(mesa.Model):
             group_exposure=self.ledger.group_exposure(groups, cfg.n_groups),
             target=self._target(groups), is_new=w.is_new(), embedding=cat.content[: cat.n], k=cfg.k)
         return self.reranker.rerank(request)
+
+    def ground(self, users: np.ndarray, slates: np.ndarray, ranked: np.ndarray,
+               promotions: Promotions) -> tuple[np.ndarray, np.ndarray, Promotions]:
+        """MGFRec multi-round grounding (``agents/grounding.py``) for the grounded share of the
+        language-model users: their best grounded items go to the top of their slates. Returns the
+        new slates, and ``ranked``/``promotions`` extended with the grounded items the policy did
+        not rank (shown without a promotion), so ``respond`` finds every shown item's promotion."""
+        slates = self.grounder.ground(self.world, users, slates)
+        ranked, promotions = append_unpromoted(ranked, promotions, slates)
+        return slates, ranked, promotions
 
     def respond(self, users: np.ndarray, slates: np.ndarray, ranked: np.ndarray, promotions: Promotions):
         # the promotions of the shown items, in slate order
@@ -287,7 +299,7 @@ class Market(mesa.Model):
         row["platform/fairness_weight"] = float(getattr(self.reranker, "fairness_weight", float("nan")))
         # -- language-model agents: calls, tokens, price, fallbacks (latency goes to timings.csv) --
         self.last_timings = {}
-        for part in (self.users.backend, self.writer):
+        for part in (p for p in (self.users.backend, self.writer, self.grounder) if p is not None):
             metrics, timings = part.flush()
             row.update(metrics)
             self.last_timings.update(timings)

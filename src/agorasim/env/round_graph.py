@@ -2,6 +2,9 @@
 
     world -> retrieve -> recommend -> promote -> rerank -> respond -> learn -> record
 
+With ``agents.grounding.enabled`` (MGFRec, ``agents/grounding.py``) a ``ground`` node runs between
+``rerank`` and ``respond``: its own compiled subgraph puts grounded items at the top of a share of
+the language-model users' slates. Off, the graph is the one above.
 Each node calls one batched method of the market (``env/market.py``) for all active users at once;
 the state holds arrays, never per-user dicts. A round with no visiting user skips straight from
 ``world`` to ``record`` (a conditional edge, not an ``if`` inside the nodes).
@@ -53,6 +56,11 @@ def build_round_graph(market) -> Any:
     def rerank(state: RoundState) -> RoundState:
         return {"slates": market.rerank(state["ranked"], state["scores"], state["eiu"])}
 
+    def ground(state: RoundState) -> RoundState:
+        slates, ranked, promotions = market.ground(state["users"], state["slates"], state["ranked"],
+                                                   state["promotions"])
+        return {"slates": slates, "ranked": ranked, "promotions": promotions}
+
     def respond(state: RoundState) -> RoundState:
         feedback, utility, shown = market.respond(state["users"], state["slates"], state["ranked"], state["promotions"])
         return {"feedback": feedback, "utility": utility, "shown": shown}
@@ -75,7 +83,11 @@ def build_round_graph(market) -> Any:
     graph.add_conditional_edges("world", anyone_visits, {"retrieve": "retrieve", "empty": "empty_round"})
     graph.add_node("empty_round", lambda state: market.empty_round())
     graph.add_edge("empty_round", "learn")
-    for a, b in [("retrieve", "recommend"), ("recommend", "promote"), ("promote", "rerank"),
-                 ("rerank", "respond"), ("respond", "learn"), ("learn", "record"), ("record", END)]:
+    shown = [("rerank", "respond")]
+    if market.grounder is not None:
+        graph.add_node("ground", ground)
+        shown = [("rerank", "ground"), ("ground", "respond")]
+    for a, b in [("retrieve", "recommend"), ("recommend", "promote"), ("promote", "rerank"), *shown,
+                 ("respond", "learn"), ("learn", "record"), ("record", END)]:
         graph.add_edge(a, b)
     return graph.compile()

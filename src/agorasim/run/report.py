@@ -573,6 +573,38 @@ def _change_sentence(name: str, column: np.ndarray, rounds: np.ndarray, fraction
     )
 
 
+def _llm_section(metrics: Mapping[str, np.ndarray], run_dir: Path) -> list[str]:
+    """Calls, tokens, price and latency per role, and every round that fell back to the utility
+    model; empty when no language model took part."""
+    roles = sorted({k.split("/")[1] for k in metrics if k.startswith("llm/") and k.endswith("/calls")})
+    if not roles:
+        return []
+    latency: dict[str, float] = {}
+    if (run_dir / "timings.csv").exists():
+        header, table = _read_table(run_dir / "timings.csv")
+        for role in roles:
+            if f"llm/{role}/latency_s" in header and len(table):
+                latency[role] = float(np.nansum(table[:, header.index(f"llm/{role}/latency_s")]))
+    lines = ["", "## Language-model agents", "",
+             "| role | calls | tokens in | tokens out | cache hits | errors | price (USD) | model time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for role in roles:
+        total = lambda name: float(np.nansum(metrics[f"llm/{role}/{name}"])) if f"llm/{role}/{name}" in metrics else float("nan")  # noqa: E731
+        lines.append(f"| {role} | {total('calls'):.0f} | {total('tokens_in'):.0f} | {total('tokens_out'):.0f} | "
+                     f"{total('cache_hits'):.0f} | {total('errors'):.0f} | {_fmt(total('cost_usd'))} | "
+                     f"{_fmt(latency.get(role, float('nan')))} |")
+    if "llm/fallbacks" in metrics:
+        fallbacks = np.nan_to_num(metrics["llm/fallbacks"])
+        rate = metrics["llm/fallback_rate"]
+        lines += ["", f"Answers that stayed invalid after the re-asks and were given by the utility model: "
+                  f"{fallbacks.sum():.0f} in all, mean rate {_fmt(_nanmean(rate))} per round."]
+        hit = np.flatnonzero(fallbacks > 0)
+        if len(hit):
+            shown = ", ".join(f"round {int(metrics['round'][i])}: {fallbacks[i]:.0f} ({rate[i]:.0%})" for i in hit[:20])
+            lines.append(f"Rounds with fallbacks: {shown}" + (f", and {len(hit) - 20} more." if len(hit) > 20 else "."))
+    return lines
+
+
 def write_run_report(run_dir: str | os.PathLike, tail_fraction: float = TAIL_FRACTION) -> Path:
     """Write ``plots/*.png`` and ``summary.md`` for one run folder.
 
@@ -624,6 +656,7 @@ def write_run_report(run_dir: str | os.PathLike, tail_fraction: float = TAIL_FRA
     if sentences:
         lines += ["", "## Change over the run", ""] + [f"- {s}" for s in sentences]
 
+    lines += _llm_section(metrics, run_dir)
     lines += ["", "## Plots", ""]
     if plot_note:
         lines.append(plot_note)
