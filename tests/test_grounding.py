@@ -24,7 +24,7 @@ PLAIN_NODES = ["__start__", "world", "retrieve", "recommend", "promote", "rerank
                "record", "empty_round", "__end__"]
 
 
-def bag_of_words(texts):
+def bag_of_words(texts, cache=False):
     """Deterministic stand-in for MiniLM: hashed bag of words, unit rows (a text matches a title
     best when they share words)."""
     out = np.zeros((len(texts), 64), np.float32)

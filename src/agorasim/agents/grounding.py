@@ -66,10 +66,10 @@ def is_grounded_user(users: np.ndarray, share: float) -> np.ndarray:
     return h.astype(np.float64) / 2**24 < share
 
 
-def embed_texts(texts: list[str]) -> np.ndarray:
-    """(n, 384) unit-norm all-MiniLM-L6-v2 vectors of ``texts`` (titles or descriptions), cached on
-    disk by ``data/embed.py`` (a replayed run embeds nothing)."""
-    return embed.embed_titles(texts)
+def embed_texts(texts: list[str], cache: bool = False) -> np.ndarray:
+    """(n, 384) unit-norm all-MiniLM-L6-v2 vectors of ``texts``: catalogue titles are cached on
+    disk by ``data/embed.py``; descriptions, which never repeat, are not."""
+    return embed.embed_titles(texts) if cache else embed.encode_texts(texts)
 
 
 def place_on_top(top: np.ndarray, slates: np.ndarray) -> np.ndarray:
@@ -337,15 +337,17 @@ class Grounder:
         return int((self.seed * 1_000_003 + round * 10_007 + user * 101 + iteration * 17 + attempt
                     + salt * 7_919) % 2**31)
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        return (self.embed_fn or embed_texts)(texts)
+    def _embed(self, texts: list[str], cache: bool = False) -> np.ndarray:
+        if self.embed_fn is not None:
+            return self.embed_fn(texts)
+        return embed_texts(texts, cache)
 
     def _catalogue_index(self, catalogue) -> tuple[Any, np.ndarray]:
         """Inner-product index over the alive items' title embeddings (titles embedded once, new
         items as they arrive; the index rebuilt only when the alive set changes)."""
         done = 0 if self._vectors is None else len(self._vectors)
         if self._vectors is None or catalogue.n > done:
-            fresh = np.asarray(self._embed(list(catalogue.titles[done: catalogue.n])), np.float32)
+            fresh = np.asarray(self._embed(list(catalogue.titles[done: catalogue.n]), cache=True), np.float32)
             self._vectors = fresh if self._vectors is None else np.concatenate([self._vectors, fresh])
         alive = catalogue.alive_ids()
         key = (catalogue.n, len(alive), int(alive.sum()))

@@ -154,6 +154,13 @@ def _write_cache(path: Path, embeddings: np.ndarray) -> None:
         warnings.warn(f"could not cache embeddings in {path.parent}: {err}", stacklevel=3)
 
 
+def encode_texts(texts: list[str], batch_size: int = 64) -> np.ndarray:
+    """``embed_titles`` without the disk cache, for one-off texts (queries, descriptions)."""
+    if not texts:
+        return np.zeros((0, EMBED_DIM), dtype=np.float32)
+    return _encode([str(t) for t in texts], batch_size)
+
+
 def embed_titles(
     titles: list[str], cache_dir: Path | None = None, batch_size: int = 64
 ) -> np.ndarray:
