@@ -130,3 +130,10 @@ def test_feedback_oracle_judges_counterfactually(small_overrides):
     groups, share, target = market.exposure_state()
     assert groups.shape == (market.world.catalogue.n,) and share.sum() == pytest.approx(1.0)
     assert target.sum() == pytest.approx(1.0)
+
+
+def test_full_activity_means_every_user_visits(small_overrides):
+    market = small_market(small_overrides, "agents.users.activity=1.0", "agents.users.churn=false",
+                          "market.new_users_per_round=0", "policy.name=popularity")
+    rows = run_rounds(market, 2)
+    assert rows[-1]["users/visits"] == 300

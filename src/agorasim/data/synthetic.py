@@ -116,7 +116,10 @@ def sample_users(rng: np.random.Generator, spec: WorldSpec, count: int, cfg: Use
     taste = cfg.taste_scale * _unit(taste_anchor + 0.3 * rng.normal(size=(count, dim)) / np.sqrt(dim) * 2)
     exp_draw = lambda mean: rng.exponential(mean, count).astype(np.float32) if mean > 0 else np.zeros(count, np.float32)  # noqa: E731
     activity_shape = 2.0  # Beta(2, 2(1-m)/m) has mean m: a few heavy users, many light ones
-    activity = rng.beta(activity_shape, activity_shape * (1 - cfg.activity) / cfg.activity, count)
+    if cfg.activity >= 1:  # everyone visits every round
+        activity = np.ones(count)
+    else:
+        activity = rng.beta(activity_shape, activity_shape * (1 - cfg.activity) / cfg.activity, count)
     return dict(
         taste=taste, activity=activity.astype(np.float32),
         conformity=exp_draw(cfg.conformity), social=exp_draw(cfg.social), novelty=exp_draw(cfg.novelty),
