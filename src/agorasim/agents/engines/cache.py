@@ -27,6 +27,8 @@ class CachedEngine(Engine):
         path: the JSONL store.
     """
 
+    CHUNK = 64  # requests generated (and written) at a time when recording
+
     def __init__(self, factory: Callable[[], Engine], backend: str, model: str, mode: str, path: Path | None):
         self.factory, self.backend, self.model, self.mode = factory, backend, model, mode
         self.path = Path(path) if path is not None else None
@@ -63,10 +65,11 @@ class CachedEngine(Engine):
             raise UserInputError(
                 f"agents.cache replay: {len(missing)} of {len(requests)} responses are not in {self.path} "
                 f"(it was recorded with another model, prompt or seed); record it again with agents.cache.mode=record")
-        if missing:
-            fresh = self.engine.generate([requests[i] for i in missing])
+        for start in range(0, len(missing), self.CHUNK):  # written chunk by chunk: a killed run keeps them
+            chunk = missing[start:start + self.CHUNK]
+            fresh = self.engine.generate([requests[i] for i in chunk])
             with open(self.path, "a") as f:
-                for i, response in zip(missing, fresh):
+                for i, response in zip(chunk, fresh):
                     out[i] = response
                     if response.error is None:  # failures are retried next time, not replayed
                         entry = response.model_dump(exclude={"cached"})
