@@ -1,4 +1,4 @@
-"""Command line: ``agorasim run|report|eval`` (``experiments/run.py`` is ``agorasim run``).
+"""Command line: ``agorasim run|report|eval|fidelity|attack`` (``experiments/run.py`` is ``agorasim run``).
 
 Every error a user can cause (scenario name, policy, config key or value, data file, resume
 folder) is reported on one line and exits with status 2 before any run folder is written.
@@ -193,13 +193,64 @@ def cmd_eval(argv: list[str]) -> int:
     return offline_main(argv)
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "eval": cmd_eval}
+def _llm_check_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    from agorasim.agents.engines import ENGINES
+
+    p = _Parser(prog=prog, description=description)
+    p.add_argument("--backend", default="hf", choices=ENGINES, help="text engine of the user agents (default hf)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an agents.llm.* or agents.cache.* key, e.g. --set agents.llm.batch_size=16")
+    return p
+
+
+def _llm_sections(overrides: list[str]):
+    """(agents.llm, agents.cache) from ``--set`` overrides of those sections only."""
+    for text in overrides:
+        if not text.split("=", 1)[0].strip().startswith(("agents.llm.", "agents.cache.")):
+            raise UserInputError(f"--set {text}: only agents.llm.* and agents.cache.* keys apply here")
+    config = build_config({}, overrides)
+    return config.agents.llm, config.agents.cache
+
+
+def cmd_fidelity(argv: list[str]) -> int:
+    from agorasim.run import llm_checks
+
+    p = _llm_check_parser("agorasim fidelity", "Can language-model users find real Amazon users' held-out "
+                          "next item among random ones? Precision/recall/F1 beside utility and random choice.")
+    p.add_argument("--users", type=int, default=200, help="test users sampled (default 200)")
+    p.add_argument("--candidates", type=int, default=10, help="slate size: held-out item + random unseen items (default 10)")
+    p.add_argument("--data", help="data folder with info.txt, valid.csv, test.csv (default: the vendored copy)")
+    args = p.parse_args(argv)
+    llm_cfg, cache_cfg = _llm_sections(args.overrides)
+    figures = llm_checks.fidelity(args.backend, args.users, args.candidates, args.seed, llm_cfg, args.data,
+                                  cache_cfg=cache_cfg)
+    print(llm_checks.format_fidelity(figures))
+    print(llm_checks.json_line(figures))
+    return 0
+
+
+def cmd_attack(argv: list[str]) -> int:
+    from agorasim.run import llm_checks
+
+    p = _llm_check_parser("agorasim attack", "Target click and rating lift of a prompt-injection promotion, "
+                          "with the defence off and on.")
+    p.add_argument("--users", type=int, default=100, help="users of the synthetic market asked (default 100)")
+    args = p.parse_args(argv)
+    llm_cfg, cache_cfg = _llm_sections(args.overrides)
+    figures = llm_checks.attack(args.backend, args.users, args.seed, llm_cfg, cache_cfg=cache_cfg)
+    print(llm_checks.format_attack(figures))
+    print(llm_checks.json_line(figures))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "eval": cmd_eval, "fidelity": cmd_fidelity, "attack": cmd_attack}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: agorasim {run,report,eval} [options]   (agorasim run --help, agorasim eval --help)")
+        print("usage: agorasim {run,report,eval,fidelity,attack} [options]   (agorasim run --help, agorasim eval --help)")
         return 0
     command = argv[0]
     try:

@@ -1,8 +1,13 @@
 """Tests of the vLLM engines; they run in their own venv: ``make test-vllm`` (``.venv-vllm``).
 
-Every test here is marked ``vllm`` and each module starts with ``pytest.importorskip("vllm")``,
-so the main suite (``make test``, a venv without vllm) collects and skips them. The hook below
-makes that hold for any module added later, too.
+Every test here is marked ``vllm`` and each module skips itself at import when vllm is not
+installed, so the main suite (``make test``, a venv without vllm) collects and skips them. The
+hook below makes that hold for any module added later, too.
+
+Careful: this folder is named ``vllm`` and ``tests/`` is on ``sys.path`` (pytest puts it there for
+``tests/conftest.py``), so without the real package ``import vllm`` (and
+``pytest.importorskip("vllm")``) would import *this folder* as a namespace package. Hence
+``vllm_installed`` checks the spec's origin instead of importing.
 """
 
 import importlib.util
@@ -16,7 +21,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host memory for the KV cache (CPU build)
 
 HERE = Path(__file__).resolve().parent
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def vllm_installed() -> bool:
+    """Whether the real vllm package is importable (not a namespace package such as this folder)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
+
+
+HAS_VLLM = vllm_installed()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -27,7 +27,7 @@ class CachedEngine(Engine):
         path: the JSONL store.
     """
 
-    CHUNK = 64  # requests generated (and written) at a time when recording
+    CHUNK = 256  # requests generated (and written) at a time when recording
 
     def __init__(self, factory: Callable[[], Engine], backend: str, model: str, mode: str, path: Path | None):
         self.factory, self.backend, self.model, self.mode = factory, backend, model, mode

@@ -22,7 +22,8 @@ of *host* memory the worker may use, and the KV cache is sized by ``VLLM_CPU_KVC
 (GiB): this engine sets it to 1 when unset, which holds ~45k tokens of SmolLM2 context, plenty
 for a few hundred short prompts. vLLM binds its OpenMP threads to all cores but
 ``VLLM_CPU_NUM_OF_RESERVED_CPU`` (default: one core kept for the scheduler process; on a 2-core
-machine the model then runs on one core, set it to 0 to compute on both). ``enforce_eager`` skips
+machine the model then runs on one core; 0 lets it compute on both, at the risk, on a busy
+machine, of OpenMP threads outnumbering the free cores and spinning against each other). ``enforce_eager`` skips
 torch.compile (minutes on a CPU, and there is no CUDA graph to capture). The dtype is bfloat16
 where the CPU has native bf16 (AVX512-BF16 or AMX) or on a GPU, float32 otherwise.
 ``LD_PRELOAD`` of tcmalloc / Intel OpenMP is optional (vLLM logs a hint; it is faster with them).
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine
+from agorasim.errors import UserInputError
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -100,7 +102,11 @@ class VLLMEngine(Engine):
         if enforce_eager is None:
             enforce_eager = self.device == "cpu"
 
-        from vllm import LLM, SamplingParams
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError as e:
+            raise UserInputError(f"the vllm engine needs vllm ({e}); install it in its own venv: "
+                                 "make setup-vllm (.venv-vllm), then run with .venv-vllm/bin/python") from None
 
         try:
             from vllm.sampling_params import StructuredOutputsParams
@@ -109,9 +115,9 @@ class VLLMEngine(Engine):
         self._SamplingParams = SamplingParams
         self._StructuredOutputsParams = StructuredOutputsParams
         self.dtype, self.max_model_len = dtype, max_model_len
-        self.llm = LLM(model=str(path), dtype=dtype, max_model_len=max_model_len,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=enforce_eager,
-                       seed=seed, disable_log_stats=True, **llm_kwargs)
+        options = {"dtype": dtype, "max_model_len": max_model_len, "enforce_eager": enforce_eager, "seed": seed,
+                   "gpu_memory_utilization": cfg.gpu_memory_utilization, "disable_log_stats": True, **llm_kwargs}
+        self.llm = LLM(model=str(path), **options)
 
     def sampling_params(self, request: ChatRequest):
         """vLLM ``SamplingParams`` of one request (raises ValueError/TypeError if invalid)."""
