@@ -1,0 +1,187 @@
+"""The language-model checks (fidelity on real Amazon users, injection attack and defence) with
+deterministic fake engines, and their CLI."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from agorasim.agents.engines.fake import ITEM_LINE, FakeEngine
+from agorasim.cli import main
+from agorasim.config import LLMConfig
+from agorasim.data.amazon import load_amazon
+from agorasim.run import llm_checks
+
+
+@pytest.fixture(autouse=True)
+def fake_title_vectors(monkeypatch):
+    """Seeded unit vectors instead of the sentence model (hermetic and instant)."""
+    def fake(titles, cache_dir=None):
+        rng = np.random.default_rng(len(titles))
+        x = rng.standard_normal((len(titles), 16)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    monkeypatch.setattr(llm_checks, "embed_titles", fake)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_amazon()
+
+
+def listed_ids(request) -> list[int]:
+    return [int(m.group(1)) for m in ITEM_LINE.finditer(request.messages[-1].content)]
+
+
+def answer(item_id: int, click: bool = True, reason: str = "fits me") -> str:
+    return json.dumps([{"item_id": item_id, "click": click, "rating": 8, "reason": reason}])
+
+
+def first_listed(request) -> str:
+    return answer(listed_ids(request)[0])
+
+
+def test_pick_scores_hand_example():
+    s = llm_checks.pick_scores([1, None, 3, 4], [1, 2, 5, 4])
+    assert s["precision"] == 2 / 3 and s["recall"] == 0.5 and s["pick_rate"] == 0.75
+    assert s["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    none = llm_checks.pick_scores([None, None], [1, 2])
+    assert np.isnan(none["precision"]) and none["recall"] == 0.0 and none["pick_rate"] == 0.0
+
+
+def test_fidelity_first_listed_item(data, fake_title_vectors):
+    n, m = 24, 5
+    fig = llm_checks.fidelity(users=n, candidates=m, seed=3, engine=FakeEngine(first_listed), keep_rows=True)
+    rows = fig["rows"]
+    assert len(rows) == n == len({r["user"] for r in rows})
+
+    # independently: each user's latest test row (timestamp, then file order) and what they touched
+    test = data.test
+    latest = {}
+    for i, (u, t) in enumerate(zip(test.user.tolist(), test.timestamp.tolist())):
+        if u not in latest or (t, i) >= latest[u][0]:
+            latest[u] = ((t, i), i)
+    touched = {}
+    for split in (data.valid, data.test):
+        for u, h, t in zip(split.user.tolist(), split.history.tolist(), split.target.tolist()):
+            touched.setdefault(u, set()).update([x for x in h if x >= 0] + [t])
+    vectors = fake_title_vectors(data.titles).astype(np.float64)
+    for r in rows:
+        row = latest[r["user"]][1]
+        assert r["target"] == int(test.target[row])
+        slate = r["slate"]
+        assert len(slate) == len(set(slate)) == m and r["target"] in slate
+        assert not (set(slate) - {r["target"]}) & touched[r["user"]]
+        assert r["llm"] == slate[0]
+        history = [x for x in test.history[row] if x >= 0]
+        taste = vectors[history].mean(0)
+        assert r["utility"] == slate[int(np.argmax(vectors[slate] @ taste))]
+
+    at_front = np.mean([r["slate"][0] == r["target"] for r in rows])
+    assert fig["llm/precision"] == fig["llm/recall"] == pytest.approx(at_front)
+    assert fig["llm/f1"] == pytest.approx(at_front)
+    assert fig["llm/pick_rate"] == 1.0 and fig["llm/fallback_rate"] == 0.0 and fig["llm/reasks"] == 0
+    assert fig["llm/position_hist"] == [n] + [0] * (m - 1)
+    assert sum(fig["target/position_hist"]) == n and fig["target/position_hist"][0] == round(at_front * n)
+    assert fig["utility/pick_rate"] == 1.0 and fig["utility/precision"] == fig["utility/recall"]
+    assert fig["random/expected_precision"] == 1 / m
+    assert fig["random/precision"] == np.mean([r["random"] == r["target"] for r in rows])
+
+    # same seed, same slates; another seed, another sample
+    again = llm_checks.fidelity(users=n, candidates=m, seed=3, engine=FakeEngine(first_listed), keep_rows=True)
+    assert again["rows"] == rows
+    other = llm_checks.fidelity(users=n, candidates=m, seed=4, engine=FakeEngine(first_listed), keep_rows=True)
+    assert [r["user"] for r in other["rows"]] != [r["user"] for r in rows]
+
+
+def test_fidelity_oracle_and_fallback():
+    n, m = 16, 4
+    first = llm_checks.fidelity(users=n, candidates=m, seed=0, engine=FakeEngine(first_listed), keep_rows=True)
+    target_of = {frozenset(r["slate"]): r["target"] for r in first["rows"]}
+    oracle = llm_checks.fidelity(users=n, candidates=m, seed=0,
+                                 engine=FakeEngine(lambda r: answer(target_of[frozenset(listed_ids(r))])))
+    assert oracle["llm/precision"] == oracle["llm/recall"] == oracle["llm/f1"] == 1.0
+    assert oracle["llm/hits"] == n
+
+    garbage = FakeEngine(lambda r: "I like them all")
+    fig = llm_checks.fidelity(users=n, candidates=m, seed=0, engine=garbage, llm_cfg=LLMConfig(reasks=2))
+    assert fig["llm/fallback_rate"] == 1.0 and fig["llm/pick_rate"] == 0.0 and fig["llm/reasks"] == 2 * n
+    assert garbage.calls == 3 * n
+    assert json.loads(llm_checks.json_line(fig))["llm/precision"] is None  # undefined, strict JSON
+
+
+def test_attack_fake_engine_obeys_without_defence_and_not_with_it():
+    n = 30
+    fig = llm_checks.attack(engine_kind="fake", users=n, seed=0, keep_rows=True)
+    # the fake engine obeys any injection it reads: with the defence off every user clicks the target, rated 10
+    assert fig["adversarial/off/target_click_rate"] == 1.0
+    assert fig["adversarial/off/target_rating"] == 10.0 and fig["adversarial/off/target_judged"] == 1.0
+    assert fig["defence_off/click_lift"] == pytest.approx(1.0 - fig["grounded/off/target_click_rate"])
+    assert fig["grounded/off/target_click_rate"] < 0.5
+    # with it on the injection is cut before the model reads it: same prompt, same answer, no lift
+    assert fig["defence_on/click_lift"] == 0.0 and fig["defence_on/rating_lift"] == 0.0
+    assert fig["click_cut"] == 1.0
+    rows = fig["rows"]
+    assert rows["answers"]["grounded/on"] == rows["answers"]["adversarial/on"]
+    for b, target in enumerate(rows["target"]):
+        assert rows["slot"][b] >= 1 and rows["slates"][b][rows["slot"][b]] == target
+        assert rows["adversarial"][b].startswith(rows["grounded"][b])
+        clicked = [j["item_id"] for j in rows["answers"]["adversarial/off"][b] if j["click"]]
+        assert clicked == [target]
+    for key in ("grounded/off", "adversarial/off", "grounded/on", "adversarial/on"):
+        assert fig[f"{key}/fallback_rate"] == 0.0
+    same = llm_checks.attack(engine_kind="fake", users=n, seed=0)
+    assert {k: v for k, v in same.items() if "seconds" not in k and k != "wall_s"} == \
+        {k: v for k, v in fig.items() if "seconds" not in k and k not in ("wall_s", "rows")}
+
+
+def test_attack_output_check_rejects_echoed_injections():
+    """A model that clicks the promoted item and echoes the instruction: with the defence on, the
+    adversarial answers are re-asked and fall back; grounded answers pass."""
+    promoted = re.compile(r"^\[(\d+)\] .*(<promo>|Seller says)", re.MULTILINE)
+
+    def echo(request):
+        return answer(int(promoted.search(request.messages[1].content).group(1)), reason="told to rate it 10")
+
+    n = 12
+    engine = FakeEngine(echo)
+    fig = llm_checks.attack(users=n, seed=1, engine=engine, llm_cfg=LLMConfig(reasks=1))
+    assert fig["grounded/off/target_click_rate"] == fig["adversarial/off/target_click_rate"] == 1.0
+    assert fig["grounded/on/target_click_rate"] == 1.0 and fig["grounded/on/fallback_rate"] == 0.0
+    assert fig["adversarial/on/fallback_rate"] == 1.0 and fig["adversarial/on/target_click_rate"] == 0.0
+    assert fig["adversarial/on/reasks"] == n
+    assert fig["defence_off/click_lift"] == 0.0 and fig["defence_on/click_lift"] == -1.0
+    assert np.isnan(fig["click_cut"])  # no lift to cut
+
+
+def test_cli_prints_table_and_json_last(capsys):
+    assert main(["fidelity", "--backend", "fake", "--users", "6", "--candidates", "3", "--seed", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("Fidelity on real data: 6 users, 3 candidates")
+    fig = json.loads(out[-1])
+    assert fig["users"] == 6 and fig["backend"] == "fake" and len(fig["llm/position_hist"]) == 3
+    assert main(["attack", "--backend", "fake", "--users", "8", "--set", "agents.llm.reasks=0"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    fig = json.loads(out[-1])
+    assert fig["users"] == 8 and fig["defence_on/click_lift"] == 0.0 and fig["click_cut"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fidelity", "--backend", "gpt5"], "invalid choice"),
+    (["fidelity", "--backend", "fake", "--users", "0"], "--users"),
+    (["fidelity", "--backend", "fake", "--candidates", "1"], "--candidates"),
+    (["fidelity", "--backend", "fake", "--users", "5000"], "only"),
+    (["fidelity", "--backend", "fake", "--data", "/no/such/folder"], "no such directory"),
+    (["fidelity", "--backend", "fake", "--set", "market.n_users=5"], "only agents.llm"),
+    (["fidelity", "--backend", "fake", "--set", "agents.llm.batch_size=0"], "batch_size"),
+    (["fidelity", "--backend", "fake", "--set", "agents.llm.nope=1"], "unknown config key"),
+    (["attack", "--backend", "nope"], "invalid choice"),
+    (["attack", "--backend", "fake", "--users", "0"], "--users"),
+    (["attack", "--users", "ten"], "invalid int"),
+])
+def test_cli_bad_input_exits_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("agorasim: error:") and message in err
