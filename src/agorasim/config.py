@@ -104,6 +104,8 @@ class LLMConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="hf weights: auto = bfloat16 on GPUs and on CPUs with AVX-512 (about 2x faster "
         "prefill here), else float32")
+    threads: int = Field(0, ge=0, description="torch threads of the hf engine (0: torch's default; 1 is "
+                         "faster when other processes load the cores)")
     structured: bool = Field(True, description="ask for JSON-schema guided decoding where the backend has it")
     reasks: int = Field(2, ge=0, description="re-asks of an invalid answer before the utility fallback")
     history_titles: int = Field(3, ge=0, description="recent history titles in the user prompt")

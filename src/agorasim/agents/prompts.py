@@ -48,7 +48,7 @@ REASON_TOKENS = 12  # free tokens of a guided reason
 def user_schema(slate_ids: list[int]) -> dict:
     """JSON schema of a user answer whose item ids can only be ids of the slate (grammar engines)."""
     return {
-        "type": "array", "minItems": 1, "maxItems": len(slate_ids),
+        "type": "array", "minItems": 1, "maxItems": min(3, len(slate_ids)),  # short answers: no truncation
         "items": {
             "type": "object",
             "properties": {

@@ -18,7 +18,7 @@ def build_engine(kind: str, llm_cfg) -> Engine:
         return FakeEngine()
     if kind == "hf":
         from agorasim.agents.engines.hf import HFEngine
-        return HFEngine(llm_cfg.model, batch_size=llm_cfg.batch_size, dtype=llm_cfg.dtype)
+        return HFEngine(llm_cfg.model, batch_size=llm_cfg.batch_size, dtype=llm_cfg.dtype, threads=llm_cfg.threads or None)
     if kind == "vllm":
         from agorasim.agents.engines.vllm import VLLMEngine
         return VLLMEngine(llm_cfg)

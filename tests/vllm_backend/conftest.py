@@ -4,10 +4,9 @@ Every test here is marked ``vllm`` and each module skips itself at import when v
 installed, so the main suite (``make test``, a venv without vllm) collects and skips them. The
 hook below makes that hold for any module added later, too.
 
-Careful: this folder is named ``vllm`` and ``tests/`` is on ``sys.path`` (pytest puts it there for
-``tests/conftest.py``), so without the real package ``import vllm`` (and
-``pytest.importorskip("vllm")``) would import *this folder* as a namespace package. Hence
-``vllm_installed`` checks the spec's origin instead of importing.
+The folder is not named ``vllm``: ``tests/`` is on ``sys.path`` (pytest puts it there for
+``tests/conftest.py``), and a ``tests/vllm`` folder would import as a namespace package named
+vllm. ``vllm_installed`` also checks the spec's origin rather than importing, to be safe.
 """
 
 import importlib.util
