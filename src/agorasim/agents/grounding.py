@@ -41,7 +41,7 @@ from langgraph.graph import END, START, StateGraph
 
 from agorasim.agents import prompts
 from agorasim.agents.backends.base import SlateRequest, UserBackend
-from agorasim.agents.backends.llm import LLMUserBackend, parse_answer
+from agorasim.agents.backends.llm import LLMUserBackend, ask_until_valid
 from agorasim.agents.engines import ChatRequest, Engine, Meter
 from agorasim.agents.feedback import LLMJudgement
 from agorasim.agents.items import Promotions
@@ -302,35 +302,13 @@ class Grounder:
 
     # -- helpers -----------------------------------------------------------------------------
     def _judge(self, messages: list, request: SlateRequest, iteration: int) -> list[list[LLMJudgement] | None]:
-        """The user agents' judgements of their grounded items: one batched call per attempt,
-        invalid answers re-asked up to ``agents.llm.reasks`` times; None where none was valid."""
-        cfg = self.llm_cfg
+        """The user agents' judgements of their grounded items (``ask_until_valid``: batched,
+        bounded re-asks, counted on the grounding meter); None where none was valid."""
         slates = [[int(x) for x in row if x >= 0] for row in request.slates]
-        results: list[list[LLMJudgement] | None] = [None] * len(slates)
-        current, pending = list(messages), list(range(len(slates)))
-        for attempt in range(cfg.reasks + 1):
-            batch = [ChatRequest(messages=current[i], max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                 top_p=cfg.top_p,
-                                 seed=self._seed(request.round, int(request.users[i]), iteration, attempt, _CRITIQUE),
-                                 json_schema=prompts.user_schema(slates[i]) if cfg.structured else None,
-                                 guide=prompts.user_guide(slates[i]) if cfg.structured else None)
-                     for i in pending]
-            responses = self.engine.generate(batch)
-            self.meter.add(responses)
-            retry = []
-            for i, response in zip(pending, responses):
-                try:
-                    if response.error is not None:
-                        raise ValueError(f"the call failed ({response.error})")
-                    results[i] = parse_answer(response.text, slates[i])
-                except ValueError as problem:
-                    retry.append(i)
-                    current[i] = prompts.reask_messages(messages[i], response.text, str(problem))
-            if attempt < cfg.reasks:
-                self._stats["reasks"] += len(retry)
-            pending = retry
-            if not pending:
-                break
+        results, reasks = ask_until_valid(
+            self.engine, self.meter, self.llm_cfg, messages, slates,
+            lambda i, attempt: self._seed(request.round, int(request.users[i]), iteration, attempt, _CRITIQUE))
+        self._stats["reasks"] += reasks
         return results
 
     def _seed(self, round: int, user: int, iteration: int, attempt: int, salt: int) -> int:
