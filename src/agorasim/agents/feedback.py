@@ -64,6 +64,11 @@ def stars_to_rating(stars):
     return 2.5 * (stars - 1.0)
 
 
+def rating_to_stars(rating):
+    """The 1-5 star view of a 0-10 rating (the inverse of ``stars_to_rating``)."""
+    return 1.0 + rating / 2.5
+
+
 @dataclass
 class FeedbackBatch:
     """Feedback of B users on their (B, K) slates, as arrays.

@@ -41,7 +41,7 @@ from langgraph.graph import END, START, StateGraph
 
 from agorasim.agents import prompts
 from agorasim.agents.backends.base import SlateRequest, UserBackend
-from agorasim.agents.backends.llm import LLMUserBackend, ask_until_valid
+from agorasim.agents.backends.llm import LLMUserBackend, ask_until_valid, hash_share, user_context
 from agorasim.agents.engines import ChatRequest, Engine, Meter
 from agorasim.agents.feedback import LLMJudgement
 from agorasim.agents.items import Promotions
@@ -60,10 +60,7 @@ _DESCRIBE, _CRITIQUE = 1, 2  # salts of the request seeds
 
 def is_grounded_user(users: np.ndarray, share: float) -> np.ndarray:
     """Users whose slates are grounded: a fixed hash of the id below ``share``."""
-    if share >= 1:
-        return np.ones(len(users), bool)
-    h = (users.astype(np.uint64) * GROUND_HASH) >> np.uint64(40)
-    return h.astype(np.float64) / 2**24 < share
+    return hash_share(users, share, GROUND_HASH)
 
 
 def embed_texts(texts: list[str], cache: bool = False) -> np.ndarray:
@@ -195,15 +192,7 @@ class Grounder:
 
     def _start(self, world, users: np.ndarray) -> GroundingState:
         """The loop's initial state: what the description prompt says about each user."""
-        pop, cat = world.population, world.catalogue
-        liked = prompts.liked_titles(pop.taste[users], cat.embedding, cat.alive_ids(), cat.titles)
-        persona, history = [], []
-        for n, user in enumerate(users):
-            traits = {name: float(getattr(pop, name)[user])
-                      for name in ("conformity", "novelty", "social", "trust", "patience")}
-            persona.append(prompts.persona(traits, liked[n]))
-            past = [i for i in pop.history[user] if i >= 0][::-1][: self.llm_cfg.history_titles]
-            history.append([cat.titles[i] for i in past])
+        persona, history, liked = user_context(world, users, self.llm_cfg.history_titles)
         g, width = len(users), self.cfg.rounds * self.cfg.per_round
         return GroundingState(
             round=world.round, world=world, users=users, persona=persona, history=history,

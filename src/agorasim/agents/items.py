@@ -98,12 +98,8 @@ class ItemAgents:
             bit = np.left_shift(1, rng.integers(0, N_FEATURES, providers.shape))
             claimed |= np.where(invented > extra, bit, 0)
         claimed = np.where(intensity > 0, claimed, 0) * valid
-        unsupported = claimed & ~features
-        n_claims = np.bitwise_count(claimed.astype(np.uint64)).astype(np.float64)
-        n_false = np.bitwise_count(unsupported.astype(np.uint64)).astype(np.float64)
-        hype = intensity * n_claims / CLAIM_SCALE
-        accuracy = np.where(n_claims > 0, 1.0 - n_false / np.maximum(n_claims, 1), 1.0)
-        return Promotions(claimed, unsupported, hype, accuracy)
+        unsupported, n_claims, accuracy = audit_claims(claimed, features)
+        return Promotions(claimed, unsupported, intensity * n_claims / CLAIM_SCALE, accuracy)
 
     def learn(self, providers: np.ndarray, reward: np.ndarray) -> None:
         """Incremental-mean update of each provider's current arm (providers with impressions)."""
@@ -127,6 +123,15 @@ class ItemAgents:
         leaving = leaving[: max(room, 0)]
         self.active[leaving] = False
         return leaving
+
+
+def audit_claims(claimed: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Claimed feature masks against the catalogue's: (unsupported masks, number of claims, share of
+    claims that are true, 1 where nothing is claimed)."""
+    unsupported = claimed & ~features
+    n_claims = np.bitwise_count(claimed.astype(np.uint64)).astype(np.float64)
+    n_false = np.bitwise_count(unsupported.astype(np.uint64)).astype(np.float64)
+    return unsupported, n_claims, np.where(n_claims > 0, 1.0 - n_false / np.maximum(n_claims, 1), 1.0)
 
 
 def factuality(promotions: Promotions, shown: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
 from agorasim.agents import prompts
 from agorasim.agents.engines import Engines
 from agorasim.agents.grounding import append_unpromoted, build_grounder
-from agorasim.agents.items import ItemAgents, PromotionWriter, Promotions, factuality, STRATEGIES
+from agorasim.agents.items import ItemAgents, PromotionWriter, Promotions, audit_claims, factuality, STRATEGIES
 from agorasim.agents.users import UserAgents
 from agorasim.config import Config
 from agorasim.data import worlds
@@ -201,11 +201,9 @@ class Market(mesa.Model):
         out[rows, slots] = texts
         if self.writer.audits_text:
             claimed = np.array([prompts.claims_in_text(t) for t in texts], np.int64)
-            false = claimed & ~cat.features[items]
-            n_claims = np.bitwise_count(claimed.astype(np.uint64)).astype(np.float64)
-            n_false = np.bitwise_count(false.astype(np.uint64)).astype(np.float64)
-            shown.claimed[rows, slots], shown.unsupported[rows, slots] = claimed, false
-            shown.accuracy[rows, slots] = np.where(n_claims > 0, 1.0 - n_false / np.maximum(n_claims, 1), 1.0)
+            unsupported, _, accuracy = audit_claims(claimed, cat.features[items])
+            shown.claimed[rows, slots], shown.unsupported[rows, slots] = claimed, unsupported
+            shown.accuracy[rows, slots] = accuracy
         return out
 
     def _log_impressions(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch) -> None:

@@ -23,18 +23,39 @@ from agorasim.agents.backends.base import SlateRequest, UserBackend
 from agorasim.agents.backends.utility import (DISAPPOINTED, LIKED, NOT_INTERESTED, PREFERRED_OTHER,
                                               UtilityBackend)
 from agorasim.agents.engines import ChatRequest, Engine, Meter
-from agorasim.agents.feedback import FeedbackBatch, LLMJudgement
+from agorasim.agents.feedback import FeedbackBatch, LLMJudgement, rating_to_stars
 from agorasim.agents import prompts
 
 LLM_HASH = np.uint64(0x9E3779B97F4A7C15)
+TRAITS = ("conformity", "novelty", "social", "trust", "patience")  # what a persona is rendered from
+
+
+def hash_share(users: np.ndarray, share: float, multiplier: np.uint64) -> np.ndarray:
+    """A fixed ``share`` of users: a multiplicative hash of the id below ``share`` (a larger share
+    only adds users; another multiplier picks an independent subset)."""
+    if share >= 1:
+        return np.ones(len(users), bool)
+    h = (users.astype(np.uint64) * multiplier) >> np.uint64(40)
+    return h.astype(np.float64) / 2**24 < share
 
 
 def is_llm_user(users: np.ndarray, share: float) -> np.ndarray:
-    """Users driven by the language model: a fixed multiplicative hash of the id below ``share``."""
-    if share >= 1:
-        return np.ones(len(users), bool)
-    h = (users.astype(np.uint64) * LLM_HASH) >> np.uint64(40)
-    return h.astype(np.float64) / 2**24 < share
+    """Users driven by the language model."""
+    return hash_share(users, share, LLM_HASH)
+
+
+def user_context(world, users: np.ndarray, history_titles: int) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """What a prompt says about each user: (persona texts, recent history titles, liked titles).
+    The persona is rendered from the latent traits and the titles that best match the taste."""
+    pop, cat = world.population, world.catalogue
+    liked = prompts.liked_titles(pop.taste[users], cat.embedding, cat.alive_ids(), cat.titles)
+    personas, histories = [], []
+    for n, user in enumerate(users):
+        traits = {name: float(getattr(pop, name)[user]) for name in TRAITS}
+        personas.append(prompts.persona(traits, liked[n]))
+        past = [i for i in pop.history[user] if i >= 0][::-1][:history_titles]
+        histories.append([cat.titles[i] for i in past])
+    return personas, histories, liked
 
 
 def parse_answer(text: str, slate: list[int], injected: set[int] | None = None) -> list[LLMJudgement]:
@@ -127,7 +148,7 @@ class LLMUserBackend(UserBackend):
     @staticmethod
     def _zero() -> dict[str, int]:
         return {"rows": 0, "visits": 0, "fallbacks": 0, "reasks": 0, "clicks": 0, "agree": 0,
-                "injected_shown": 0, "injected_clicks": 0}
+                "injected_clicks": 0}
 
     def llm_rows(self, users: np.ndarray) -> np.ndarray:
         return is_llm_user(users, self.share)
@@ -144,7 +165,6 @@ class LLMUserBackend(UserBackend):
         why = {}
         for b, judgements, flagged in zip(rows, answers, injected):
             self._stats["rows"] += 1
-            self._stats["injected_shown"] += int(bool(flagged))
             if judgements is None:
                 self._stats["fallbacks"] += 1
                 continue
@@ -155,7 +175,7 @@ class LLMUserBackend(UserBackend):
             if clicked:
                 k = slot[clicked[0].item_id]
                 rating = float(clicked[0].rating)
-                choice[b], stars[b] = k, 1.0 + rating / 2.5
+                choice[b], stars[b] = k, rating_to_stars(rating)
                 reason[b, k] = LIKED if rating >= 5 else DISAPPOINTED
                 self._stats["clicks"] += 1
                 self._stats["injected_clicks"] += int(clicked[0].item_id in flagged)
@@ -167,15 +187,10 @@ class LLMUserBackend(UserBackend):
 
     def render(self, request: SlateRequest, rows: np.ndarray) -> tuple[list, list[set[int]]]:
         """Prompt messages for the given rows, and the items whose promotion holds an injection."""
-        world = request.world
-        pop, cat = world.population, world.catalogue
-        users = request.users[rows]
-        liked = prompts.liked_titles(pop.taste[users], cat.embedding, cat.alive_ids(), cat.titles)
+        cat = request.world.catalogue
+        personas, histories, _ = user_context(request.world, request.users[rows], self.cfg.history_titles)
         out, injected = [], []
-        for n, (b, user) in enumerate(zip(rows, users)):
-            traits = {name: float(getattr(pop, name)[user])
-                      for name in ("conformity", "novelty", "social", "trust", "patience")}
-            past = [i for i in pop.history[user] if i >= 0][::-1][: self.cfg.history_titles]
+        for b, persona, history in zip(rows, personas, histories):
             slate, flagged = [], set()
             for k, item in enumerate(request.slates[b]):
                 if item < 0:
@@ -184,8 +199,7 @@ class LLMUserBackend(UserBackend):
                 if text and prompts.is_injection(text):
                     flagged.add(int(item))
                 slate.append((int(item), cat.titles[item], text))
-            persona = prompts.persona(traits, liked[n])
-            out.append(prompts.user_messages(persona, [cat.titles[i] for i in past], slate, self.cfg.defence))
+            out.append(prompts.user_messages(persona, history, slate, self.cfg.defence))
             injected.append(flagged)
         return out, injected
 
