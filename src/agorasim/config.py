@@ -102,8 +102,8 @@ class LLMConfig(_Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     batch_size: int = Field(16, ge=1, description="prompts per batched generate call (hf)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="hf weights: auto = bfloat16 on GPUs and on CPUs with AVX-512 (about 2x faster "
-        "prefill here), else float32")
+        "auto", description="hf weights: auto = bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16 "
+        "or AMX; about 2x faster prefill here), else float32")
     threads: int = Field(0, ge=0, description="torch threads of the hf engine (0: torch's default; 1 is "
                          "faster when other processes load the cores)")
     structured: bool = Field(True, description="ask for JSON-schema guided decoding where the backend has it")

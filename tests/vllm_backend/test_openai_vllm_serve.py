@@ -29,7 +29,7 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from agorasim.agents.engines import ChatRequest, Message  # noqa: E402
 from agorasim.agents.engines.openai import OpenAIEngine  # noqa: E402
-from agorasim.agents.engines.vllm import _cpu_has_bf16  # noqa: E402
+from agorasim.agents.engines.models import bf16_is_fast  # noqa: E402
 from agorasim.config import LLMConfig  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
@@ -60,7 +60,7 @@ def serve_command(model: Path, port: int) -> list[str]:
     import torch
 
     gpu = torch.cuda.is_available()
-    dtype = "bfloat16" if gpu or _cpu_has_bf16() else "float32"
+    dtype = "bfloat16" if bf16_is_fast("cuda" if gpu else "cpu") else "float32"
     flags = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
              "--max-model-len", "2048", "--dtype", dtype, "--gpu-memory-utilization", "0.2", "--seed", "0",
              "--disable-log-stats", "--uvicorn-log-level", "warning"]

@@ -18,6 +18,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line of at most ``limit`` characters (error messages in responses)."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, GuideSegment
-from agorasim.agents.engines.models import model_dir
+from agorasim.agents.engines.models import bf16_is_fast, model_dir
 
 
 class _Program:
@@ -126,8 +126,7 @@ class HFEngine(Engine):
         path = model_dir(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
-            fast_bf16 = self.device == "cuda" or "AVX512" in torch.backends.cpu.get_cpu_capability()
-            dtype = "bfloat16" if fast_bf16 else "float32"
+            dtype = "bfloat16" if bf16_is_fast(self.device) else "float32"
         self.dtype = dtype
         dtype = getattr(torch, dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

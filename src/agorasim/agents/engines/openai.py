@@ -24,15 +24,11 @@ from typing import Any, Callable
 
 import httpx
 
-from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine
+from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, one_line
 
 RETRY_AFTER_CAP_S = 30.0
 
 
-def _short(text: str, limit: int = 200) -> str:
-    """One line of at most ``limit`` characters, for error messages."""
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class RateLimiter:
@@ -117,7 +113,7 @@ class OpenAIEngine(Engine):
         try:
             text, tokens_in, tokens_out, error = self._attempts(self.body(request))
         except Exception as e:  # noqa: BLE001 - the engine contract is to never raise
-            text, tokens_in, tokens_out, error = "", 0, 0, _short(f"{type(e).__name__}: {e}")
+            text, tokens_in, tokens_out, error = "", 0, 0, one_line(f"{type(e).__name__}: {e}")
         return ChatResponse(text=text, tokens_in=tokens_in, tokens_out=tokens_out,
                             latency_s=self.clock() - start, error=error)
 
@@ -135,18 +131,18 @@ class OpenAIEngine(Engine):
                 error = f"timeout after {self.cfg.timeout_s:g}s"
                 continue
             except httpx.UnsupportedProtocol as e:  # a malformed base_url: retrying will not help
-                return "", 0, 0, _short(f"bad url: {e}")
+                return "", 0, 0, one_line(f"bad url: {e}")
             except httpx.TransportError as e:
-                error = _short(f"connection error: {type(e).__name__}: {e}")
+                error = one_line(f"connection error: {type(e).__name__}: {e}")
                 continue
             status = response.status_code
             if status == 429 or status >= 500:
-                error = _short(f"HTTP {status}: {response.text}")
+                error = one_line(f"HTTP {status}: {response.text}")
                 if status == 429:
                     delay = _retry_after(response.headers.get("Retry-After"), delay)
                 continue
             if status >= 400:
-                return "", 0, 0, _short(f"HTTP {status}: {response.text}")
+                return "", 0, 0, one_line(f"HTTP {status}: {response.text}")
             return _parse(response)
         return "", 0, 0, error
 
@@ -165,9 +161,9 @@ def _parse(response: httpx.Response) -> tuple[str, int, int, str | None]:
         data = response.json()
         content = data["choices"][0]["message"].get("content") or ""
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return "", 0, 0, _short(f"malformed response: {response.text}")
+        return "", 0, 0, one_line(f"malformed response: {response.text}")
     if not isinstance(content, str):
-        return "", 0, 0, _short(f"malformed response: content is {type(content).__name__}")
+        return "", 0, 0, one_line(f"malformed response: content is {type(content).__name__}")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     return content, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), None
 

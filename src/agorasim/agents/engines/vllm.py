@@ -34,35 +34,11 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
-from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine
+from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, one_line
+from agorasim.agents.engines.models import bf16_is_fast, model_dir
 from agorasim.errors import UserInputError
-
-
-def _short(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _local_model(name: str) -> Path:
-    """``name`` if it is a local model directory, else the embedded model's directory."""
-    path = Path(name).expanduser()
-    if (path / "config.json").exists():
-        return path
-    from agorasim.agents.engines.models import model_dir
-
-    return model_dir(name)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except Exception:  # noqa: BLE001 - private torch helpers: absent means "no"
-        return False
 
 
 class VLLMEngine(Engine):
@@ -90,7 +66,7 @@ class VLLMEngine(Engine):
         self.model = cfg.model
         self.structured = bool(getattr(cfg, "structured", True))
         self.disable_any_whitespace = disable_any_whitespace
-        path = _local_model(cfg.model)
+        path = model_dir(cfg.model)
 
         import torch
 
@@ -98,7 +74,7 @@ class VLLMEngine(Engine):
         if self.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if dtype == "auto":
-            dtype = "bfloat16" if self.device == "cuda" or _cpu_has_bf16() else "float32"
+            dtype = "bfloat16" if bf16_is_fast(self.device) else "float32"
         if enforce_eager is None:
             enforce_eager = self.device == "cpu"
 
@@ -144,13 +120,13 @@ class VLLMEngine(Engine):
             try:
                 ready.append((i, [m.model_dump() for m in request.messages], self.sampling_params(request)))
             except Exception as e:  # noqa: BLE001 - a bad request is that request's error
-                out[i] = ChatResponse(error=_short(f"invalid request: {type(e).__name__}: {e}"))
+                out[i] = ChatResponse(error=one_line(f"invalid request: {type(e).__name__}: {e}", 300))
         if ready:
             try:
                 answers = self._chat([c for _, c, _ in ready], [p for _, _, p in ready])
             except Exception as e:  # noqa: BLE001 - the engine contract is to never raise
                 if len(ready) == 1 or self._dead(e):
-                    answers = [_short(f"vllm error: {type(e).__name__}: {e}")] * len(ready)
+                    answers = [one_line(f"vllm error: {type(e).__name__}: {e}", 300)] * len(ready)
                 else:  # a request the engine refused: isolate it by asking one at a time
                     answers = [self._one(c, p) for _, c, p in ready]
             for (i, _, _), answer in zip(ready, answers):
@@ -168,7 +144,7 @@ class VLLMEngine(Engine):
         try:
             return self._chat([conversation], [params])[0]
         except Exception as e:  # noqa: BLE001
-            return _short(f"vllm error: {type(e).__name__}: {e}")
+            return one_line(f"vllm error: {type(e).__name__}: {e}", 300)
 
     @staticmethod
     def _response(output) -> ChatResponse:
@@ -178,7 +154,7 @@ class VLLMEngine(Engine):
             return ChatResponse(text=completion.text or "", tokens_in=tokens_in,
                                 tokens_out=len(completion.token_ids or []))
         except Exception as e:  # noqa: BLE001 - a malformed output is that request's error
-            return ChatResponse(error=_short(f"malformed vllm output: {type(e).__name__}: {e}"))
+            return ChatResponse(error=one_line(f"malformed vllm output: {type(e).__name__}: {e}", 300))
 
     @staticmethod
     def _dead(error: Exception) -> bool:
