@@ -1,6 +1,7 @@
 """Language-model user and item agents: grounding checks, re-asks, fallbacks, cache, meters,
 the injection defence, guided decoding programs and the market wiring (fake engine)."""
 
+import csv
 import json
 import re
 
@@ -210,6 +211,28 @@ def test_cache_records_then_replays_without_building_the_engine(tmp_path):
         CachedEngine(boom, "fake", "m", "replay", tmp_path / "none.jsonl").generate([chat("a")])
 
 
+def test_cache_replays_failed_calls_and_asks_them_again_when_recording(tmp_path):
+    path = tmp_path / "cache.jsonl"
+
+    class Flaky(FakeEngine):  # down for the first call, answering after
+        def generate(self, requests):
+            if self.calls == 0:
+                self.calls += 1
+                return [ChatResponse(error="connection refused", latency_s=1.0) for _ in requests]
+            return super().generate(requests)
+
+    recorder = CachedEngine(Flaky, "fake", "m", "record", path)
+    assert recorder.generate([chat("a")])[0].error == "connection refused"
+    replay = CachedEngine(FakeEngine, "fake", "m", "replay", path)
+    failed = replay.generate([chat("a")])[0]
+    assert failed.error == "connection refused" and failed.cached  # the run falls back where it did
+    fixed = recorder.generate([chat("a")])[0]  # recording asks a failure again
+    assert fixed.error is None and not fixed.cached and recorder.engine.calls == 2
+    replay = CachedEngine(FakeEngine, "fake", "m", "replay", path)
+    assert replay.generate([chat("a")])[0].text == fixed.text  # the later line replaces the failure
+    assert len(path.read_text().splitlines()) == 2
+
+
 def test_cache_key_covers_backend_model_prompt_params_and_seed():
     base = chat("a").key("hf", "m")
     assert len({base, chat("b").key("hf", "m"), chat("a", seed=2).key("hf", "m"), chat("a").key("vllm", "m"),
@@ -236,10 +259,11 @@ def test_meter_counts_and_prices_per_round():
                ChatResponse(error="down", latency_s=1.0), ChatResponse(tokens_in=10, cached=True)])
     metrics, timings = meter.flush()
     assert metrics == {"llm/users/calls": 3.0, "llm/users/tokens_in": 1010.0, "llm/users/tokens_out": 100.0,
-                       "llm/users/cache_hits": 1.0, "llm/users/errors": 1.0,
-                       "llm/users/cost_usd": (1010 * 2.0 + 100 * 10.0) / 1e6}
-    assert timings == {"llm/users/latency_s": 1.5}
-    assert meter.flush()[0]["llm/users/calls"] == 0 and meter.totals["calls"] == 3
+                       "llm/users/errors": 1.0, "llm/users/cost_usd": (1010 * 2.0 + 100 * 10.0) / 1e6}
+    assert timings == {"llm/users/latency_s": 1.5, "llm/users/cache_hits": 1.0}
+    meter.add([ChatResponse(text="x", tokens_in=5, latency_s=9.0, cached=True)])  # replayed: no model time
+    assert meter.flush()[1] == {"llm/users/latency_s": 0.0, "llm/users/cache_hits": 1.0}
+    assert meter.flush()[0]["llm/users/calls"] == 0 and meter.totals["calls"] == 4
 
 
 # -- guided decoding programs (hf) ----------------------------------------------------------------------
@@ -329,9 +353,9 @@ def test_replayed_run_equals_the_recorded_one_with_no_model(small_overrides, tmp
     monkeypatch.setattr("agorasim.agents.engines.build_engine", no_model)
     replayed = run(small(small_overrides, "agents.cache.mode=replay", f"agents.cache.path={path}",
                          "agents.items.writer=fake", "agents.items.promotion=free"))
-    strip = lambda rows: [{k: v for k, v in r.items() if "cache_hits" not in k} for r in rows]  # noqa: E731
-    assert same_rows(strip(replayed.rows), strip(recorded.rows))
-    assert replayed.rows[-1]["llm/users/cache_hits"] == replayed.rows[-1]["llm/users/calls"] > 0
+    assert same_rows(replayed.rows, recorded.rows)  # every metrics.csv column, cache hits are timings
+    assert replayed.last_timings["llm/users/cache_hits"] == replayed.rows[-1]["llm/users/calls"] > 0
+    assert recorded.last_timings["llm/users/cache_hits"] == 0
 
 
 def test_language_model_writer_feeds_the_factuality_audit(small_overrides):
@@ -344,3 +368,30 @@ def test_language_model_writer_feeds_the_factuality_audit(small_overrides):
 def test_unknown_backend_is_one_line(small_overrides):
     with pytest.raises(UserInputError, match="agents.users.backend: must be one of"):
         build_config(load_scenario("cold-start"), small_overrides + ["agents.users.backend=gpt"])
+
+
+def test_replayed_cli_run_writes_the_same_metrics_csv_and_reports_the_cache(small_overrides, tmp_path):
+    from agorasim.cli import main
+
+    args = ["run", "--rounds", "3", "--no-progress", "--policy", "popularity"]
+    for override in small_overrides + ["agents.users.backend=fake", "agents.items.writer=fake",
+                                       "agents.items.promotion=free", "agents.cache.mode=record"]:
+        args += ["--set", override]
+    assert main(args + ["--out", str(tmp_path / "rec")]) == 0
+    (recorded,) = [p for p in (tmp_path / "rec").iterdir() if p.is_dir()]
+    store = recorded / "llm_cache.jsonl"
+    assert main(args + ["--out", str(tmp_path / "rep"), "--set", "agents.cache.mode=replay",
+                        "--set", f"agents.cache.path={store}"]) == 0
+    (replayed,) = [p for p in (tmp_path / "rep").iterdir() if p.is_dir()]
+    assert (replayed / "metrics.csv").read_bytes() == (recorded / "metrics.csv").read_bytes()
+
+    def users_row(run_dir):  # the summary's table row of the user agents
+        line = next(x for x in (run_dir / "summary.md").read_text().splitlines() if x.startswith("| users |"))
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    with open(recorded / "metrics.csv") as f:
+        calls = int(sum(float(row["llm/users/calls"]) for row in csv.DictReader(f)))
+    rec, rep = users_row(recorded), users_row(replayed)
+    assert rec[1] == rep[1] == str(calls) and calls > 0  # calls
+    assert rec[4] == "0" and rep[4] == str(calls)  # cache hits: none when recording, all when replaying
+    assert rep[-1] == "0"  # no model time in a replay

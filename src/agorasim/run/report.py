@@ -579,20 +579,19 @@ def _llm_section(metrics: Mapping[str, np.ndarray], run_dir: Path) -> list[str]:
     roles = sorted({k.split("/")[1] for k in metrics if k.startswith("llm/") and k.endswith("/calls")})
     if not roles:
         return []
-    latency: dict[str, float] = {}
+    timed: dict[str, float] = {}  # llm/<role>/latency_s and cache_hits, summed over the rounds
     if (run_dir / "timings.csv").exists():
         header, table = _read_table(run_dir / "timings.csv")
-        for role in roles:
-            if f"llm/{role}/latency_s" in header and len(table):
-                latency[role] = float(np.nansum(table[:, header.index(f"llm/{role}/latency_s")]))
+        if len(table):
+            timed = {name: float(np.nansum(table[:, j])) for j, name in enumerate(header) if name.startswith("llm/")}
     lines = ["", "## Language-model agents", "",
              "| role | calls | tokens in | tokens out | cache hits | errors | price (USD) | model time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for role in roles:
         total = lambda name: float(np.nansum(metrics[f"llm/{role}/{name}"])) if f"llm/{role}/{name}" in metrics else float("nan")  # noqa: E731
         lines.append(f"| {role} | {total('calls'):.0f} | {total('tokens_in'):.0f} | {total('tokens_out'):.0f} | "
-                     f"{total('cache_hits'):.0f} | {total('errors'):.0f} | {_fmt(total('cost_usd'))} | "
-                     f"{_fmt(latency.get(role, float('nan')))} |")
+                     f"{timed.get(f'llm/{role}/cache_hits', float('nan')):.0f} | {total('errors'):.0f} | "
+                     f"{_fmt(total('cost_usd'))} | {_fmt(timed.get(f'llm/{role}/latency_s', float('nan')))} |")
     if "llm/fallbacks" in metrics:
         fallbacks = np.nan_to_num(metrics["llm/fallbacks"])
         rate = metrics["llm/fallback_rate"]

@@ -112,17 +112,19 @@ class Meter:
             self._round["tokens_out"] += r.tokens_out
             self._round["cache_hits"] += int(r.cached)
             self._round["errors"] += int(r.error is not None)
-            self._latency += r.latency_s
+            if not r.cached:  # a replayed answer cost this run no model time
+                self._latency += r.latency_s
 
     def flush(self) -> tuple[dict[str, float], dict[str, float]]:
-        """(metrics, timings) of the round so far, then reset. Metrics hold only deterministic
-        counts (calls, tokens, price), so the same seed gives the same metrics.csv; latency is
-        wall-clock and goes to timings.csv."""
+        """(metrics, timings) of the round so far, then reset. Metrics hold only what the
+        simulation determines (calls, tokens, errors, price), so the same seed gives the same
+        metrics.csv whether the answers were generated or replayed from the cache; latency
+        (wall-clock) and cache hits (what this machine had stored) go to timings.csv."""
         r, prefix = self._round, f"llm/{self.role}/"
-        metrics = {prefix + k: float(v) for k, v in r.items()}
+        metrics = {prefix + k: float(v) for k, v in r.items() if k != "cache_hits"}
         if self.price_in or self.price_out:
             metrics[prefix + "cost_usd"] = (r["tokens_in"] * self.price_in + r["tokens_out"] * self.price_out) / 1e6
-        timings = {prefix + "latency_s": self._latency}
+        timings = {prefix + "latency_s": self._latency, prefix + "cache_hits": float(r["cache_hits"])}
         for k, v in r.items():
             self.totals[k] += v
         self.latency_s += self._latency

@@ -3,7 +3,10 @@
 The key is a hash of backend, model, prompt, sampling parameters and seed (``ChatRequest.key``).
 ``record`` answers hits from the store and appends every new response to a JSONL file (one line
 per response, flushed as written, so a killed run keeps what it paid for); ``replay`` answers
-only from the store and never builds the engine, so a replayed run needs no model. A replay miss
+only from the store and never builds the engine, so a replayed run needs no model. Failed calls
+(``error`` set: a server down, a timeout) are stored too: ``replay`` gives them back as they
+happened, so the run falls back to the utility model exactly where the recorded run did, while
+``record`` asks them again (a later line for the same key replaces the earlier one). A replay miss
 is a one-line ``UserInputError``: the store does not belong to this configuration.
 """
 
@@ -57,8 +60,10 @@ class CachedEngine(Engine):
         out: list[ChatResponse | None] = [None] * len(requests)
         missing = []
         for i, key in enumerate(keys):
-            if key in self.store:
-                out[i] = ChatResponse(**self.store[key], cached=True)
+            entry = self.store.get(key)
+            # a stored failure is replayed as it happened, but asked again when recording
+            if entry is not None and (self.mode == "replay" or entry.get("error") is None):
+                out[i] = ChatResponse(**entry, cached=True)
             else:
                 missing.append(i)
         if missing and self.mode == "replay":
@@ -71,10 +76,9 @@ class CachedEngine(Engine):
             with open(self.path, "a") as f:
                 for i, response in zip(chunk, fresh):
                     out[i] = response
-                    if response.error is None:  # failures are retried next time, not replayed
-                        entry = response.model_dump(exclude={"cached"})
-                        self.store[keys[i]] = entry
-                        f.write(json.dumps({"key": keys[i], **entry}) + "\n")
+                    entry = response.model_dump(exclude={"cached"})
+                    self.store[keys[i]] = entry  # a later line for the same key replaces an earlier one
+                    f.write(json.dumps({"key": keys[i], **entry}) + "\n")
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
