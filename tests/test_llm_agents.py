@@ -268,6 +268,19 @@ def test_meter_counts_and_prices_per_round():
 
 # -- guided decoding programs (hf) ----------------------------------------------------------------------
 
+def test_guide_regex_accepts_exactly_what_the_guide_allows():
+    from agorasim.agents.engines.base import guide_regex
+
+    pattern = re.compile(guide_regex(prompts.user_guide([12, 5])))
+    assert pattern.pattern == ('\\[\\{"item_id": (12,|5,) "click": (true,|false,) "rating": '
+                               '(0,|1,|2,|3,|4,|5,|6,|7,|8,|9,|10,) "reason": "[^"\\\\\\n]{0,60}"\\}\\]')
+    good = '[{"item_id": 5, "click": true, "rating": 10, "reason": "fits me"}]'
+    assert pattern.fullmatch(good) and parse_answer(good, [12, 5])[0].rating == 10
+    for bad in (good.replace(": 5,", ": 7,"), good.replace("10,", "11,"), good.replace("fits", 'fi"ts'),
+                good.replace("fits", "fi\nts"), good.replace("fits me", "x" * 61), good.replace(", ", ",")):
+        assert not pattern.fullmatch(bad), bad
+
+
 def test_guide_program_walks_text_choices_and_free_text():
     vocab = {c: i for i, c in enumerate('ab,"xyz19')}
     encode = lambda text: [vocab[c] for c in text]  # noqa: E731 - one token per character

@@ -138,9 +138,16 @@ def test_batch_with_json_schema_through_vllm_serve(server):
                  request("Items: 17 running shoes, 42 skillet, 93 headphones. Which one would a runner "
                          "click? Answer in JSON.", schema=SCHEMA, max_tokens=64)]
         responses = engine.generate(batch)
-        again = engine.generate(batch)
     finally:
         engine.close()
+    # greedy decoding repeats itself only for the same batch shapes: concurrent requests land in
+    # batches that depend on timing (and bf16 sums in another order can flip a near-tie), so the
+    # determinism check sends one request at a time
+    alone = OpenAIEngine(LLMConfig(base_url=server.base_url, model=SERVED_NAME, concurrency=1, retries=1))
+    try:
+        first, again = alone.generate(batch), alone.generate(batch)
+    finally:
+        alone.close()
     assert len(responses) == 3
     for r in responses:
         assert r.error is None, r.error
@@ -148,7 +155,7 @@ def test_batch_with_json_schema_through_vllm_serve(server):
     assert responses[1].tokens_out <= 16
     answer = json.loads(responses[2].text)
     jsonschema.validate(answer, SCHEMA)
-    assert [r.text for r in again] == [r.text for r in responses]  # greedy: the same answers
+    assert [r.text for r in again] == [r.text for r in first] and all(r.text for r in first)
 
 
 def test_errors_not_exceptions_once_the_server_is_stopped(server):

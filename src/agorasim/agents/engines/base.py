@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from typing import Any, Literal
 
@@ -39,13 +40,39 @@ class GuideSegment(BaseModel):
     stop: str = '"'
 
 
+CHARS_PER_FREE_TOKEN = 5  # a guide's free text is bounded in tokens; a regex bounds characters
+_REGEX_SPECIAL = re.compile(r"([\\.^$*+?{}\[\]|()])")
+
+
+def _literal(text: str) -> str:
+    """``text`` as a regex literal: only the metacharacters escaped (grammar engines read plain
+    regex syntax, not Python's extensions such as an escaped space)."""
+    return _REGEX_SPECIAL.sub(r"\\\1", text)
+
+
+def guide_regex(guide: list[GuideSegment]) -> str:
+    """The guide as a regular expression, for engines that constrain decoding by regex (vLLM):
+    forced text literally, choices as alternatives, free text as up to ``CHARS_PER_FREE_TOKEN``
+    characters per allowed token without quotes, backslashes or newlines (as the hf engine bans
+    them), then the stop text."""
+    parts = []
+    for seg in guide:
+        if seg.text is not None:
+            parts.append(_literal(seg.text))
+        elif seg.choices is not None:
+            parts.append("(" + "|".join(_literal(c) for c in seg.choices) + ")")
+        else:
+            parts.append(r'[^"\\\n]' + f"{{0,{(seg.free or 16) * CHARS_PER_FREE_TOKEN}}}" + _literal(seg.stop))
+    return "".join(parts)
+
+
 class ChatRequest(BaseModel):
     """One chat completion to produce.
 
-    Structured decoding, where the engine has it: ``json_schema`` for grammar engines (vllm,
-    openai servers that accept ``response_format``), ``guide`` for the hf engine (a template of
-    forced text, choices and bounded free text, which fits the same schema). Engines without
-    either ignore them and the caller validates the text. ``seed`` makes sampling reproducible
+    Structured decoding, where the engine has it: ``guide`` (a template of forced text, choices
+    and bounded free text, which fits ``json_schema``) for engines that can follow it, hf by token
+    masks and vllm as a regex (``guide_regex``); ``json_schema`` for the rest (openai servers that
+    accept ``response_format``). Engines without either ignore them and the caller validates. ``seed`` makes sampling reproducible
     per request (ignored when ``temperature`` is 0: greedy decoding).
     """
 

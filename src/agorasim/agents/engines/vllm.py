@@ -1,9 +1,11 @@
 """vLLM engine: the offline ``vllm.LLM`` engine, one continuous-batching call per batch.
 
 Every request of a batch goes into a single ``LLM.chat`` call with its own ``SamplingParams``
-(max_tokens, temperature, top_p, seed and, when ``json_schema`` is set and ``llm.structured`` is
-on, ``StructuredOutputsParams(json=schema)``: grammar-guided decoding, so the answer is valid
-JSON for the schema). ``guide`` (the hf engine's template) is ignored: vLLM has the schema.
+(max_tokens, temperature, top_p, seed and, when ``llm.structured`` is on, structured outputs).
+A request's ``guide`` is decoded as a regular expression (``guide_regex``): the same template the
+hf engine follows by token masks, so the same model answers in the same shape under either engine
+(one judgement, an id of the slate, a bounded reason) and every answer parses. A request with only
+a ``json_schema`` is decoded against the schema (grammar-guided, valid JSON for the schema).
 Token counts are vLLM's own (``prompt_token_ids`` and the generated ``token_ids``; the latter
 includes the end-of-turn token when the answer stopped on it, as ``vllm serve`` reports it), and
 ``latency_s`` is the batch's wall time divided by its size.
@@ -36,7 +38,7 @@ import os
 import time
 from typing import Any
 
-from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, one_line
+from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, guide_regex, one_line
 from agorasim.agents.engines.models import bf16_is_fast, model_dir
 from agorasim.errors import UserInputError
 
@@ -98,14 +100,16 @@ class VLLMEngine(Engine):
     def sampling_params(self, request: ChatRequest):
         """vLLM ``SamplingParams`` of one request (raises ValueError/TypeError if invalid)."""
         extra: dict[str, Any] = {}
-        if request.json_schema is not None and self.structured:
+        if self.structured and (request.guide or request.json_schema is not None):
+            target = ({"regex": guide_regex(request.guide)} if request.guide
+                      else {"json": request.json_schema, "disable_any_whitespace": self.disable_any_whitespace})
             if self._StructuredOutputsParams is not None:
-                extra["structured_outputs"] = self._StructuredOutputsParams(
-                    json=request.json_schema, disable_any_whitespace=self.disable_any_whitespace)
+                extra["structured_outputs"] = self._StructuredOutputsParams(**target)
             else:  # pragma: no cover - vLLM < 0.11
                 from vllm.sampling_params import GuidedDecodingParams
 
-                extra["guided_decoding"] = GuidedDecodingParams(json=request.json_schema)
+                target.pop("disable_any_whitespace", None)
+                extra["guided_decoding"] = GuidedDecodingParams(**target)
         greedy = request.temperature == 0
         return self._SamplingParams(max_tokens=request.max_tokens, temperature=request.temperature,
                                     top_p=1.0 if greedy else request.top_p, seed=request.seed, **extra)
