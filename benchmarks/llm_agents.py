@@ -12,9 +12,11 @@ re-asks), then the same N requests go to
 Same model directory (the embedded SmolLM2-135M-Instruct), same prompts, same ``max_tokens``,
 greedy decoding. ``--structured`` says what each engine is asked:
 
-- ``asis`` (default): the requests as the agents send them: vLLM decodes against the request's
-  ``json_schema`` (grammar-guided), the hf engine follows the request's ``guide`` (token masks);
-  the two answers have different lengths, hence the tokens columns;
+- ``asis`` (default): the requests as the agents send them: both engines follow the request's
+  ``guide``, vLLM as a regex (grammar-guided), the hf engine by token masks, so the answers have
+  the same shape (one judgement, a reason of at most 40 characters); ``same_answers`` is the
+  share of prompts where the two engines wrote the same text (bf16 kernels differ, so near-ties
+  can go either way);
 - ``none``: schema and guide dropped: free text for both, the plainest throughput comparison.
 
 ``valid`` is the share of answers that are JSON and, where the request had a schema (and the
@@ -110,7 +112,7 @@ def valid_share(requests: list, responses: list) -> float:
 
 def summarise(name: str, requests: list, responses: list, seconds: float) -> dict:
     tokens = sum(r.tokens_out for r in responses)
-    return {"engine": name, "prompts": len(requests), "seconds": seconds,
+    return {"engine": name, "texts": [r.text for r in responses], "prompts": len(requests), "seconds": seconds,
             "decisions_per_s": len(requests) / seconds, "tokens_out": tokens,
             "tokens_per_s": tokens / seconds, "mean_tokens_in": sum(r.tokens_in for r in responses) / len(responses),
             "mean_tokens_out": tokens / len(responses), "valid": valid_share(requests, responses),
@@ -220,6 +222,7 @@ def main() -> None:
         return round(by[engine][key], 4) if engine in by else None
 
     speedup = (by["vllm"]["decisions_per_s"] / by["hf"]["decisions_per_s"]) if len(by) == 2 else None
+    same = (sum(a == b for a, b in zip(by["vllm"]["texts"], by["hf"]["texts"])) / n) if len(by) == 2 else None
     print(json.dumps({
         "benchmark": "llm_agents", "prompts": n, "max_tokens": requests[0].max_tokens, "structured": args.structured,
         "vllm_decisions_per_s": get("vllm", "decisions_per_s"), "vllm_tokens_per_s": get("vllm", "tokens_per_s"),
@@ -227,6 +230,7 @@ def main() -> None:
         "hf_loop_decisions_per_s": get("hf", "decisions_per_s"), "hf_loop_tokens_per_s": get("hf", "tokens_per_s"),
         "hf_loop_valid": get("hf", "valid"),
         "vllm_threads": by.get("vllm", {}).get("threads"), "hf_loop_threads": by.get("hf", {}).get("threads"),
+        "same_answers": round(same, 3) if same is not None else None,
         "speedup_vs_hf_loop": round(speedup, 3) if speedup is not None else None, "device": device,
     }))
 

@@ -273,11 +273,11 @@ def test_guide_regex_accepts_exactly_what_the_guide_allows():
 
     pattern = re.compile(guide_regex(prompts.user_guide([12, 5])))
     assert pattern.pattern == ('\\[\\{"item_id": (12,|5,) "click": (true,|false,) "rating": '
-                               '(0,|1,|2,|3,|4,|5,|6,|7,|8,|9,|10,) "reason": "[^"\\\\\\n]{0,60}"\\}\\]')
+                               '(0,|1,|2,|3,|4,|5,|6,|7,|8,|9,|10,) "reason": "[^"\\\\\\n]{0,40}"\\}\\]')
     good = '[{"item_id": 5, "click": true, "rating": 10, "reason": "fits me"}]'
     assert pattern.fullmatch(good) and parse_answer(good, [12, 5])[0].rating == 10
     for bad in (good.replace(": 5,", ": 7,"), good.replace("10,", "11,"), good.replace("fits", 'fi"ts'),
-                good.replace("fits", "fi\nts"), good.replace("fits me", "x" * 61), good.replace(", ", ",")):
+                good.replace("fits", "fi\nts"), good.replace("fits me", "x" * 41), good.replace(", ", ",")):
         assert not pattern.fullmatch(bad), bad
 
 
@@ -286,16 +286,41 @@ def test_guide_program_walks_text_choices_and_free_text():
     encode = lambda text: [vocab[c] for c in text]  # noqa: E731 - one token per character
     from agorasim.agents.engines.base import GuideSegment
     program = _Program([GuideSegment(text="ab"), GuideSegment(choices=["1,", "19,"]),
-                        GuideSegment(free=2, stop='"')], encode)
+                        GuideSegment(free=2, stop='"')], encode, [1] * len(vocab))
     t = vocab
     assert program.allowed([]) == [t["a"]] and program.allowed([t["a"]]) == [t["b"]]
     assert program.allowed([t["a"], t["b"]]) == [t["1"]]
     assert sorted(program.allowed([t["a"], t["b"], t["1"]])) == sorted([t[","], t["9"]])
     done_choice = [t["a"], t["b"], t["1"], t[","]]
-    assert program.allowed(done_choice) == ("free", t['"'])
+    assert program.allowed(done_choice) == ("free", t['"'], 2)
+    assert program.allowed(done_choice + [t["x"]]) == ("free", t['"'], 1)
     assert program.allowed(done_choice + [t["x"], t["y"]]) == [t['"']]  # free budget spent: stop forced
     assert program.allowed(done_choice + [t["x"], t['"']]) is None  # finished
     assert program.budget == 1 + 2 + 3 + 3
+
+
+def test_guided_free_text_is_bounded_in_characters_as_the_regex_is():
+    """Tokens of several characters spend several characters of the budget; the processor masks
+    tokens longer than what is left, so hf answers fit the regex vLLM decodes the same guide with."""
+    import torch
+
+    from agorasim.agents.engines.base import GuideSegment, guide_regex
+    from agorasim.agents.engines.hf import GuideProcessor
+    pieces = ['"', "x", "xy", "xyz", "xyzw"]  # token ids 0..4
+    chars = [len(p) for p in pieces]
+    program = _Program([GuideSegment(free=5, stop='"')], lambda text: [pieces.index(text)], chars)
+    assert program.allowed([]) == ("free", 0, 5)
+    assert program.allowed([3]) == ("free", 0, 2)  # "xyz": 3 of 5 characters used
+    assert program.allowed([3, 2]) == [0]  # "xyzxy": the budget is spent, only the stop is left
+    processor = GuideProcessor([program], width=1, banned=torch.tensor([], dtype=torch.long),
+                               token_chars=torch.tensor(chars), end_ids=[9])
+    scores = processor(torch.tensor([[7, 3]]), torch.zeros(1, 6))  # prompt token 7, then "xyz"; id 5 has no text
+    assert torch.isfinite(scores[0]).tolist() == [True, True, True, False, False, False]
+    text = "".join(pieces[t] for t in [3, 2]) + '"'
+    assert re.fullmatch(guide_regex([GuideSegment(free=5, stop='"')]), text)
+    assert not re.fullmatch(guide_regex([GuideSegment(free=5, stop='"')]), "xyzxyz" + '"')
+    with pytest.raises(ValueError, match="exactly one"):
+        GuideSegment(text="a", free=3)
 
 
 # -- promotions ----------------------------------------------------------------------------------------

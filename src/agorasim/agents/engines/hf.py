@@ -19,13 +19,19 @@ import time
 import numpy as np
 
 from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, GuideSegment
-from agorasim.agents.engines.models import bf16_is_fast, model_dir
+from agorasim.agents.engines.models import bf16_is_fast, model_dir, quiet_loading
 
 
 class _Program:
-    """A guide compiled to tokens: ``("text", ids)``, ``("choice", trie)``, ``("free", n, stop_id)``."""
+    """A guide compiled to tokens: ``("text", ids)``, ``("choice", trie)``, ``("free", chars, stop_id)``.
 
-    def __init__(self, guide: list[GuideSegment], encode):
+    Free text is bounded in characters, as the regex that vLLM decodes the same guide with
+    (``guide_regex``), so both engines give answers of the same shape. ``token_chars[t]`` is the
+    length of token ``t``'s text, at least 1, so free text always ends.
+    """
+
+    def __init__(self, guide: list[GuideSegment], encode, token_chars):
+        self.token_chars = token_chars
         self.parts = []
         for seg in guide:
             if seg.text is not None:
@@ -42,18 +48,20 @@ class _Program:
                 stop = encode(seg.stop)
                 if len(stop) != 1:
                     raise ValueError(f"guide stop {seg.stop!r} must be one token")
-                self.parts.append(("free", seg.free or 16, stop[0]))
+                self.parts.append(("free", seg.free, stop[0]))
 
     @property
     def budget(self) -> int:
-        """Most tokens the program can emit (plus the end-of-turn token)."""
+        """Most tokens the program can emit (plus the end-of-turn token): a free character is at
+        most one token."""
         def depth(node):
             return max((1 + depth(child) for key, child in node.items() if key is not None), default=0)
         return 1 + sum(len(p[1]) if p[0] == "text" else depth(p[1]) if p[0] == "choice" else p[1] + 1
                        for p in self.parts)
 
     def allowed(self, generated: list[int]):
-        """Token ids allowed next: a list, ``("free", stop_id)`` or None once the program is done."""
+        """Token ids allowed next: a list, ``("free", stop_id, characters left)`` or None once the
+        program is done."""
         pos = 0
         for part in self.parts:
             if part[0] == "text":
@@ -73,21 +81,23 @@ class _Program:
                 used = 0
                 while True:
                     if pos == len(generated):
-                        return [stop] if used >= limit else ("free", stop)
+                        return [stop] if used >= limit else ("free", stop, limit - used)
                     token = generated[pos]
                     pos += 1
                     if token == stop:
                         break
-                    used += 1
+                    used += self.token_chars[token]
         return None
 
 
 class GuideProcessor:
     """Logits processor: rows with a program keep only the tokens it allows; free text may use
-    any token but the ones in ``banned`` (quotes, newlines, backslashes) and the stop token."""
+    any token but the ones in ``banned`` (quotes, newlines, backslashes) and those longer than
+    the characters left (``token_chars``, a tensor over the vocabulary), then the stop token."""
 
-    def __init__(self, programs: list[_Program | None], width: int, banned, end_ids: list[int]):
+    def __init__(self, programs: list[_Program | None], width: int, banned, token_chars, end_ids: list[int]):
         self.programs, self.width, self.banned, self.end_ids = programs, width, banned, end_ids
+        self.token_chars = token_chars
 
     def __call__(self, input_ids, scores):
         import torch
@@ -99,10 +109,12 @@ class GuideProcessor:
             allowed = program.allowed(generated[b])
             if allowed is None:
                 allowed = self.end_ids
-            if isinstance(allowed, tuple):  # free text: everything but banned tokens, or the stop
-                stop = allowed[1]
+            if isinstance(allowed, tuple):  # free text: every short enough token but banned ones, or the stop
+                _, stop, left = allowed
                 keep = scores[b, stop].clone()
                 scores[b, self.banned] = -torch.inf
+                scores[b, : len(self.token_chars)][self.token_chars > left] = -torch.inf
+                scores[b, len(self.token_chars):] = -torch.inf  # ids the tokenizer has no text for
                 scores[b, stop] = keep
                 continue
             keep = scores[b, allowed].clone()
@@ -129,22 +141,27 @@ class HFEngine(Engine):
             dtype = "bfloat16" if bf16_is_fast(self.device) else "float32"
         self.dtype = dtype
         dtype = getattr(torch, dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.threads = threads
-        self._banned = None
+        self._free_text = None
 
-    def banned_in_free_text(self):
-        """Token ids whose text holds a quote, newline or backslash (never inside a JSON string)."""
-        if self._banned is None:
-            pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            bad = [i for i, piece in enumerate(pieces)
-                   if piece is None or any(c in self.tokenizer.convert_tokens_to_string([piece]) for c in '"\\\n')]
-            self._banned = self.torch.tensor(sorted(set(bad) | set(self.tokenizer.all_special_ids)))
-        return self._banned
+    def free_text_tables(self):
+        """(banned ids, characters per token) for guided free text: the banned tokens' text holds
+        a quote, newline or backslash (never inside a JSON string) or they are special; the
+        lengths are of each token's text, at least 1, as a tensor over the tokenizer's ids."""
+        if self._free_text is None:
+            tok = self.tokenizer
+            pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+            texts = [None if piece is None else tok.convert_tokens_to_string([piece]) for piece in pieces]
+            bad = {i for i, text in enumerate(texts) if text is None or any(c in text for c in '"\\\n')}
+            chars = [max(1, len(text or "")) for text in texts]
+            self._free_text = (self.torch.tensor(sorted(bad | set(tok.all_special_ids))), chars)
+        return self._free_text
 
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -187,13 +204,15 @@ class HFEngine(Engine):
         im_end = tok.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end != tok.unk_token_id and im_end not in stops:
             stops.append(im_end)
-        programs = [_Program(r.guide, self._encode_text) if r.guide else None for r in requests]
+        guided = any(r.guide for r in requests)
+        banned, chars = self.free_text_tables() if guided else (None, None)
+        programs = [_Program(r.guide, self._encode_text, chars) if r.guide else None for r in requests]
         limits = [p.budget if p is not None else r.max_tokens for p, r in zip(programs, requests)]
         extra = {}
-        if any(p is not None for p in programs):
+        if guided:
             from transformers import LogitsProcessorList
             extra["logits_processor"] = LogitsProcessorList(
-                [GuideProcessor(programs, width, self.banned_in_free_text(), stops)])
+                [GuideProcessor(programs, width, banned, torch.tensor(chars, device=self.device), stops)])
         started = time.perf_counter()
         with torch.no_grad():
             generated = self.lm.generate(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from agorasim.errors import UserInputError
@@ -30,6 +31,21 @@ def bf16_is_fast(device: str) -> bool:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except Exception:  # noqa: BLE001 - private torch helpers: absent means "no"
         return False
+
+
+@contextmanager
+def quiet_loading():
+    """No transformers weight-loading progress bars inside (a bar for a local model of a few
+    hundred MB is noise in a run's output); the setting is global, so it is put back after."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def cache_root() -> Path:
@@ -63,8 +79,9 @@ def model_dir(name: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     partial = target.with_name(f"{target.name}.partial{os.getpid()}")
     # the weights are de-quantised float32 now: drop the GGUF marker so they save as plain safetensors
     model.hf_quantizer = None
