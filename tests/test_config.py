@@ -30,6 +30,17 @@ def test_override_types_are_parsed_as_yaml():
     assert config.policy.params == {"dim": 8}
 
 
+def test_on_off_yes_no_stay_strings_as_in_yaml_1_2(tmp_path):
+    """YAML 1.1 would read ``off`` as False and reject ``agents.cache.mode=off``."""
+    assert parse_override("agents.cache.mode=off") == ("agents.cache.mode", "off")
+    assert parse_override("x=yes") == ("x", "yes") and parse_override("x=True") == ("x", True)
+    assert build_config({}, ["agents.cache.mode=off", "agents.users.churn=no"]).agents.cache.mode == "off"
+    assert build_config({}, ["agents.users.churn=no"]).agents.users.churn is False  # pydantic reads "no"
+    path = tmp_path / "mine.yaml"
+    path.write_text("agents:\n  cache: {mode: off}\n")
+    assert build_config(load_scenario(str(path))).agents.cache.mode == "off"
+
+
 @pytest.mark.parametrize("override, expected", [
     ("market.n_user=5", "unknown config key 'market.n_user'"),
     ("markets.n_users=5", "unknown config key 'markets.n_users'"),

@@ -8,6 +8,7 @@ messages that name the field and what is allowed. Hot loops only see the plain n
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import yaml
@@ -275,13 +276,30 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
             node = child
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads
+    on/off/yes/no as booleans, which would turn ``agents.cache.mode=off`` into False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML scenario files, ``--set`` values and run configs, read with YAML 1.2 booleans."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``'market.n_users=500'`` -> ``('market.n_users', 500)``; the value is read as YAML."""
     if "=" not in text:
         raise UserInputError(f"--set expects dotted.key=value, got '{text}'")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -306,7 +324,7 @@ def validate(data: dict) -> Config:
 
 def build_config(base: dict, overrides: list[str] | None = None) -> Config:
     """Apply ``--set`` overrides to a scenario dict and validate."""
-    data = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
+    data = load_yaml(yaml.safe_dump(base))  # deep copy of plain data
     for text in overrides or []:
         key, value = parse_override(text)
         set_dotted(data, key, value)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from agorasim.config import load_yaml
 from agorasim.errors import UserInputError
 
 
@@ -25,7 +26,7 @@ def load_scenario(name_or_path: str) -> dict:
         raise UserInputError(
             f"unknown scenario '{name_or_path}': choose one of {', '.join(scenario_names())} or a .yaml path")
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as error:
         raise UserInputError(f"scenario '{name_or_path}' is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):

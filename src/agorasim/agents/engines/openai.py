@@ -29,8 +29,6 @@ from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, one_
 RETRY_AFTER_CAP_S = 30.0
 
 
-
-
 class RateLimiter:
     """At most ``rate`` starts per second, evenly spaced; thread-safe. ``rate <= 0``: no limit.
 
