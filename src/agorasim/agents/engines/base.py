@@ -77,8 +77,9 @@ class ChatRequest(BaseModel):
     Structured decoding, where the engine has it: ``guide`` (a template of forced text, choices
     and bounded free text, which fits ``json_schema``) for engines that can follow it, hf by token
     masks and vllm as a regex (``guide_regex``); ``json_schema`` for the rest (openai servers that
-    accept ``response_format``). Engines without either ignore them and the caller validates. ``seed`` makes sampling reproducible
-    per request (ignored when ``temperature`` is 0: greedy decoding).
+    accept ``response_format``). Engines without either ignore them and the caller validates.
+    ``seed`` makes sampling reproducible per request (ignored when ``temperature`` is 0: greedy
+    decoding).
     """
 
     messages: list[Message]

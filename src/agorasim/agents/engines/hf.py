@@ -151,16 +151,17 @@ class HFEngine(Engine):
         self._free_text = None
 
     def free_text_tables(self):
-        """(banned ids, characters per token) for guided free text: the banned tokens' text holds
-        a quote, newline or backslash (never inside a JSON string) or they are special; the
-        lengths are of each token's text, at least 1, as a tensor over the tokenizer's ids."""
+        """(banned ids, characters per token as a list and as a tensor) for guided free text, over
+        the tokenizer's ids: the banned tokens' text holds a quote, newline or backslash (never
+        inside a JSON string) or they are special; a token's length is that of its text, at least 1."""
         if self._free_text is None:
             tok = self.tokenizer
             pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
             texts = [None if piece is None else tok.convert_tokens_to_string([piece]) for piece in pieces]
             bad = {i for i, text in enumerate(texts) if text is None or any(c in text for c in '"\\\n')}
             chars = [max(1, len(text or "")) for text in texts]
-            self._free_text = (self.torch.tensor(sorted(bad | set(tok.all_special_ids))), chars)
+            self._free_text = (self.torch.tensor(sorted(bad | set(tok.all_special_ids))), chars,
+                               self.torch.tensor(chars, device=self.device))
         return self._free_text
 
     def _encode_text(self, text: str) -> list[int]:
@@ -205,14 +206,14 @@ class HFEngine(Engine):
         if isinstance(im_end, int) and im_end != tok.unk_token_id and im_end not in stops:
             stops.append(im_end)
         guided = any(r.guide for r in requests)
-        banned, chars = self.free_text_tables() if guided else (None, None)
+        banned, chars, chars_tensor = self.free_text_tables() if guided else (None, None, None)
         programs = [_Program(r.guide, self._encode_text, chars) if r.guide else None for r in requests]
         limits = [p.budget if p is not None else r.max_tokens for p, r in zip(programs, requests)]
         extra = {}
         if guided:
             from transformers import LogitsProcessorList
             extra["logits_processor"] = LogitsProcessorList(
-                [GuideProcessor(programs, width, banned, torch.tensor(chars, device=self.device), stops)])
+                [GuideProcessor(programs, width, banned, chars_tensor, stops)])
         started = time.perf_counter()
         with torch.no_grad():
             generated = self.lm.generate(
