@@ -187,9 +187,10 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
         return {}
     import yaml
 
+    from agorasim.config import load_yaml
+
     try:
-        with open(path, encoding="utf-8") as handle:
-            config = yaml.safe_load(handle)
+        config = load_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, OSError) as error:
         warnings.warn(f"ignoring unreadable {path}: {error}", stacklevel=2)
         return {}
