@@ -127,9 +127,12 @@ def test_feedback_oracle_judges_counterfactually(small_overrides):
     assert judged["rating"][1, 0] == pytest.approx(2.5 * (stars - 1))
     assert judged["click"][1, 0] == pytest.approx(1 / (1 + np.exp(-(u[1, 0] - cfg.outside_utility) / cfg.temperature)))
     assert judged["rating"][0, 2] == 0 and judged["click"][0, 2] == 0
-    groups, share, target = market.exposure_state()
-    assert groups.shape == (market.world.catalogue.n,) and share.sum() == pytest.approx(1.0)
-    assert target.sum() == pytest.approx(1.0)
+    state = market.exposure_state()
+    n = market.world.catalogue.n
+    assert state.groups.shape == (n,) and state.share.sum() == pytest.approx(1.0)
+    assert state.target_share.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(state.item_exposure, market.ledger.item_totals(n))
+    np.testing.assert_array_equal(state.interactions, market.world.catalogue.interactions[:n])
 
 
 def test_full_activity_means_every_user_visits(small_overrides):

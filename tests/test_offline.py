@@ -1,6 +1,5 @@
 """Offline protocol (``agorasim eval``): metrics by hand, data plumbing, a GRPO step, quick runs."""
 
-import copy
 import csv
 import math
 
@@ -13,21 +12,25 @@ from agorasim.errors import UserInputError
 from agorasim.run.offline import (
     KS,
     METRICS,
-    MODELS,
     PUBLISHED_NOTE,
     Rows,
     build_generative,
     evaluate,
-    grpo_step,
+    list_exposure,
     main,
     make_config,
+    model_names,
     paired_difference,
     quick_config,
     rank_generative,
     ranking_metrics,
+    rl_config,
+    training_interactions,
     training_windows,
 )
 from agorasim.policy.trie import token_logprobs
+from agorasim.rl.judges import TargetJudge
+from agorasim.rl.trainer import Prompts, Trainer
 
 
 def test_ranking_metrics_by_hand():
@@ -61,6 +64,37 @@ def test_paired_difference_by_hand():
     assert error == pytest.approx(np.std([0.5, 0.0, 0.0], ddof=1) / np.sqrt(3))
 
 
+def test_list_exposure_by_hand():
+    # 4 items; training counts (5, 3, 1, 1): 2 equal-count groups -> group 0 = items 0, 1, group 1 = 2, 3
+    interactions = np.array([5.0, 3.0, 1.0, 1.0])
+    ranked = np.array([[0, 1, -1], [0, 2, -1]])
+    m = list_exposure(ranked, interactions, n_items=4, k=2, n_groups=2)
+    assert m["coverage@2"] == pytest.approx(3 / 4)  # items 0, 1, 2 recommended
+    # counts (2, 1, 1, 0): sorted (0, 1, 1, 2), G = sum (2i - n - 1) x_(i) / (n sum x)
+    # = (-3*0 - 1*1 + 1*1 + 3*2) / (4 * 4) = 6/16
+    assert m["gini@2"] == pytest.approx(6 / 16)
+    # recommendation shares (3/4, 1/4), interaction shares (8/10, 2/10): d = (-0.05, +0.05)
+    assert m["dgu@2"] == pytest.approx(0.1)
+    assert m["mgu@2"] == pytest.approx(0.05)
+
+
+def test_training_interactions_count_each_transition_once():
+    history = np.array([[-1, -1, 10], [-1, 10, 11], [-1, -1, 20]])
+    target = np.array([11, 12, 21])
+    counts = training_interactions(Rows(history, target), n_items=25)
+    # sequences 10, 11, 12 and 20, 21
+    assert counts[[10, 11, 12, 20, 21]].tolist() == [1, 1, 1, 1, 1] and counts.sum() == 5
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(UserInputError, match="unknown method 'nope'"):
+        make_config(methods=["nope"])
+    with pytest.raises(UserInputError, match="rl.group_size"):
+        make_config(rl={"group_size": 1})
+    with pytest.raises(UserInputError, match="--method"):
+        main(["--method", ","])
+
+
 def test_training_windows_train_each_transition_once():
     # user A: a=10, b=11, c=12 -> pairs [a]->b, [a,b]->c; user B: d=20, e=21 -> [d]->e
     history = np.array([[-1, -1, 10], [-1, 10, 11], [-1, -1, 20]])
@@ -81,6 +115,8 @@ def test_grpo_step_rewards_the_target_beam_and_changes_every_parameter(amazon):
     data, embeddings = amazon
     config = make_config(quick=True, grpo_lr=1e-3)
     policy = build_generative(embeddings, config, np.random.default_rng(0))
+    rl = rl_config(config, "grpo")
+    assert rl.rewards == {"rere_rank": 1.0} and rl.dynamic_sampling and rl.beta == config.grpo_beta
     history = data.valid.history[:16]
     # the held-out target of each prompt is its third beam: every group holds it, so every
     # group is informative and the target's advantage is the group's largest
@@ -91,11 +127,12 @@ def test_grpo_step_rewards_the_target_beam_and_changes_every_parameter(amazon):
     target_tokens = torch.from_numpy(policy.tokens[prompts.target])
     with torch.no_grad():
         logp_before = token_logprobs(policy.model, ids, mask, target_tokens).sum(1)
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.grpo_lr, weight_decay=0.0)
-    reference = copy.deepcopy(policy.model).eval()  # config.grpo_beta > 0: k3 KL to the start
-    stats = grpo_step(policy, prompts, config, optimizer, reference)
-    assert stats["hit_rate"] == 1.0 and stats["groups"] == 16
-    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
+    trainer = Trainer(policy, rl)
+    trainer.begin()  # config.grpo_beta > 0: k3 KL to the start
+    stats = trainer.step(Prompts(np.full(16, -1), prompts.history, prompts.target), TargetJudge(),
+                         torch.Generator().manual_seed(0))
+    assert stats["train/hit_rate"] == 1.0 and stats["train/groups"] == 16
+    assert stats["train/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
     for name, p in policy.model.named_parameters():
         assert not torch.equal(p, before[name]), f"{name} did not change"
     with torch.no_grad():
@@ -129,11 +166,13 @@ def test_quick_evaluate_writes_the_report(tmp_path):
     rows = read_rows(tmp_path / "offline.csv")
     assert list(rows[0]) == ["model", "split", "metric", "value"]
     table = {(r["model"], r["split"], r["metric"]): float(r["value"]) for r in rows}
-    assert {(m, "test", k) for m in MODELS for k in METRICS} <= set(table)
+    models = model_names(make_config(quick=True))
+    assert models == ("sasrec", "sft", "sft+grpo")
+    assert {(m, "test", k) for m in models for k in METRICS} <= set(table)
     for (model, split, metric), value in table.items():
         assert 0.0 <= value <= 1.0
         assert metrics[f"{model}/{split}/{metric}"] == pytest.approx(value, abs=1e-6)
-    for model in MODELS:
+    for model in models:
         hr = [table[(model, "test", f"hr@{k}")] for k in KS]
         ndcg = [table[(model, "test", f"ndcg@{k}")] for k in KS]
         assert hr == sorted(hr) and ndcg == sorted(ndcg)

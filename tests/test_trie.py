@@ -270,3 +270,210 @@ def test_trie_pickles(qwen):
     clone = pickle.loads(pickle.dumps(trie))
     input_ids, mask = prompts()
     torch.testing.assert_close(trie.beam_search(qwen, input_ids, mask, 3), clone.beam_search(qwen, input_ids, mask, 3))
+
+
+# ---------------------------------------------------------------- per-prompt item masks
+
+def random_item_mask(n_prompts: int, n_items: int, p: float = 0.5, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).random((n_prompts, n_items)) < p)
+
+
+def edge_case_mask(alive: np.ndarray, n_prompts: int = 4) -> tuple[torch.Tensor, list[int]]:
+    """Row 0 allows nothing, row 1 two alive items, row 2 only dead items, the others half the catalogue."""
+    mask = random_item_mask(n_prompts, len(alive), seed=6)
+    mask[0] = False
+    two = [int(i) for i in np.flatnonzero(alive)[[2, 9]]]
+    mask[1] = False
+    mask[1, two] = True
+    mask[2] = torch.from_numpy(~alive)
+    return mask, two
+
+
+@pytest.mark.parametrize("dense_limit", [0, 1 << 20])
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_item_mask_restricts_beams_and_samples(qwen, dense_limit, shared_prompt):
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=dense_limit)
+    assert all(trie.is_dense(level) == (dense_limit > 0) for level in range(3))
+    input_ids, mask = prompts()
+    item_mask = random_item_mask(4, len(codes), p=0.4)
+    allowed = item_mask.numpy() & alive
+    items, scores = trie.beam_search(qwen, input_ids, mask, 6, shared_prompt=shared_prompt, item_mask=item_mask)
+    assert (items >= 0).all() and torch.isfinite(scores).all()
+    assert all(allowed[b, items[b].numpy()].all() for b in range(4))
+    items, logprobs, tokens = trie.sample(qwen, input_ids, mask, 50, 1.5, torch.Generator().manual_seed(0),
+                                          shared_prompt=shared_prompt, item_mask=item_mask)
+    assert (items >= 0).all() and torch.isfinite(logprobs).all()
+    assert all(allowed[b, items[b].numpy()].all() for b in range(4))
+    np.testing.assert_array_equal(tokens.numpy(), trie.item_tokens(items.numpy()))
+
+
+@pytest.mark.parametrize("dense_limit", [0, 1 << 20])
+@pytest.mark.parametrize("shared_prompt", [True, False])
+@pytest.mark.parametrize("beams", [3, 8])
+def test_beam_search_with_item_mask_equals_search_on_the_masked_trie(dense_limit, shared_prompt, beams):
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=dense_limit)
+    model = tiny_model("qwen2-eager" if shared_prompt else "llama")
+    input_ids, mask = prompts()
+    item_mask = random_item_mask(4, len(codes), p=0.3, seed=beams)
+    item_mask[3] = False
+    item_mask[3, np.flatnonzero(alive)[:5]] = True  # fewer items than 8 beams
+    items, scores = trie.beam_search(model, input_ids, mask, beams, shared_prompt=shared_prompt,
+                                     item_mask=item_mask)
+    for b in range(4):
+        masked = CatalogueTrie(codes, SIZES, FIRST, alive & item_mask[b].numpy(), dense_limit=dense_limit)
+        # the same batch through the same layout: prompt b's row must match bit for bit
+        same_items, same_scores = masked.beam_search(model, input_ids, mask, beams, shared_prompt=shared_prompt)
+        assert torch.equal(items[b], same_items[b]) and torch.equal(scores[b], same_scores[b])
+        ref_items, ref_scores = reference_beam_search(model, input_ids[b:b + 1], mask[b:b + 1], masked, beams)
+        torch.testing.assert_close(items[b], ref_items[0])
+        torch.testing.assert_close(scores[b], ref_scores[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_item_mask_allowing_few_or_no_items_pads(qwen, shared_prompt):
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=16)
+    input_ids, mask = prompts()
+    item_mask, two = edge_case_mask(alive)
+    items, scores = trie.beam_search(qwen, input_ids, mask, 4, shared_prompt=shared_prompt, item_mask=item_mask)
+    for b in (0, 2):  # nothing allowed, or only dead items: an empty market
+        assert (items[b] == -1).all() and torch.isneginf(scores[b]).all()
+    assert sorted(items[1, :2].tolist()) == sorted(two) and torch.isfinite(scores[1, :2]).all()
+    assert (items[1, 2:] == -1).all() and torch.isneginf(scores[1, 2:]).all()
+    assert (items[3] >= 0).all()
+    items, logprobs, tokens = trie.sample(qwen, input_ids, mask, 20, 1.0, torch.Generator().manual_seed(0),
+                                          shared_prompt=shared_prompt, item_mask=item_mask)
+    for b in (0, 2):
+        assert (items[b] == -1).all() and torch.isneginf(logprobs[b]).all() and (tokens[b] == -1).all()
+    assert set(items[1].tolist()) <= set(two) and torch.isfinite(logprobs[1]).all()
+    with pytest.raises(ValueError, match="item_mask"):
+        trie.beam_search(qwen, input_ids, mask, 4, item_mask=item_mask[:3])
+    with pytest.raises(ValueError, match="item_mask"):
+        trie.sample(qwen, input_ids, mask, 4, item_mask=item_mask.int())
+
+
+@pytest.mark.parametrize("dense_limit", [16, 1 << 20])
+def test_all_true_item_mask_changes_nothing(qwen, dense_limit):
+    codes = catalogue()
+    alive = np.random.default_rng(4).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=dense_limit)
+    input_ids, mask = prompts()
+    everything = torch.ones(4, len(codes), dtype=torch.bool)
+    for shared_prompt in (True, False):
+        plain = trie.beam_search(qwen, input_ids, mask, 6, shared_prompt=shared_prompt)
+        masked = trie.beam_search(qwen, input_ids, mask, 6, shared_prompt=shared_prompt, item_mask=everything)
+        assert all(torch.equal(a, b) for a, b in zip(plain, masked))
+        plain = trie.sample(qwen, input_ids, mask, 30, 1.2, torch.Generator().manual_seed(2),
+                            shared_prompt=shared_prompt)
+        masked = trie.sample(qwen, input_ids, mask, 30, 1.2, torch.Generator().manual_seed(2),
+                             shared_prompt=shared_prompt, item_mask=everything)
+        assert all(torch.equal(a, b) for a, b in zip(plain, masked))
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_sample_with_item_mask_equals_sampling_on_the_masked_trie(qwen, shared_prompt):
+    codes = catalogue()
+    alive = np.random.default_rng(5).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=16)
+    input_ids, mask = prompts()
+    item_mask = random_item_mask(4, len(codes), p=0.3, seed=7)
+    drawn = trie.sample(qwen, input_ids, mask, 40, 1.3, torch.Generator().manual_seed(3),
+                        shared_prompt=shared_prompt, item_mask=item_mask)
+    for b in range(4):
+        masked = CatalogueTrie(codes, SIZES, FIRST, alive & item_mask[b].numpy(), dense_limit=16)
+        # same noise (its shape does not depend on the alive set), same allowed codes: same draws
+        same = masked.sample(qwen, input_ids, mask, 40, 1.3, torch.Generator().manual_seed(3),
+                             shared_prompt=shared_prompt)
+        assert all(torch.equal(x[b], y[b]) for x, y in zip(drawn, same))
+
+
+# ---------------------------------------------------------------- lists
+
+def check_lists(trie, model, input_ids, mask, item_mask, items, logprobs, tokens):
+    """Distinct allowed items, -1 only once a list ran out, tokens and log-probs as teacher forcing gives them."""
+    batch, lists, length = items.shape
+    depth = trie.depth
+    allowed = trie.alive & (np.ones((batch, len(trie.codes)), bool) if item_mask is None else item_mask.numpy())
+    for b in range(batch):
+        for row in items[b].tolist():
+            found = [i for i in row if i >= 0]
+            assert len(set(found)) == len(found) == min(length, int(allowed[b].sum()))
+            assert row[:len(found)] == found  # -1 only at the end
+            assert allowed[b, found].all()
+    assert torch.equal(torch.isneginf(logprobs), items < 0)
+    np.testing.assert_array_equal(tokens.numpy(), trie.item_tokens(items.numpy()).reshape(batch, lists, -1))
+    flat_tokens = tokens.reshape(batch * lists, length, depth)
+    ids, attention = input_ids.repeat_interleave(lists, 0), mask.repeat_interleave(lists, 0)
+    for k in range(length):
+        valid = items.reshape(-1, length)[:, k] >= 0
+        before = flat_tokens[valid, :k].reshape(int(valid.sum()), k * depth)
+        grown = torch.cat([ids[valid], before], 1)
+        grown_mask = torch.nn.functional.pad(attention[valid], (0, k * depth), value=1)
+        with torch.no_grad():
+            expected = token_logprobs(model, grown, grown_mask, flat_tokens[valid, k]).sum(1)
+        torch.testing.assert_close(logprobs.reshape(-1, length)[valid, k], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense_limit", [16, 1 << 20])
+@pytest.mark.parametrize("shared_prompt", [True, False, None])
+def test_sample_list_draws_distinct_allowed_items_scored_after_the_earlier_ones(qwen, dense_limit, shared_prompt):
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=dense_limit)
+    input_ids, mask = prompts()
+    item_mask, _ = edge_case_mask(alive)
+    item_mask[1, np.flatnonzero(alive)[20]] = True  # three allowed items, lists of five
+    items, logprobs, tokens = trie.sample_list(qwen, input_ids, mask, 5, num_samples=3, temperature=1.3,
+                                               generator=torch.Generator().manual_seed(0), item_mask=item_mask,
+                                               shared_prompt=shared_prompt)
+    assert items.shape == logprobs.shape == (4, 3, 5) and tokens.shape == (4, 3, 15)
+    assert items.dtype == tokens.dtype == torch.long and logprobs.dtype == torch.float32
+    check_lists(trie, qwen, input_ids, mask, item_mask, items, logprobs, tokens)
+    assert (items[0] == -1).all() and (items[2] == -1).all() and (items[1, :, 3:] == -1).all()
+    items, logprobs, tokens = trie.sample_list(qwen, input_ids, mask, 4, num_samples=2,
+                                               generator=torch.Generator().manual_seed(1))
+    check_lists(trie, qwen, input_ids, mask, None, items, logprobs, tokens)
+
+
+def test_greedy_sample_list_is_repeated_greedy_decoding(qwen):
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive)
+    input_ids, mask = prompts()
+    item_mask = random_item_mask(4, len(codes), p=0.6, seed=8)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    items, logprobs, tokens = trie.sample_list(qwen, input_ids, mask, 4, num_samples=2, generator=generator,
+                                               item_mask=item_mask, greedy=True)
+    assert torch.equal(generator.get_state(), state)  # greedy draws no noise
+    assert torch.equal(items[:, 0], items[:, 1])
+    for b in range(4):
+        used = np.zeros(len(codes), bool)
+        prompt, prompt_mask = input_ids[b:b + 1], mask[b:b + 1]
+        for k in range(4):
+            # greedy decoding = beam search with one beam, here on a trie without the earlier items
+            rest = CatalogueTrie(codes, SIZES, FIRST, alive & item_mask[b].numpy() & ~used)
+            item, score = reference_beam_search(qwen, prompt, prompt_mask, rest, 1)
+            assert int(items[b, 0, k]) == int(item[0, 0])
+            torch.testing.assert_close(logprobs[b, 0, k], score[0, 0], rtol=1e-5, atol=1e-5)
+            used[int(item[0, 0])] = True
+            prompt = torch.cat([prompt, torch.from_numpy(trie.item_tokens(item[0]))], 1)
+            prompt_mask = torch.nn.functional.pad(prompt_mask, (0, trie.depth), value=1)
+
+
+def test_sample_list_is_reproducible_from_the_generator(qwen):
+    trie = CatalogueTrie(catalogue(), SIZES, FIRST)
+    input_ids, mask = prompts()
+    draw = [trie.sample_list(qwen, input_ids, mask, 3, num_samples=4, temperature=1.5,
+                             generator=torch.Generator().manual_seed(seed), shared_prompt=shared)
+            for seed, shared in ((5, True), (5, True), (5, False), (6, True))]
+    assert all(torch.equal(a, b) for a, b in zip(draw[0], draw[1]))
+    assert torch.equal(draw[0][0], draw[2][0])  # both layouts draw the same noise in the same order
+    assert not torch.equal(draw[0][0], draw[3][0])
+    with pytest.raises(ValueError, match="length"):
+        trie.sample_list(qwen, input_ids, mask, 0)

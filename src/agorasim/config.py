@@ -179,6 +179,9 @@ class PolicyConfig(_Section):
 
 
 class RLConfig(_Section):
+    method: Literal["none", "grpo"] = Field(
+        "grpo", description="how the generative policy trains in the loop: none (SFT only, the control arm), "
+        "grpo (rl/grpo.py)")
     group_size: int = Field(8, ge=2, description="G candidates per prompt (GRPO group)")
     users_per_step: int = Field(64, ge=1, description="prompts per GRPO step (drawn from the round's visitors)")
     rollout: Literal["beam", "sample"] = Field(
@@ -195,10 +198,20 @@ class RLConfig(_Section):
         "group", description="std used to scale advantages (r - mean_group) / (std + 1e-4)")
     loss: Literal["grpo", "bnpo", "dr_grpo", "dapo", "gspo"] = Field(
         "grpo", description="policy-gradient loss (token/sequence aggregation as in TRL)")
-    epsilon_low: float = Field(0.2, ge=0, description="lower clip of the importance ratio")
-    epsilon_high: float | None = Field(None, ge=0, description="upper clip (None: loss default)")
+    epsilon_low: float | None = Field(
+        None, ge=0, lt=1, description="lower clip of the importance ratio (None: the loss's default, 0.2; "
+        "gspo 3e-4)")
+    epsilon_high: float | None = Field(
+        None, ge=0, description="upper clip (None: the loss's default, or epsilon_low when that is given; "
+        "dapo 0.28, gspo 4e-4)")
     updates_per_batch: int = Field(1, ge=1, description="mu: optimiser steps per generated batch (clipping matters when > 1)")
-    beta: float = Field(0.0, ge=0, description="weight of the k3 KL to the reference model")
+    beta: float = Field(0.0, ge=0, description="weight of the KL to the reference model")
+    kl_estimator: Literal["k3", "k3_ratio"] = Field(
+        "k3", description="per-token KL estimate: k3 (Schulman 2020), or k3 x importance ratio (TRL's "
+        "use_bias_correction_kl, its default; equal to k3 when updates_per_batch = 1)")
+    dynamic_sampling: bool = Field(
+        False, description="drop groups whose advantages are all 0 before the update (DAPO), so the loss "
+        "averages over informative groups only")
     ref_sync_every: int = Field(0, ge=0, description="steps between reference syncs (0 = never)")
     ref_alpha: float = Field(1.0, ge=0, le=1, description="reference sync ref <- a*theta + (1-a)*ref")
     lr: float = Field(1e-3, gt=0, description="learning rate of the GRPO optimiser (AdamW)")

@@ -24,6 +24,7 @@ from agorasim.env.round_graph import build_round_graph
 from agorasim.metrics import accuracy, exposure
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker
 from agorasim.policy import RecommendRequest, make_policy, policy_params
+from agorasim.policy.base import ExposureState
 
 RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval")
 
@@ -322,12 +323,16 @@ class Market(mesa.Model):
         return {"rating": np.where(valid, stars_to_rating(stars), 0.0),
                 "click": np.where(valid, 1.0 / (1.0 + np.exp(-logit)), 0.0)}
 
-    def exposure_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def exposure_state(self) -> ExposureState:
+        """What the platform knows of exposure: groups, ledger shares and targets, counts."""
         groups = self._groups()
         exposure_by_group = self.ledger.group_exposure(groups, self.config.platform.n_groups)
         total = exposure_by_group.sum()
         share = exposure_by_group / total if total > 0 else np.full(len(exposure_by_group), 1 / len(exposure_by_group))
-        return groups, share, self._target(groups)
+        cat = self.world.catalogue
+        return ExposureState(groups=groups, share=share, target_share=self._target(groups),
+                             item_exposure=self.ledger.item_totals(cat.n), interactions=cat.interactions[: cat.n].copy(),
+                             alive=cat.alive[: cat.n].copy())
 
     # -- helpers -----------------------------------------------------------------------------
     def _groups(self) -> np.ndarray:

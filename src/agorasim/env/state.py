@@ -205,6 +205,18 @@ class InteractionLog:
             }
         return {k: np.concatenate([c[k] for c in chunks]) for k in self.COLUMNS}
 
+    def clicked_in_round(self, round: int) -> tuple[np.ndarray, np.ndarray]:
+        """(user, item) of every click of round ``round`` (only the latest rounds are searched)."""
+        for chunk in reversed(self.chunks):
+            if len(chunk["round"]) == 0:
+                continue
+            if chunk["round"][0] == round:
+                clicked = chunk["click"] > 0
+                return chunk["user"][clicked], chunk["item"][clicked]
+            if chunk["round"][0] < round:
+                break
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+
     def clicks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(user, item, round) of every click, in time order."""
         a = self.arrays()

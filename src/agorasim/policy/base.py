@@ -39,6 +39,27 @@ class RecommendRequest:
     round: int
 
 
+@dataclass
+class ExposureState:
+    """What the platform knows of exposure when a policy learns (all over the current catalogue).
+
+    Attributes:
+        groups: ``(n_items,)`` popularity group of every item (``-1``: none).
+        share: ``(n_groups,)`` exposure share of each group in the ledger window (sums to 1).
+        target_share: ``(n_groups,)`` the platform's target share of each group (sums to 1).
+        item_exposure: ``(n_items,)`` position-weighted exposure of every item in the window.
+        interactions: ``(n_items,)`` interactions (clicks) of every item so far.
+        alive: ``(n_items,)`` bool, items on the market.
+    """
+
+    groups: np.ndarray
+    share: np.ndarray
+    target_share: np.ndarray
+    item_exposure: np.ndarray
+    interactions: np.ndarray
+    alive: np.ndarray
+
+
 class FeedbackOracle(Protocol):
     """What the simulator lets a policy ask while it learns (counterfactual user queries)."""
 
@@ -46,8 +67,8 @@ class FeedbackOracle(Protocol):
         """Verified judgements of ``items`` (B, G) by ``users`` (B,): ``rating`` (0-10, expected
         from true utility) and ``click`` (probability of a click if shown alone)."""
 
-    def exposure_state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(popularity group of every item, current group exposure shares, target shares)."""
+    def exposure_state(self) -> ExposureState:
+        """Popularity groups, group and item exposure in the ledger window, targets, counts."""
 
 
 class Policy(ABC):

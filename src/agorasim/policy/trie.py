@@ -37,6 +37,16 @@ Prompts must be left-padded; positions are ``cumsum(attention_mask) - 1``, as tr
 ``generate`` makes them. Tie-breaking in beam search: equal scores go to the lower flat index
 ``beam * level_size + code`` (transformers' ``topk`` leaves ties unspecified; with real-valued
 scores ties do not occur in practice).
+
+**Per-prompt item masks.** ``beam_search`` and ``sample`` take an optional ``(B, n_items)`` bool
+``item_mask``: prompt b may only produce items allowed by row b (on top of the alive set), e.g. to
+exclude what a user already has or to decode lists without repeats (``sample_list``). The trie
+keeps each alive item's prefix id at every level (``item_prefix``); a call turns the mask into,
+per level, a ``(B, n_prefixes)`` table "this prefix has an allowed alive item below it" (one
+``index_add_`` per level), and a step drops the children whose entry is False for the row's
+prompt, exactly like children the trie does not have. So beams and samples never enter a dead
+end, and the result for prompt b equals decoding on a trie whose alive set is
+``alive & item_mask[b]``.
 """
 
 from __future__ import annotations
@@ -131,6 +141,8 @@ class CatalogueTrie:
         offsets: (L+1,) int64 token id of code 0 of every level.
         alive: (n_items,) bool, the items decoding may produce.
         n_prefixes: number of distinct alive prefixes per level (level 0: 1).
+        item_prefix: (n_items, L+1) int64, the id of each alive item's level-l prefix in column l
+            (column 0 is the empty prefix 0); -1 rows for dead items. Maps item masks to prefixes.
     """
 
     def __init__(self, codes: np.ndarray, level_sizes, first_token: int, alive: np.ndarray | None = None,
@@ -187,6 +199,8 @@ class CatalogueTrie:
             raise ValueError("trie: two alive items share one code path; semantic ids must be unique")
         prefix = np.cumsum(starts, axis=0) - 1  # (m, depth+1): id of each row's l-prefix at level l
         self.n_prefixes = [int(prefix[-1, l] + 1) if m else int(l == 0) for l in range(depth)]
+        self.item_prefix = np.full((len(self.codes), depth), -1, np.int64)
+        self.item_prefix[ids] = prefix[:, :depth]
         self._levels = []
         for level in range(depth):
             edges = starts[:, level + 1]  # rows that begin a new (l+1)-prefix: one edge each
@@ -203,6 +217,7 @@ class CatalogueTrie:
                 self._levels.append(_Level(size, None, torch.from_numpy(ptr), torch.from_numpy(code.copy()),
                                            torch.from_numpy(target.astype(np.int32))))
         self._on_device: dict[str, list[_Level]] = {}
+        self._prefix_on: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._token_table: dict[tuple[int, ...], list[int]] | None = None
 
     def _levels_on(self, device: torch.device) -> list[_Level]:
@@ -212,6 +227,47 @@ class CatalogueTrie:
         if key not in self._on_device:
             self._on_device[key] = [level.to(device) for level in self._levels]
         return self._on_device[key]
+
+    def _item_prefix_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``item_prefix`` (n_items, L+1) int64 and ``alive`` (n_items,) bool as tensors on ``device``."""
+        key = str(device)
+        if key not in self._prefix_on:
+            self._prefix_on[key] = (torch.from_numpy(self.item_prefix).to(device),
+                                    torch.from_numpy(self.alive).to(device))
+        return self._prefix_on[key]
+
+    def allowed_children(self, item_mask: torch.Tensor | None, batch: int,
+                         device: torch.device) -> list[torch.Tensor] | None:
+        """Per-prompt tables of the children an item mask leaves, one per level; None without a mask.
+
+        Args:
+            item_mask: (B, n_items) bool, row b the items prompt b may produce (alive or not: dead
+                items are never produced anyway), or None.
+            batch: B, to check the mask's shape.
+            device: where the tables go (the decoding device).
+
+        Returns:
+            None when ``item_mask`` is None; else L+1 bool tensors, entry l of shape
+            (B, n_prefixes[l+1]) (at the last level (B, n_items)): whether the level-l child id
+            (an (l+1)-prefix, or an item at the last level) has an allowed alive item below it.
+        """
+        if item_mask is None:
+            return None
+        item_mask = torch.as_tensor(item_mask, device=device)
+        if item_mask.dtype != torch.bool or item_mask.shape != (batch, len(self.codes)):
+            raise ValueError(f"decoding: item_mask must be a ({batch}, {len(self.codes)}) bool tensor, got "
+                             f"{item_mask.dtype} of shape {tuple(item_mask.shape)}")
+        item_prefix, alive = self._item_prefix_on(device)
+        allowed = item_mask & alive
+        # integer counts of allowed items per prefix: exact and deterministic on any device,
+        # unlike a float scatter; dead items (prefix -1, clamped to 0) add zeros
+        counts = allowed.int()
+        tables = []
+        for level in range(1, self.depth):
+            table = torch.zeros(batch, self.n_prefixes[level], dtype=torch.int32, device=device)
+            tables.append(table.index_add_(1, item_prefix[:, level].clamp(min=0), counts) > 0)
+        tables.append(allowed)
+        return tables
 
     def children(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
         """Child ids (R, level_sizes[level]) int32 of level-``level`` prefix ids (R,); -1 = not allowed."""
@@ -230,7 +286,8 @@ class CatalogueTrie:
     # -- decoding -----------------------------------------------------------------------------------
     @torch.no_grad()
     def beam_search(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int,
-                    shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    shared_prompt: bool | None = None,
+                    item_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top ``num_beams`` alive items per prompt by beam search over the trie.
 
         Standard beam search without length penalty (all paths have L+1 tokens): at each step keep
@@ -246,14 +303,18 @@ class CatalogueTrie:
                 (``_SharedPromptRows``); False: one cache row per beam, reordered every step
                 (``_ExpandedRows``, works with any attention). None: shared when the model's
                 attention takes custom 4D masks (eager, sdpa) and G x L <= 2 T (see ``_rows``).
+            item_mask: (B, n_items) bool, the items each prompt may produce (on top of ``alive``);
+                None: all alive items. Prompt b's result equals beam search on a trie whose alive
+                set is ``alive & item_mask[b]``.
 
         Returns:
             items (B, G) int64 and scores (B, G) float32 (sums of full-vocabulary log-probs),
-            best first; distinct alive items; -1 and -inf where fewer than G items exist.
+            best first; distinct allowed alive items; -1 and -inf where fewer than G items exist.
         """
         if num_beams < 1:
             raise ValueError(f"beam search: num_beams must be >= 1, got {num_beams}")
         batch, beams, device = input_ids.shape[0], num_beams, input_ids.device
+        allowed = self.allowed_children(item_mask, batch, device)
         if batch == 0 or self.n_alive == 0:
             return (torch.full((batch, beams), -1, dtype=torch.long, device=device),
                     torch.full((batch, beams), -torch.inf, device=device))
@@ -266,6 +327,8 @@ class CatalogueTrie:
             start = int(self.offsets[level])
             logp = torch.log_softmax(logits.float(), dim=-1)[:, start:start + size]
             child = table.children(prefix.reshape(-1))  # (B*width, size)
+            if allowed is not None:
+                child = _restrict(child, allowed[level], batch)
             candidates = (scores.reshape(-1, 1) + logp).masked_fill(child < 0, -torch.inf)
             candidates = candidates.reshape(batch, width * size)
             keep = min(beams, width * size)
@@ -284,24 +347,36 @@ class CatalogueTrie:
     @torch.no_grad()
     def sample(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_samples: int,
                temperature: float = 1.0, generator: torch.Generator | None = None,
-               shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               shared_prompt: bool | None = None, item_mask: torch.Tensor | None = None,
+               greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``num_samples`` constrained ancestral samples per prompt (repeats possible).
 
         Each code is drawn from ``softmax(logits / temperature)`` renormalised over the allowed
         codes, by Gumbel-max with noise from ``generator`` (same generator state, same samples).
-        ``shared_prompt`` as in ``beam_search``.
+
+        Args:
+            model, input_ids, attention_mask, shared_prompt: as in ``beam_search``.
+            num_samples: n, samples per prompt.
+            temperature: > 0; ignored when ``greedy``.
+            generator: source of the Gumbel noise (None: torch's default generator).
+            item_mask: (B, n_items) bool, the items each prompt may produce (on top of ``alive``);
+                None: all alive items.
+            greedy: take the most probable allowed code at every level instead of drawing one
+                (lower code on ties; no noise is drawn, so ``generator`` is left untouched).
 
         Returns:
             items (B, n) int64; logprobs (B, n) float32, the sum of the tokens' full-vocabulary
             log-probabilities at temperature 1 (the same quantity as beam scores and
             ``token_logprobs``, whatever the sampling temperature); tokens (B, n, L+1) int64.
-            Samples are in draw order.
+            Samples are in draw order. A prompt whose mask allows no alive item gets -1 items and
+            tokens and -inf logprobs.
         """
         if num_samples < 1:
             raise ValueError(f"sample: num_samples must be >= 1, got {num_samples}")
         if not temperature > 0:
             raise ValueError(f"sample: temperature must be > 0, got {temperature}")
         batch, n, device = input_ids.shape[0], num_samples, input_ids.device
+        allowed = self.allowed_children(item_mask, batch, device)
         items = torch.full((batch * n,), -1, dtype=torch.long, device=device)
         total = torch.zeros(batch * n, device=device)
         tokens = torch.full((batch * n, self.depth), -1, dtype=torch.long, device=device)
@@ -315,9 +390,16 @@ class CatalogueTrie:
             start = int(self.offsets[level])
             logp = torch.log_softmax(logits.float(), dim=-1)[:, start:start + table.size]
             child = table.children(prefix)
-            race = torch.empty_like(logp).exponential_(generator=generator)
-            # Gumbel-max: argmax(z - log E), E ~ Exp(1), draws from softmax(z) over the allowed codes
-            key = (logp / temperature - race.log()).masked_fill(child < 0, -torch.inf)
+            if allowed is not None:
+                child = _restrict(child, allowed[level], batch)
+            if greedy:
+                key = logp.masked_fill(child < 0, -torch.inf)
+            else:
+                race = torch.empty_like(logp).exponential_(generator=generator)
+                # Gumbel-max: argmax(z - log E), E ~ Exp(1), draws from softmax(z) over the allowed codes
+                key = (logp / temperature - race.log()).masked_fill(child < 0, -torch.inf)
+            # a row with no allowed code (its mask allows nothing) takes code 0, whose child is -1:
+            # it stays dead from here on and comes out as item -1
             code = key.argmax(dim=1, keepdim=True)
             total += logp.gather(1, code).squeeze(1)
             prefix = child.gather(1, code).squeeze(1).long()
@@ -328,7 +410,66 @@ class CatalogueTrie:
             parent = torch.arange(n, device=device).expand(batch, n)  # each sample continues itself
         items = prefix
         total = total.masked_fill(items < 0, -torch.inf)
+        tokens = tokens.masked_fill(items[:, None] < 0, -1)
         return items.view(batch, n), total.view(batch, n), tokens.view(batch, n, -1)
+
+    @torch.no_grad()
+    def sample_list(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
+                    num_samples: int = 1, temperature: float = 1.0, generator: torch.Generator | None = None,
+                    item_mask: torch.Tensor | None = None, greedy: bool = False,
+                    shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``num_samples`` ordered lists of ``length`` distinct items per prompt, item by item.
+
+        Item k of a list is drawn as by ``sample`` after the prompt followed by the token paths of
+        the list's items 1..k-1 (appended as they are, no separator), excluding those items. So a
+        list's probability is the product of its items' constrained probabilities, and with
+        ``greedy`` a list is greedy decoding repeated with exclusion. One ``sample`` call per
+        position on B x num_samples rows; each call runs the grown prompts afresh (no cache is
+        kept between items).
+
+        Args:
+            model, input_ids, attention_mask, shared_prompt: as in ``beam_search``.
+            length: K, items per list.
+            num_samples: S, lists per prompt.
+            temperature, generator, greedy: as in ``sample``.
+            item_mask: (B, n_items) bool, the items each prompt's lists may contain; None: all alive.
+
+        Returns:
+            items (B, S, K) int64, -1 once a list has run out of allowed items; logprobs (B, S, K)
+            float32, each item's full-vocabulary token log-probs at temperature 1 summed, given the
+            prompt and the list's earlier items (-inf for -1 items); tokens (B, S, K*(L+1)) int64,
+            the items' token paths one after another (-1 for -1 items).
+        """
+        if length < 1:
+            raise ValueError(f"sample_list: length must be >= 1, got {length}")
+        if num_samples < 1:
+            raise ValueError(f"sample_list: num_samples must be >= 1, got {num_samples}")
+        batch, n, depth, device = input_ids.shape[0], num_samples, self.depth, input_ids.device
+        rows = batch * n
+        self.allowed_children(item_mask, batch, device)  # checks the mask's shape and type
+        if item_mask is None:
+            allowed = torch.ones(rows, len(self.codes), dtype=torch.bool, device=device)
+        else:
+            allowed = torch.as_tensor(item_mask, device=device).repeat_interleave(n, 0)  # a copy
+        ids, mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        items = torch.full((rows, length), -1, dtype=torch.long, device=device)
+        logprobs = torch.full((rows, length), -torch.inf, device=device)
+        tokens = torch.full((rows, length, depth), -1, dtype=torch.long, device=device)
+        every_row = torch.arange(rows, device=device)
+        for k in range(length):
+            item, logp, path = self.sample(model, ids, mask, 1, temperature, generator, shared_prompt,
+                                           item_mask=allowed, greedy=greedy)
+            items[:, k], logprobs[:, k], tokens[:, k] = item[:, 0], logp[:, 0], path[:, 0]
+            if k + 1 == length:
+                break
+            found = items[:, k] >= 0
+            allowed[every_row[found], items[found, k]] = False  # no repeats within a list
+            # a list that ran out has no allowed alive item left and stays out, so the tokens
+            # appended for it are never scored: any in-vocabulary ids do (and keep it left-padded)
+            ids = torch.cat([ids, path[:, 0].masked_fill(~found[:, None], self.first_token)], 1)
+            mask = torch.nn.functional.pad(mask, (0, depth), value=1)
+        return (items.view(batch, n, length), logprobs.view(batch, n, length),
+                tokens.view(batch, n, length * depth))
 
     def prefix_allowed_tokens_fn(self, prompt_length: int):
         """The trie as a ``prefix_allowed_tokens_fn`` for transformers' ``generate`` (a baseline).
@@ -476,6 +617,17 @@ def reference_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.
             items[b, g] = item_of[path]
             scores[b, g] = score
     return items, scores
+
+
+def _restrict(child: torch.Tensor, allowed: torch.Tensor, batch: int) -> torch.Tensor:
+    """Child ids (B*W, size) with -1 where the child has no allowed item for its row's prompt.
+
+    Rows are prompt-major (row r belongs to prompt r // W); ``allowed`` is (B, n_children), one
+    level's table from ``CatalogueTrie.allowed_children``.
+    """
+    flat = child.view(batch, -1)
+    ok = allowed.gather(1, flat.long().clamp(min=0))  # entries of -1 children are read at 0, then stay -1
+    return flat.masked_fill(~ok, -1).view_as(child)
 
 
 def _stable_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ from torch import nn
 from agorasim.errors import UserInputError
 
 LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "gspo")
+KL_ESTIMATORS = ("k3", "k3_ratio")
 
 # Default clip range (eps_low, eps_high) of each loss when not given. PPO/GRPO clip the ratio to
 # [0.8, 1.2]; DAPO raises the upper bound to 1.28 so low-probability tokens can grow (section 3.1);
@@ -106,7 +107,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 mask: torch.Tensor, loss_type: str = "grpo", ref_logp: torch.Tensor | None = None,
                 beta: float = 0.0, epsilon_low: float | None = None,
                 epsilon_high: float | None = None, group_size: int | None = None,
-                max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                max_tokens: int | None = None, kl_estimator: str = "k3") -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate loss of one batch of completions (to minimise).
 
     Args:
@@ -114,7 +115,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         old_logp: ``(N, T)`` token log-probs at sampling time (detached; ``logp.detach()`` when
             the batch is used for a single update).
         advantages: ``(N,)`` advantage of each completion (a ``(B, G)`` array is flattened
-            row-major, so completion ``b*G + g``).
+            row-major, so completion ``b*G + g``), or ``(N, T)`` one advantage per token (the
+            token-level credit of FlexRec, FLAME and UGR's token rewards).
         mask: ``(N, T)`` bool or 0/1 float, 1 for real tokens, 0 for padding.
         loss_type: One of ``LOSSES``.
         ref_logp: ``(N, T)`` token log-probs under the reference model; needed when ``beta > 0``.
@@ -123,6 +125,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         epsilon_high: Upper clip, ratio <= 1 + epsilon_high (default per loss).
         group_size: ``G``; only checks that the batch holds whole groups.
         max_tokens: Constant token count of ``dr_grpo``'s normaliser (default ``T``).
+        kl_estimator: ``"k3"`` (Schulman's k3 per token) or ``"k3_ratio"``, k3 times the
+            importance ratio (per token, or per sequence for ``gspo``): TRL's
+            ``use_bias_correction_kl``, which makes the estimate unbiased for samples drawn from
+            the old policy when ``mu > 1``; identical to k3 in value when the ratio is 1.
 
     Returns:
         ``(loss, stats)``: a scalar tensor, and floats ``"clip_fraction"`` (share of real tokens,
@@ -136,8 +142,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     assert old_logp.shape == logp.shape and mask.shape == logp.shape, \
         "logp, old_logp and mask must have the same (N, T) shape"
     assert ref_logp is None or ref_logp.shape == logp.shape, "ref_logp must be (N, T) like logp"
-    assert advantages.numel() == n, \
-        f"need one advantage per completion ({n}), got {advantages.numel()}"
+    assert advantages.numel() in (n, n * t), \
+        f"need one advantage per completion ({n}) or per token ({n * t}), got {advantages.numel()}"
+    if kl_estimator not in KL_ESTIMATORS:
+        raise UserInputError(f"rl.kl_estimator: unknown estimator {kl_estimator!r}; allowed: {', '.join(KL_ESTIMATORS)}")
     assert group_size is None or n % group_size == 0, \
         f"{n} completions are not whole groups of {group_size}"
     if beta > 0 and ref_logp is None:
@@ -145,7 +153,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     real = mask.bool()
     weight = mask.to(logp.dtype)
-    adv = advantages.reshape(n, 1).to(device=logp.device, dtype=logp.dtype).detach()
+    adv = advantages.reshape(n, -1).to(device=logp.device, dtype=logp.dtype).detach()  # (N, 1) or (N, T)
     old_logp = old_logp.detach()
     # padding log-probs may be anything: zero their log-ratio so exp() cannot overflow
     log_ratio = torch.where(real, logp - old_logp, torch.zeros_like(logp))
@@ -163,6 +171,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     kl_value = 0.0
     if ref_logp is not None:
         kl = k3_kl(logp, ref_logp.detach(), real)
+        if kl_estimator == "k3_ratio":
+            kl = kl * ratio
         kl_value = _masked_mean(kl.detach(), weight)
         if beta > 0:
             per_token = per_token + beta * kl
@@ -177,7 +187,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
     # the clipped term is active where the ratio left the range in the advantage's direction
     is_clipped = ((ratio < 1.0 - low) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
-    if loss_type == "gspo":
+    if loss_type == "gspo" and adv.shape[1] == 1:
         has_tokens = (weight.sum(-1, keepdim=True) > 0).to(logp.dtype)
         clip_fraction = _masked_mean(is_clipped.to(logp.dtype), has_tokens)
         ratio_mean = _masked_mean(ratio.detach(), has_tokens)

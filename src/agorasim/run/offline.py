@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,16 +46,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agorasim.data.amazon import HISTORY_LEN, AmazonData, item_embeddings, load_amazon, train_pairs
 from agorasim.errors import UserInputError
+from agorasim.metrics import exposure as exposure_metrics
 from agorasim.metrics.accuracy import dcg_weights, hr_at_k, ndcg_next_item_at_k
 from agorasim.policy.generative import FIRST_CODE_TOKEN, GenerativePolicy, build_model
 from agorasim.policy.sasrec import SASRec, SASRecPolicy, next_item_windows, torch_threads
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
-from agorasim.policy.trie import CatalogueTrie, token_logprobs
-from agorasim.rl import RewardContext, combine, compute_rewards, policy_loss
+from agorasim.policy.trie import CatalogueTrie
+from agorasim.rl.judges import TargetJudge
+from agorasim.rl.sft import sft_epoch
+from agorasim.rl.trainer import Prompts, Trainer
 
 KS = (1, 3, 5, 10)
-MODELS = ("sasrec", "sft", "sft+grpo")
+BASE_MODELS = ("sasrec", "sft")
 METRICS = tuple(f"{name}@{k}" for name in ("hr", "ndcg") for k in KS)
+EXPOSURE_METRICS = ("coverage@10", "gini@10", "dgu@10", "mgu@10")
 DEFAULT_OUT = Path("runs") / "offline"
 PUBLISHED_NOTE = "published, trained on the full training split (larger than ours)"
 # Test-split figures of the data README (ReRe / MiniOneRec papers), 50-beam constrained decoding
@@ -97,17 +101,23 @@ class OfflineConfig(BaseModel):
         "cosine decay to 0 at the last epoch")
     valid_beams: int = Field(
         20, ge=10, description="beams when scoring validation NDCG@10 for selection (>= 10)")
-    # -- GRPO -----------------------------------------------------------------------------------
-    grpo_steps: int = Field(50, ge=0, description="GRPO steps after SFT (0: SFT+GRPO = skipped)")
+    # -- in-loop methods (rl/) ------------------------------------------------------------------
+    methods: list[str] = Field(
+        default_factory=lambda: ["grpo"], description="training methods run from the selected SFT model "
+        "(rl.method names), each reported as sft+<method>")
+    rl: dict[str, Any] = Field(
+        default_factory=dict, description="further rl config fields for the methods (e.g. a method's section: "
+        "{ugr: {alpha_min: 0.1}}); group size, prompts, lr and KL weight come from the fields below")
+    grpo_steps: int = Field(50, ge=0, description="training steps after SFT (0: sft+<method> = the SFT model)")
     grpo_prompts: int = Field(
         256, ge=1, description="training prompts rolled out per step; groups without the target "
         "(all rewards 0, advantage 0) are dropped before the update, as DAPO's dynamic sampling")
     group_size: int = Field(16, ge=2, description="G: top-G constrained beams per prompt (ReRe)")
-    grpo_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of GRPO")
+    grpo_lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the methods")
     grpo_beta: float = Field(
         0.05, ge=0, description="weight of the k3 KL to the selected SFT model (keeps the small-data "
         "policy near it)")
-    grpo_eval_every: int = Field(10, ge=1, description="GRPO steps between validation scores")
+    grpo_eval_every: int = Field(10, ge=1, description="training steps between validation scores")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm (SFT and GRPO)")
     # -- SASRec ---------------------------------------------------------------------------------
     sasrec_dim: int = Field(64, ge=2, description="SASRec embedding width")
@@ -151,7 +161,38 @@ def make_config(seed: int = 0, quick: bool = False, **overrides) -> OfflineConfi
         raise UserInputError(f"eval {where}: {first['msg']} (got {first.get('input')!r})") from None
     if config.hidden % config.heads:
         raise UserInputError(f"eval heads: must divide hidden ({config.hidden}), got {config.heads}")
+    for method in config.methods:
+        rl_config(config, method)  # an unknown method or a bad rl field fails here, before any work
     return config
+
+
+def rl_config(config: OfflineConfig, method: str):
+    """The ``rl`` section a method trains with offline: ReRe's ``rere_rank`` reward against the
+    held-out next item, top-G beams, DAPO's dynamic sampling (groups without the target have
+    advantage 0 and are dropped), and the group size, prompts, lr and KL weight of ``config``.
+
+    Raises:
+        UserInputError: an unknown method, or a bad ``config.rl`` field (one line).
+    """
+    from agorasim.config import RLConfig
+    from agorasim.rl.methods import METHODS
+
+    if method not in METHODS:
+        raise UserInputError(f"eval --method: unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    fields = dict(method=method, group_size=config.group_size, users_per_step=config.grpo_prompts,
+                  lr=config.grpo_lr, beta=config.grpo_beta, rewards={"rere_rank": 1.0}, dynamic_sampling=True,
+                  grad_clip=config.grad_clip)
+    try:
+        return RLConfig.model_validate({**fields, **config.rl})
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserInputError(f"eval rl.{where}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def model_names(config: OfflineConfig) -> tuple[str, ...]:
+    """Reported models: SASRec, SFT, then ``sft+<method>`` for each method."""
+    return BASE_MODELS + tuple(f"sft+{m}" for m in config.methods)
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -273,22 +314,15 @@ def build_generative(embeddings: np.ndarray, config: OfflineConfig, rng: np.rand
     return policy
 
 
-def rank_generative(policy: GenerativePolicy, rows: Rows, beams: int, chunk: int = 256) -> np.ndarray:
+def rank_generative(policy: GenerativePolicy, rows: Rows, beams: int) -> np.ndarray:
     """``(N, beams)`` items by constrained beam search, best first.
 
-    Like ``GenerativePolicy._beam_search`` but always in the trie's shared-prompt layout: for
-    this model (42-token prompts) it was 3x faster at 50 beams than the expanded layout the
-    trie picks by default for wide beams (1 CPU thread, 1,024 prompts: 3.9 s against 11.3 s),
-    and it gives the same beams.
+    Always in the trie's shared-prompt layout: for this model (42-token prompts) it was 3x faster
+    at 50 beams than the expanded layout the trie picks by default for wide beams (1 CPU thread,
+    1,024 prompts: 3.9 s against 11.3 s), and it gives the same beams.
     """
-    policy.model.eval()
-    items = [np.zeros((0, beams), np.int64)]
-    with torch.inference_mode():
-        for start in range(0, len(rows), chunk):
-            ids, mask = policy.prompts(rows.history[start:start + chunk])
-            found, _ = policy.trie.beam_search(policy.model, ids, mask, num_beams=beams, shared_prompt=True)
-            items.append(found.numpy().astype(np.int64))
-    return np.concatenate(items)
+    items, _ = policy.beam_search(rows.history, beams, shared_prompt=True)
+    return items.reshape(len(rows), beams)
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -321,18 +355,8 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
     best = {"epoch": 0.0, "valid_ndcg@10": -1.0, "loss": float("nan")}
     best_state = _snapshot(policy.model)
     for epoch in range(1, config.sft_epochs + 1):
-        policy.model.train()
-        losses = []
-        order = torch.randperm(len(train), generator=generator).numpy()
-        for start in range(0, len(order), config.sft_batch):
-            batch = order[start:start + config.sft_batch]
-            loss = policy._sequence_nll(train.history[batch], train.target[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+        losses = sft_epoch(policy, optimizer, train.history, train.target, config.sft_batch, generator,
+                           config.grad_clip, scheduler)
         score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
         log(f"sft epoch {epoch:3d}  loss {np.mean(losses):.4f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
         if score[_SELECT_ON] > best["valid_ndcg@10"]:
@@ -342,79 +366,39 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
     return best
 
 
-def grpo_step(policy: GenerativePolicy, prompts: Rows, config: OfflineConfig, optimizer: torch.optim.Optimizer,
-              reference: torch.nn.Module | None = None) -> dict[str, float]:
-    """One GRPO update on a batch of training prompts with ReRe's ranking reward.
+def train_method(policy: GenerativePolicy, method: str, train: Rows, valid: Rows, config: OfflineConfig,
+                 rng: np.random.Generator, generator: torch.Generator, exposure,
+                 log: Callable[[str], None]) -> dict[str, float]:
+    """``grpo_steps`` steps of ``method`` (``rl.Trainer``, the loop the market uses) from the current
+    (SFT) model; leaves the model at the step with the best validation NDCG@10.
 
-    Rollout: the top-G constrained beams of each prompt (ReRe). Reward: ``rere_rank`` against the
-    prompt's held-out next item. Groups whose rewards are all equal (target not among the beams)
-    have advantage 0 everywhere and are dropped before the forward/backward pass, so the loss
-    averages over informative groups only (DAPO's dynamic sampling, Yu et al. 2025, section 3.2).
-    One update per batch (mu = 1), so ``old_logp = logp.detach()`` and nothing is clipped.
-    """
-    ids, mask = policy.prompts(prompts.history)
-    policy.model.eval()
-    with torch.inference_mode():
-        items, beam_scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=config.group_size,
-                                                     shared_prompt=True)
-    items = items.numpy().astype(np.int64)
-    weights = {"rere_rank": 1.0}
-    ctx = RewardContext(items=items, target=prompts.target, beam_scores=beam_scores.float().numpy())
-    rewards = compute_rewards(ctx, weights)
-    advantages = combine(rewards, weights)
-    informative = np.flatnonzero(np.ptp(rewards["rere_rank"], axis=1) > 0)
-    stats = {"hit_rate": float((items == prompts.target[:, None]).any(1).mean()), "groups": float(len(informative))}
-    if len(informative) == 0:
-        return {**stats, "loss": 0.0}
-    items, advantages = items[informative], advantages[informative]
-    ids, mask = ids[informative], mask[informative]
-    depth = config.levels + 1
-    valid = items >= 0
-    completions = torch.from_numpy(policy.tokens[np.maximum(items, 0)].reshape(-1, depth))
-    token_mask = torch.from_numpy(np.repeat(valid.reshape(-1, 1), depth, 1))
-    advantage = torch.as_tensor(advantages.reshape(-1), dtype=torch.float32)
-    ref_logp = None
-    if reference is not None:
-        with torch.no_grad():
-            ref_logp = token_logprobs(reference, ids, mask, completions)
-    policy.model.train()
-    logp = token_logprobs(policy.model, ids, mask, completions)
-    loss, loss_stats = policy_loss(logp, logp.detach(), advantage, token_mask, "grpo", ref_logp=ref_logp,
-                                   beta=config.grpo_beta, group_size=config.group_size)
-    optimizer.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), config.grad_clip)
-    optimizer.step()
-    return {**stats, "loss": float(loss.detach()), **loss_stats}
-
-
-def train_grpo(policy: GenerativePolicy, train: Rows, valid: Rows, config: OfflineConfig,
-               rng: np.random.Generator, log: Callable[[str], None]) -> dict[str, float]:
-    """GRPO from the current (SFT) model; leaves it at the step with the best validation NDCG@10.
+    Each step rolls out on ``grpo_prompts`` training prompts drawn by ``rng``; the judge is the
+    held-out next item (``TargetJudge``). Step 0, the SFT model itself, is not a candidate:
+    sft+<method> is always a trained model.
 
     Returns:
-        ``step`` kept (0 when ``grpo_steps`` is 0), its validation NDCG@10, mean hit rate of the
-        groups over all steps.
+        ``step`` kept (0 when ``grpo_steps`` is 0), its validation NDCG@10, the mean share of
+        prompts whose group held the target.
     """
     if config.grpo_steps == 0:
         return {"step": 0.0, "valid_ndcg@10": float("nan"), "group_hit_rate": float("nan")}
+    rl = rl_config(config, method)
+    trainer = Trainer(policy, rl)
+    if rl.beta > 0:
+        trainer.begin()  # the KL anchor is the selected SFT model
+    judge = TargetJudge(exposure)
     best = {"step": 0.0, "valid_ndcg@10": -1.0}
     best_state = _snapshot(policy.model)
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.grpo_lr, weight_decay=0.0)
-    reference = None
-    if config.grpo_beta > 0:
-        reference = copy.deepcopy(policy.model).eval()
-        reference.requires_grad_(False)
     hit_rates = []
-    n_prompts = min(config.grpo_prompts, len(train))
+    n_prompts = min(rl.users_per_step, len(train))
     for step in range(1, config.grpo_steps + 1):
-        batch = np.sort(rng.choice(len(train), n_prompts, replace=False))
-        stats = grpo_step(policy, train.take(batch), config, optimizer, reference)
-        hit_rates.append(stats["hit_rate"])
+        batch = train.take(np.sort(rng.choice(len(train), n_prompts, replace=False)))
+        stats = trainer.step(Prompts(np.full(len(batch), -1), batch.history, batch.target), judge, generator)
+        hit_rates.append(stats["train/hit_rate"])
         if step % config.grpo_eval_every == 0 or step == config.grpo_steps:
             score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
-            log(f"grpo step {step:4d}  group hit rate {stats['hit_rate']:.3f}  groups {stats['groups']:.0f}  "
-                f"valid ndcg@10 {score[_SELECT_ON]:.4f}")
+            log(f"{method} step {step:4d}  group hit rate {stats['train/hit_rate']:.3f}  "
+                f"groups {stats.get('train/groups', float(n_prompts)):.0f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
             if score[_SELECT_ON] > best["valid_ndcg@10"]:
                 best = {"step": float(step), "valid_ndcg@10": score[_SELECT_ON]}
                 best_state = _snapshot(policy.model)
@@ -467,19 +451,39 @@ def train_sasrec(train: Rows, valid: Rows, n_items: int, config: OfflineConfig, 
 
 
 # -- report ---------------------------------------------------------------------------------------------
-def _markdown_table(results: dict[str, dict[str, float]], train_pairs: int) -> str:
+def _label(model: str) -> str:
+    if model == "sasrec":
+        return "SASRec"
+    if model == "sft":
+        return "SFT (generative)"
+    return f"SFT+{model.split('+', 1)[1].upper()} (generative)"
+
+
+def _markdown_table(results: dict[str, dict[str, float]], train_pairs: int, models) -> str:
     """Test-split table: our models, then the published figures (``-``: not reported)."""
-    names = {"sasrec": "SASRec", "sft": "SFT (generative)", "sft+grpo": "SFT+GRPO (generative)"}
     header = "| model | trained on | " + " | ".join(
         m.replace("hr", "HR").replace("ndcg", "NDCG") for m in METRICS) + " |"
     lines = [header, "|" + "---|" * (len(METRICS) + 2)]
     ours = f"ours, {train_pairs:,} pairs from valid.csv histories"
-    for model in MODELS:
+    for model in models:
         cells = " | ".join(f"{results[model][m]:.4f}" for m in METRICS)
-        lines.append(f"| {names[model]} | {ours} | {cells} |")
+        lines.append(f"| {_label(model)} | {ours} | {cells} |")
     for model, figures in PUBLISHED.items():
         cells = " | ".join(f"{figures[m]:.4f}" if m in figures else "-" for m in METRICS)
         lines.append(f"| {model} | {PUBLISHED_NOTE} | {cells} |")
+    return "\n".join(lines)
+
+
+def _exposure_table(results: dict[str, dict[str, float]], info: dict[str, float], models) -> str:
+    """Exposure of the recommended top-10 lists on test, and each model's NDCG@10 gain over SFT."""
+    lines = ["| model | coverage@10 | Gini@10 | DGU (Flower) | MGU (Flower) | NDCG@10 - SFT (paired SE) |",
+             "|---|---|---|---|---|---|"]
+    for model in models:
+        r = results[model]
+        gain = (f"{info[f'{model}/test_ndcg@10_gain']:+.4f} ({info[f'{model}/test_ndcg@10_gain_se']:.4f})"
+                if f"{model}/test_ndcg@10_gain" in info else "")
+        lines.append(f"| {_label(model)} | {r['coverage@10']:.4f} | {r['gini@10']:.4f} | {r['dgu@10']:.4f} | "
+                     f"{r['mgu@10']:.4f} | {gain} |")
     return "\n".join(lines)
 
 
@@ -490,23 +494,28 @@ def write_report(out_dir: Path, results: dict[str, dict[str, dict[str, float]]],
     Args:
         results: split -> model -> metric -> value; ``test`` is required.
     """
+    models = model_names(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "offline.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "split", "metric", "value"])
         for split, by_model in results.items():
-            for model in MODELS:
-                for metric in METRICS:
+            for model in models:
+                for metric in METRICS + EXPOSURE_METRICS:
                     writer.writerow([model, split, metric, f"{by_model[model][metric]:.6f}"])
     test = results["test"]
-    table = _markdown_table(test, int(info["data/train_pairs"]))
-    if config.grpo_steps:
-        grpo = (f"- SFT+GRPO: step {info['sft+grpo/step']:.0f} of {config.grpo_steps}, rere_rank reward, "
-                f"G = {config.group_size} beams, {config.grpo_prompts} prompts per step, lr {config.grpo_lr:g}, "
-                f"KL weight {config.grpo_beta:g} (valid NDCG@10 {info['sft+grpo/valid_ndcg@10']:.4f}; "
-                f"the target was in {info['sft+grpo/group_hit_rate']:.1%} of the groups).")
-    else:
-        grpo = "- SFT+GRPO: no GRPO step (grpo_steps = 0), the SFT model."
+    table = _markdown_table(test, int(info["data/train_pairs"]), models)
+    trained = []
+    for method in config.methods:
+        key = f"sft+{method}"
+        if config.grpo_steps:
+            trained.append(
+                f"- SFT+{method.upper()}: step {info[f'{key}/step']:.0f} of {config.grpo_steps}, rere_rank reward, "
+                f"G = {config.group_size}, {config.grpo_prompts} prompts per step, lr {config.grpo_lr:g}, "
+                f"KL weight {config.grpo_beta:g} (valid NDCG@10 {info[f'{key}/valid_ndcg@10']:.4f}; "
+                f"the target was in {info[f'{key}/group_hit_rate']:.1%} of the groups).")
+        else:
+            trained.append(f"- SFT+{method.upper()}: no training step (grpo_steps = 0), the SFT model.")
     lines = [
         "# Offline evaluation: Amazon Industrial_and_Scientific, next item",
         "",
@@ -520,17 +529,23 @@ def write_report(out_dir: Path, results: dict[str, dict[str, dict[str, float]]],
         "(no validation or test target is trained on); the published models were trained on the full "
         "training split, which is not shipped and is much larger.",
         "",
+        "Exposure of the recommended top-10 lists (test): coverage of the catalogue, Gini of the items' "
+        "recommendation counts (zero-count items included), and Flower's group gaps over 8 equal-count "
+        "popularity groups of the training interactions (d_g = share of recommendations in g - share of "
+        "interactions in g; DGU = max d - min d, MGU = mean |d|). The gain column is the paired difference "
+        "against SFT over the test rows.",
+        "",
+        _exposure_table(test, info, models),
+        "",
         "Model selection on validation NDCG@10 "
         f"({info['data/valid_rows']:.0f} rows, {config.valid_beams} beams for the generative models):",
         f"- SASRec: epoch {info['sasrec/epoch']:.0f} of {config.sasrec_epochs} "
         f"(valid NDCG@10 {info['sasrec/valid_ndcg@10']:.4f}).",
         f"- SFT: epoch {info['sft/epoch']:.0f} of {config.sft_epochs} "
         f"(valid NDCG@10 {info['sft/valid_ndcg@10']:.4f}).",
-        grpo,
+        *trained,
         "",
-        f"Test NDCG@10 of SFT+GRPO minus SFT: {info['sft+grpo/test_ndcg@10_gain']:+.4f} "
-        f"(paired standard error {info['sft+grpo/test_ndcg@10_gain_se']:.4f} over the test rows; "
-        "as measured, one seed, no re-run was picked).",
+        "As measured, one seed, no re-run was picked.",
         "",
         f"Seed {config.seed}; wall time {info['time/seconds']:.0f} s. Settings: "
         + ", ".join(f"{k}={v}" for k, v in config.model_dump().items()) + ".",
@@ -538,6 +553,38 @@ def write_report(out_dir: Path, results: dict[str, dict[str, dict[str, float]]],
     ]
     (out_dir / "offline.md").write_text("\n".join(lines))
     return table
+
+
+def list_exposure(ranked: np.ndarray, interactions: np.ndarray, n_items: int, k: int = 10,
+                  n_groups: int = 8) -> dict[str, float]:
+    """Exposure of recommended top-k lists, as Flower (arXiv 2503.07377) reports it.
+
+    Args:
+        ranked: ``(N, >=k)`` recommended items, best first (``-1``: empty slot).
+        interactions: ``(n_items,)`` interaction counts in the training data; they define 8
+            equal-count popularity groups (``metrics.exposure.popularity_groups``) and each group's
+            interaction share.
+        n_items: Catalogue size.
+        k: List length.
+        n_groups: Popularity groups.
+
+    Returns:
+        ``coverage@k`` (share of the catalogue recommended at least once), ``gini@k`` (Gini of
+        the items' recommendation counts over the whole catalogue), ``dgu@k`` = max_g d_g - min_g
+        d_g and ``mgu@k`` = mean_g |d_g|, where d_g = share of recommendations in group g - share
+        of interactions in group g (Flower's ``gao`` evaluation).
+    """
+    top = np.asarray(ranked)[:, :k]
+    items = top[top >= 0]
+    counts = np.bincount(items, minlength=n_items).astype(np.float64)
+    groups = exposure_metrics.popularity_groups(interactions, n_groups)
+    rec_share = np.bincount(groups[items], minlength=n_groups) / max(len(items), 1)
+    total = interactions.sum()
+    inter_share = (np.bincount(groups, weights=interactions, minlength=n_groups) / total if total > 0
+                   else np.full(n_groups, 1.0 / n_groups))
+    gap = rec_share - inter_share
+    return {f"coverage@{k}": float((counts > 0).mean()), f"gini@{k}": exposure_metrics.gini(counts),
+            f"dgu@{k}": float(gap.max() - gap.min()), f"mgu@{k}": float(np.abs(gap).mean())}
 
 
 # -- the protocol ---------------------------------------------------------------------------------------
@@ -552,15 +599,16 @@ def evaluate(data_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_O
         seed: Seed of everything (same seed, same numbers).
         quick: A tiny run (subsampled rows, small models, few epochs) for tests.
         sft_epochs: SFT epochs (None: the config default).
-        grpo_steps: GRPO steps (None: the config default).
+        grpo_steps: Training steps of each method (None: the config default).
         beams: Beam width of the reported generative rankings (>= 10).
         progress: Print one line per epoch/evaluation and the final table.
-        **overrides: Any other ``OfflineConfig`` field.
+        **overrides: Any other ``OfflineConfig`` field (e.g. ``methods=["grpo", "ugr"]``).
 
     Returns:
-        ``"{model}/{split}/{metric}"`` (models ``sasrec``, ``sft``, ``sft+grpo``; split ``test``,
-        and ``valid`` with ``report_valid``; metrics ``hr@K``, ``ndcg@K``) plus ``info/...`` entries: selected epochs
-        and steps, data sizes and ``info/time/seconds``.
+        ``"{model}/{split}/{metric}"`` (models ``sasrec``, ``sft``, ``sft+<method>``; split ``test``,
+        and ``valid`` with ``report_valid``; metrics ``hr@K``, ``ndcg@K``, ``coverage@10``,
+        ``gini@10``, ``dgu@10``, ``mgu@10``) plus ``info/...`` entries: selected epochs and steps,
+        paired gains over SFT, data sizes and ``info/time/seconds``.
 
     Raises:
         UserInputError: a bad data folder or setting (one line).
@@ -579,8 +627,10 @@ def evaluate(data_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_O
 def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig, log: Callable[[str], None],
               started: float) -> dict[str, float]:
     data = load_amazon(data_dir)
-    rng_data, rng_ids, rng_sft, rng_grpo, rng_sasrec = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(5))
+    # one stream per part; every method replays the same stream (same prompt batches, same draws),
+    # so the methods differ only in what they do with them
+    streams = np.random.SeedSequence(config.seed).spawn(6)
+    rng_data, rng_ids, rng_sft, _, rng_sasrec = (np.random.default_rng(s) for s in streams[:5])
     train, valid, test = load_rows(data, config, rng_data)
     info = {"data/train_pairs": float(len(train)), "data/valid_rows": float(len(valid)),
             "data/test_rows": float(len(test)), "data/items": float(data.n_items)}
@@ -589,29 +639,39 @@ def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig,
     embeddings = item_embeddings(data, dim=config.embed_dim)
     splits = {"test": test, **({"valid": valid} if config.report_valid else {})}
     results: dict[str, dict[str, dict[str, float]]] = {split: {} for split in splits}
+    interactions = training_interactions(train, data.n_items)
+
+    def report(model: str, ranked: dict[str, np.ndarray]) -> None:
+        for split, rows in splits.items():
+            results[split][model] = {**ranking_metrics(ranked[split], rows.target),
+                                     **list_exposure(ranked[split], interactions, data.n_items)}
 
     policy, best = train_sasrec(train, valid, data.n_items, config, rng_sasrec, log)
     info.update({f"sasrec/{k}": v for k, v in best.items()})
-    for split, rows in splits.items():
-        results[split]["sasrec"] = ranking_metrics(rank_sasrec(policy, rows, max(KS)), rows.target)
+    report("sasrec", {split: rank_sasrec(policy, rows, max(KS)) for split, rows in splits.items()})
 
     generative = build_generative(embeddings, config, rng_ids)
     info["sft/semantic_id_tokens"] = float(sum(generative.ids.level_sizes))
     best = train_sft(generative, train, valid, config, rng_sft, log)
     info.update({f"sft/{k}": v for k, v in best.items()})
     ranked_sft = {split: rank_generative(generative, rows, config.beams) for split, rows in splits.items()}
-    for split, rows in splits.items():
-        results[split]["sft"] = ranking_metrics(ranked_sft[split], rows.target)
+    report("sft", ranked_sft)
     log(f"sft: test ndcg@10 {results['test']['sft']['ndcg@10']:.4f}")
+    sft_state = _snapshot(generative.model)
+    exposure = offline_exposure(interactions)
 
-    best = train_grpo(generative, train, valid, config, rng_grpo, log)
-    info.update({f"sft+grpo/{k}": v for k, v in best.items()})
-    for split, rows in splits.items():
-        ranked = rank_generative(generative, rows, config.beams)
-        results[split]["sft+grpo"] = ranking_metrics(ranked, rows.target)
-        if split == "test":
-            gain, error = paired_difference(ranked_sft[split], ranked, rows.target)
-            info.update({"sft+grpo/test_ndcg@10_gain": gain, "sft+grpo/test_ndcg@10_gain_se": error})
+    for method in config.methods:
+        key = f"sft+{method}"
+        generative.model.load_state_dict(sft_state)
+        generator = torch.Generator().manual_seed(int(np.random.default_rng(streams[5]).integers(2**31)))
+        best = train_method(generative, method, train, valid, config, np.random.default_rng(streams[3]), generator,
+                            exposure, log)
+        info.update({f"{key}/{k}": v for k, v in best.items()})
+        ranked = {split: rank_generative(generative, rows, config.beams) for split, rows in splits.items()}
+        report(key, ranked)
+        gain, error = paired_difference(ranked_sft["test"], ranked["test"], test.target)
+        info.update({f"{key}/test_ndcg@10_gain": gain, f"{key}/test_ndcg@10_gain_se": error})
+        log(f"{key}: test ndcg@10 {results['test'][key]['ndcg@10']:.4f} ({gain:+.4f} +- {error:.4f} over SFT)")
 
     info["time/seconds"] = time.perf_counter() - started
     table = write_report(out_dir, results, info, config, data.source)
@@ -623,6 +683,29 @@ def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig,
     return metrics
 
 
+def training_interactions(train: Rows, n_items: int) -> np.ndarray:
+    """``(n_items,)`` how often each item occurs in the training sequences (Flower's v_i: counts in
+    training histories), each transition counted once."""
+    users = _pair_users(train.history)
+    first = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    items = np.concatenate([train.history[first, -1], train.target])
+    return np.bincount(items[items >= 0], minlength=n_items).astype(np.float64)
+
+
+def offline_exposure(interactions: np.ndarray, n_groups: int = 8):
+    """The platform's exposure state offline: popularity groups of the training counts, the
+    interaction share of each group as its current share, a uniform target, counts as exposure."""
+    from agorasim.policy.base import ExposureState
+
+    groups = exposure_metrics.popularity_groups(interactions, n_groups)
+    total = interactions.sum()
+    share = (np.bincount(groups, weights=interactions, minlength=n_groups) / total if total > 0
+             else np.full(n_groups, 1.0 / n_groups))
+    return ExposureState(groups=groups, share=share, target_share=np.full(n_groups, 1.0 / n_groups),
+                         item_exposure=interactions.copy(), interactions=interactions.copy(),
+                         alive=np.ones(len(interactions), bool))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line for the CLI's error handler, not argparse's exit
         raise UserInputError(message)
@@ -630,14 +713,16 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="agorasim eval", description="Offline next-item evaluation on Amazon data: SASRec, "
-                "generative SFT and SFT+GRPO, HR@K/NDCG@K on the test split.")
+                "generative SFT and SFT+<method>, HR@K/NDCG@K and list exposure on the test split.")
     p.add_argument("--data", help="data folder with info.txt, valid.csv, test.csv (default: the vendored "
                    "Industrial_and_Scientific copy)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"report folder (default {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--quick", action="store_true", help="tiny run (under a minute) to check the set-up")
     p.add_argument("--sft-epochs", type=int, help="SFT epochs (default 16)")
-    p.add_argument("--grpo-steps", type=int, help="GRPO steps (default 50)")
+    p.add_argument("--grpo-steps", type=int, help="training steps of each method (default 50)")
+    p.add_argument("--method", help="comma-separated training methods run from the SFT model (rl.method "
+                   "names; default grpo)")
     p.add_argument("--beams", type=int, default=50, help="beams of the generative rankings (default 50)")
     return p
 
@@ -646,6 +731,9 @@ def main(argv: list[str] | None = None) -> int:
     """``agorasim eval [--data DIR] [--out DIR] [--seed S] [--quick]``; user errors raise
     ``UserInputError`` for the CLI to print."""
     args = parser().parse_args(argv)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method else None
+    if args.method is not None and not methods:
+        raise UserInputError(f"eval --method: expected comma-separated method names, got {args.method!r}")
     evaluate(data_dir=args.data, out_dir=args.out, seed=args.seed, quick=args.quick, sft_epochs=args.sft_epochs,
-             grpo_steps=args.grpo_steps, beams=args.beams)
+             grpo_steps=args.grpo_steps, beams=args.beams, methods=methods)
     return 0
