@@ -178,10 +178,91 @@ class PolicyConfig(_Section):
         default_factory=dict, description="constructor arguments of the policy")
 
 
+class UGRConfig(_Section):
+    """UGR (arXiv 2602.11719, ALGORITHMS.md section 4); defaults of the released run."""
+
+    correct: Literal["click", "target"] = Field(
+        "click", description="what makes a beam correct: click = a Bernoulli draw of the user's click "
+        "probability (the market's verified feedback; k* = best clicked rank), target = the item the user "
+        "clicked this round / the held-out next item (exact UGR)")
+    length_normalise: bool = Field(
+        True, description="softmax the beam scores divided by their length (HF length_penalty=1.0, as the "
+        "authors' sequences_scores) rather than the raw sums")
+    alpha_min: float = Field(0.0, ge=0, le=1, description="difficulty scaling alpha = a_min + (1 - a_min) k*/(G-1)")
+    lambda_partial: float = Field(0.0, ge=0, description="confidence-loss weight of partial beams (first code right)")
+    lambda_wrong: float = Field(0.5, ge=0, description="confidence-loss weight of wrong beams")
+    token_weight: float = Field(
+        0.0, ge=0, description="w of the token reward (1 up to the first code mismatch with the target; 0 in the "
+        "released run)")
+
+
+class FlexRecConfig(_Section):
+    """FlexRec (arXiv 2603.11901, ALGORITHMS.md section 5); the forms are reconstructions [inf]."""
+
+    need: Literal["rel", "explore", "trend", "niche"] = Field(
+        "rel", description="the need instruction in the prompt and its gain: rel = click, explore = click on a "
+        "first code not in the history, trend = click x ledger popularity, niche = click / log(2 + exposure)")
+    need_switch_round: int | None = Field(
+        None, ge=0, description="round from which the need becomes need_after (None: never switches)")
+    need_after: Literal["rel", "explore", "trend", "niche"] = Field(
+        "niche", description="the need after need_switch_round")
+    list_size: int = Field(5, ge=2, le=20, description="K: items of the ranked list the policy emits")
+    top_candidates: int = Field(10, ge=1, description="candidates from the policy's own top beams")
+    random_candidates: int = Field(10, ge=0, description="candidates drawn at random from the alive catalogue")
+    uncertainty: float = Field(1.0, ge=0, description="lambda of the critic's scaling A / (1 + lambda sigma^2)")
+    noise: Literal["expected", "bernoulli"] = Field(
+        "expected", description="gains from expected clicks, or from Bernoulli click draws (the noisy regime)")
+    critic_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the mean/variance critic")
+    serve: Literal["list", "beam"] = Field(
+        "list", description="serve the greedy list (then the remaining beams), or plain beam search")
+
+
+class FlameConfig(_Section):
+    """FLAME (arXiv 2505.20218, ALGORITHMS.md section 3): list editing with potential step rewards."""
+
+    task: Literal["add", "remove"] = Field(
+        "add", description="add: append edits to the top (10 - edits) beams; remove: drop edits from the top "
+        "(10 + edits) beams")
+    edits: int = Field(3, ge=1, le=9, description="E: edit steps per rollout")
+    accuracy: float = Field(1.0, ge=0, description="weight of the accuracy potential (DCG@10 of click gains / ideal DCG)")
+    exposure: float = Field(
+        1.0, ge=0, description="weight of the exposure potential, -Gini of the ledger with the list added "
+        "(the FLAME README's beta = 0.2 weighs its safety term; exposure changes are smaller, see README)")
+    step_weight: float = Field(0.5, ge=0, description="A_t = A_hat + step_weight * r_t (the step reward's weight)")
+    normalise_steps: bool = Field(False, description="group-normalise the step rewards first [inf]")
+
+
+class BladeConfig(_Section):
+    """BLADE (arXiv 2605.04559, ALGORITHMS.md section 1); beyond the abstract a reconstruction [inf]."""
+
+    slate_size: int = Field(5, ge=1, le=20, description="K: items of each sampled slate")
+    gain: Literal["click", "rating"] = Field("click", description="list metric gain: click probability or rating/10")
+    fairness: float = Field(1.0, ge=0, description="lambda_fair: weight of -Delta Gini of the ledger with the slate")
+    alpha: float | None = Field(None, gt=0, description="prior pseudo-count (None: G)")
+    dynamic: bool = Field(True, description="Bayesian dynamic target (False: the static reference CDF ablation)")
+    reservoir: int = Field(4096, ge=1, description="rewards kept as the historical prior")
+    objective: Literal["grpo", "distill"] = Field(
+        "grpo", description="grpo: group-normalised (N-1) log F; distill: BoN-weighted likelihood")
+    serve: Literal["list", "beam"] = Field(
+        "list", description="serve the greedy slate (then the remaining beams), or plain beam search")
+
+
+class FlowerConfig(_Section):
+    """Flower (arXiv 2503.07377, ALGORITHMS.md section 2): sub-trajectory balance on the trie."""
+
+    reward: Literal["counts", "uniform", "merit", "personal"] = Field(
+        "counts", description="R_i: interaction counts (the paper's default), a target exposure share spread over "
+        "its popularity group (uniform or merit targets), or personalised counts R^(1/s_ui) (s from clicks)")
+    theta: float = Field(0.99, ge=0, le=1, description="loss = theta * SFT + (1 - theta) * SubTB")
+    samples: int = Field(1, ge=1, description="rollouts per prompt (1 in the paper)")
+    smoothing: float = Field(1.0, gt=0, description="added to counts so every item has a flow")
+    pf_unmasked: bool = Field(False, description="log P_F from the unmasked softmax, as the authors' code")
+
+
 class RLConfig(_Section):
-    method: Literal["none", "grpo"] = Field(
+    method: Literal["none", "grpo", "ugr", "flexrec", "flame", "blade", "flower"] = Field(
         "grpo", description="how the generative policy trains in the loop: none (SFT only, the control arm), "
-        "grpo (rl/grpo.py)")
+        "grpo, ugr, flexrec, flame, blade, flower (rl/<method>.py)")
     group_size: int = Field(8, ge=2, description="G candidates per prompt (GRPO group)")
     users_per_step: int = Field(64, ge=1, description="prompts per GRPO step (drawn from the round's visitors)")
     rollout: Literal["beam", "sample"] = Field(
@@ -216,6 +297,11 @@ class RLConfig(_Section):
     ref_alpha: float = Field(1.0, ge=0, le=1, description="reference sync ref <- a*theta + (1-a)*ref")
     lr: float = Field(1e-3, gt=0, description="learning rate of the GRPO optimiser (AdamW)")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm")
+    ugr: UGRConfig = Field(default_factory=UGRConfig, description="UGR settings (rl.method=ugr)")
+    flexrec: FlexRecConfig = Field(default_factory=FlexRecConfig, description="FlexRec settings (rl.method=flexrec)")
+    flame: FlameConfig = Field(default_factory=FlameConfig, description="FLAME settings (rl.method=flame)")
+    blade: BladeConfig = Field(default_factory=BladeConfig, description="BLADE settings (rl.method=blade)")
+    flower: FlowerConfig = Field(default_factory=FlowerConfig, description="Flower settings (rl.method=flower)")
 
 
 class ExperimentConfig(_Section):

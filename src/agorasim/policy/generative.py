@@ -116,6 +116,7 @@ class GenerativePolicy(Policy):
         self.tokens: np.ndarray | None = None  # (n_items, L+1) token ids of every known item
         self.trie: CatalogueTrie | None = None
         self.model = None
+        self.special_tokens: tuple[str, ...] = ()  # vocabulary after the codes (set with the model)
         self.trainer = None  # rl.Trainer, built with the model
         self.ready = False  # SFT done: the model serves
         self._served: tuple[np.ndarray, np.ndarray] | None = None  # (users, history) of the round
@@ -135,9 +136,12 @@ class GenerativePolicy(Policy):
         if not self.ready:
             return self.behaviour.recommend(request, rng)
         self._sync_catalogue(request.alive)
-        suffix = self.method.serve_suffix(self, len(request.users)) if self.method is not None else None
+        k = min(self.beams, request.k)
         with torch_threads(self.threads):
-            items, scores = self.beam_search(request.history, min(self.beams, request.k), suffix)
+            if self.method is None:
+                items, scores = self.beam_search(request.history, k)
+            else:
+                items, scores = self.method.serve(self, request.history, k, request.round)
         pad = request.k - items.shape[1]
         if pad > 0:
             items = np.pad(items, ((0, 0), (0, pad)), constant_values=-1)
@@ -191,23 +195,28 @@ class GenerativePolicy(Policy):
     def build_model(self, seed: int) -> None:
         """The LM over the current semantic-id vocabulary (plus the method's special tokens), and
         the trainer that owns its optimiser; ``self.ids`` must be fitted."""
-        vocab = FIRST_CODE_TOKEN + int(sum(self.ids.level_sizes)) + len(self.special_tokens)
-        extra = self.method.extra_positions(self.levels + 1) if self.method is not None else 0
-        positions = 2 + (self.prompt_items + 1) * (self.levels + 1) + 8 + extra
-        self.model = build_model(vocab, self.hidden, self.layers, self.heads, positions, self.arch,
-                                 seed=seed).to(self.device)
+        methods = [self.method] if self.method is not None else []
+        self.build_lm(methods, seed)
         if self.method is not None:
             from agorasim.rl.trainer import Trainer
 
             self.trainer = Trainer(self, self.rl, self.method)
 
-    @property
-    def special_tokens(self) -> tuple[str, ...]:
-        """Names of the tokens after the semantic-id codes (instructions of the method's prompts)."""
-        return self.method.special_tokens if self.method is not None else ()
+    def build_lm(self, methods, seed: int) -> None:
+        """The LM over the semantic-id vocabulary plus the special tokens of ``methods`` (their
+        instructions and answer tokens), with room for their longest prompts; ``ids`` fitted."""
+        self.special_tokens = tuple(dict.fromkeys(t for m in methods for t in m.special_tokens))
+        vocab = FIRST_CODE_TOKEN + int(sum(self.ids.level_sizes)) + len(self.special_tokens)
+        extra = max([m.extra_positions(self.levels + 1) for m in methods], default=0)
+        positions = 2 + (self.prompt_items + 1) * (self.levels + 1) + 8 + extra
+        self.model = build_model(vocab, self.hidden, self.layers, self.heads, positions, self.arch,
+                                 seed=seed).to(self.device)
 
     def special_token(self, name: str) -> int:
-        """Vocabulary id of special token ``name`` (one of ``special_tokens``)."""
+        """Vocabulary id of special token ``name`` (one of ``special_tokens``, which follow the
+        semantic-id codes in the vocabulary)."""
+        if name not in self.special_tokens:
+            raise KeyError(f"special token {name!r} is not in this model's vocabulary {self.special_tokens}")
         return FIRST_CODE_TOKEN + int(sum(self.ids.level_sizes)) + self.special_tokens.index(name)
 
     def _sync_catalogue(self, alive: np.ndarray) -> None:
@@ -316,7 +325,7 @@ class GenerativePolicy(Policy):
             judge = OracleJudge(self.oracle)
         else:
             judge = CriticJudge(self.oracle, self.critic, log, catalogue, round)
-        return self.trainer.step(Prompts(users, history, target), judge, generator)
+        return self.trainer.step(Prompts(users, history, target, round), judge, generator)
 
     @staticmethod
     def _clicked(log: InteractionLog, round: int, users: np.ndarray) -> np.ndarray:

@@ -94,7 +94,7 @@ class _Level:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_tokens: torch.Tensor,
-                   return_entropy: bool = False):
+                   return_entropy: bool = False, return_log_softmax: bool = False):
     """Teacher-forced log-probabilities of item token paths after their prompts (differentiable).
 
     Args:
@@ -104,10 +104,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         attention_mask: (B, T).
         item_tokens: (N, L+1) token paths (non-negative).
         return_entropy: also return the entropy of the full-vocabulary distribution at each position.
+        return_log_softmax: also return the (N, L+1, V) full-vocabulary log-softmax at each
+            position (to renormalise over allowed codes, or read other tokens' log-probs).
 
     Returns:
         (N, L+1) full-vocabulary log-probs of every path token (their row sum is the beam score),
-        and with ``return_entropy`` the (N, L+1) entropies.
+        then the (N, L+1) entropies with ``return_entropy`` and the log-softmax with
+        ``return_log_softmax``, in that order.
     """
     item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=input_ids.device)
     n, depth = item_tokens.shape
@@ -126,9 +129,12 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
     logp_all = torch.log_softmax(logits[:, -(depth + 1):-1].float(), dim=-1)
     logp = logp_all.gather(-1, item_tokens[..., None]).squeeze(-1)
+    out = [logp]
     if return_entropy:
-        return logp, -(logp_all.exp() * logp_all).sum(-1)
-    return logp
+        out.append(-(logp_all.exp() * logp_all).sum(-1))
+    if return_log_softmax:
+        out.append(logp_all)
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 class CatalogueTrie:

@@ -20,6 +20,13 @@ abstract names (BOND, vBoN):
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from agorasim.policy.trie import token_logprobs
+from agorasim.rl.advantages import group_advantages
+from agorasim.rl.flame import accuracy_potential, exposure_potential
+from agorasim.rl.rollouts import list_rollout, serve_list
+from agorasim.rl.trainer import Method, Scored
 
 DEFAULT_RESERVOIR = 4096
 DEFAULT_FLOOR = 1e-3
@@ -210,3 +217,91 @@ class BladeTarget:
         n = f.shape[1] if n is None else n
         p = f ** (n - 1)
         return p / p.sum(axis=1, keepdims=True)
+
+
+# -- the method on the trainer ---------------------------------------------------------------------
+class Blade(Method):
+    """BLADE on ``rl.Trainer`` (``rl.method=blade``, settings ``rl.blade``) [inf].
+
+    A rollout is a slate of K distinct items sampled under the trie (``list_rollout``); its reward
+    is a list metric with a fairness term, ``DCG@K(gains) / DCG@K(ones) - fairness * dGini`` where
+    the gains are click probabilities (or rating/10) and ``dGini`` is the change of the ledger's
+    exposure Gini if every slate of the window were this one (``flame.exposure_potential``, the
+    same first-order normalisation as FLAME's exposure potential). The rewards go through the
+    moving BoN target ``BladeTarget`` (the first step's rewards, drawn from the SFT model, are
+    the reference ``F_ref``): ``r~ = (G-1) log F_t(r)`` group-normalised (``objective=grpo``), or
+    BoN-weighted likelihood (``objective=distill``). ``dynamic=False`` is the static-reference
+    ablation. ``train.csv`` logs where the target sits: ``blade/target_cdf_ref_median`` is
+    F_t at the reference rewards' median (it falls as the target moves up) and
+    ``blade/zero_std_share`` the share of groups whose transformed rewards are all equal (the
+    "gradient decay" of a static target). Serving: the greedy slate, then the beams.
+    """
+
+    name = "blade"
+
+    def __init__(self, config):
+        super().__init__(config)
+        cfg = config.blade
+        self.target = BladeTarget(alpha=cfg.alpha or config.group_size, reservoir=cfg.reservoir,
+                                  dynamic=cfg.dynamic)
+        self.reference_median: float | None = None
+
+    @property
+    def policy_gradient(self) -> bool:
+        return self.config.blade.objective == "grpo"
+
+    def extra_positions(self, depth: int) -> int:
+        return self.config.blade.slate_size * depth
+
+    def serve(self, policy, history, k, round):
+        cfg = self.config.blade
+        if cfg.serve == "beam":
+            return policy.beam_search(history, k)
+        return serve_list(policy, history, k, cfg.slate_size)
+
+    def rollout(self, trainer, prompts, generator):
+        return list_rollout(trainer, prompts, generator, self.config.group_size, self.config.blade.slate_size,
+                            self.config.temperature)
+
+    def list_rewards(self, prompts, rollout, judge) -> tuple[np.ndarray, np.ndarray]:
+        """``(B, G)`` list metric and fairness penalty of the slates."""
+        cfg, items = self.config.blade, rollout.items
+        judged = judge.judge(prompts, items)
+        gains = judged["click"] if cfg.gain == "click" else judged["rating"] / 10.0
+        metric = accuracy_potential(np.where(items >= 0, gains, 0.0))
+        penalty = np.zeros(metric.shape)
+        exposure = judge.exposure_state()
+        if cfg.fairness > 0 and exposure is not None:
+            alive = np.flatnonzero(exposure.alive)
+            position = np.full(len(exposure.alive), -1)
+            position[alive] = np.arange(len(alive))
+            mapped = np.where(items >= 0, position[np.maximum(items, 0)], -1)
+            penalty = -exposure_potential(exposure.item_exposure[alive], mapped)  # the Gini increase
+        return metric, penalty
+
+    def score(self, trainer, prompts, rollout, judge):
+        cfg = self.config.blade
+        metric, penalty = self.list_rewards(prompts, rollout, judge)
+        rewards = metric - cfg.fairness * penalty
+        if self.reference_median is None:  # the first step's rollouts come from the SFT model
+            self.target.set_reference(rewards)
+            self.reference_median = float(np.median(rewards))
+        transformed = self.target.transform(rewards)
+        if cfg.objective == "grpo":
+            advantages = group_advantages(transformed, self.config.advantage_scale)
+        else:
+            advantages = self.target.distill_weights(rewards)
+        stats = {"blade/target_cdf_ref_median": float(self.target.cdf(np.array([self.reference_median]))[0]),
+                 "blade/zero_std_share": float((np.ptp(transformed, axis=1) == 0).mean())}
+        self.target.update(rewards)
+        return Scored({"metric": metric, "fairness": penalty, "blade": transformed}, rewards, advantages, stats)
+
+    def loss(self, trainer, rollout, scored, old_logp, ref_logp):
+        if self.config.blade.objective == "grpo":
+            return super().loss(trainer, rollout, scored, old_logp, ref_logp)
+        # distillation: L = -sum_i w_i mean_t log pi(y_i,t), averaged over prompts
+        logp = token_logprobs(trainer.policy.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions)
+        mask = rollout.token_mask.to(logp.dtype)
+        sequence = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        weights = torch.as_tensor(np.asarray(scored.advantages, np.float32).reshape(-1), device=logp.device)
+        return -(weights * sequence).sum() / len(rollout.items), {}

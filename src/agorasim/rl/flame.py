@@ -17,8 +17,12 @@ ones as an option) is an **[inf]** reconstruction after UGR's analogous code, an
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from agorasim.metrics.accuracy import dcg_weights
 from agorasim.rl.advantages import DEFAULT_EPS, group_advantages
+from agorasim.rl.rollouts import list_rollout, merge_ranked
+from agorasim.rl.trainer import Method, Scored
 
 
 def step_rewards(potentials) -> np.ndarray:
@@ -161,3 +165,132 @@ def gini_after(exposure, items, weights=None) -> np.ndarray:
     s_new = total + w.sum(axis=-1)
     positive = (s_new > 0) & (n > 0)
     return np.where(positive, d_new / (2.0 * max(n, 1) * np.where(positive, s_new, 1.0)), 0.0)
+
+
+# -- the method on the trainer ---------------------------------------------------------------------
+SLATE = 10  # FLAME edits a top-10 list (its accuracy potential is NDCG@10)
+
+
+def slate_count(exposure: np.ndarray) -> float:
+    """How many top-10 slates the ledger's exposure amounts to (position weights 1/log2(pos+2))."""
+    return max(float(exposure.sum()) / float(dcg_weights(SLATE).sum()), 1.0)
+
+
+def exposure_potential(exposure: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """``-(Gini(ledger + list) - Gini(ledger)) * n_slates`` for each list (..., 10) of alive-item
+    positions: the change in exposure Gini if every slate of the window were this one, to first
+    order (one list alone moves the ledger's Gini by about 1/n_slates of that). Ours: FLAME's
+    safety potential has no exposure analogue; this keeps it on the accuracy potential's scale."""
+    base = gini_after(exposure, np.full((1, 1), -1))[0]
+    weights = dcg_weights(lists.shape[-1])
+    return -(gini_after(exposure, lists, weights) - base) * slate_count(exposure)
+
+
+def accuracy_potential(gains: np.ndarray) -> np.ndarray:
+    """DCG@10 of the list's gains over the DCG of ten gains of 1 (so adding a good item always
+    raises it; a fixed ideal, since the best possible 10 items are unknown)."""
+    weights = dcg_weights(gains.shape[-1])
+    return (gains * weights).sum(-1) / weights.sum()
+
+
+class Flame(Method):
+    """FLAME on ``rl.Trainer`` (``rl.method=flame``, settings ``rl.flame``): list editing.
+
+    ``add``: the initial list M_0 is the policy's top (10 - E) beams; the prompt is
+    ``[history, <add>, codes(M_0)]`` and a rollout appends E distinct items from the catalogue
+    minus M_0, one edit step per item. ``remove``: M_0 is the top (10 + E) beams, the prompt
+    ``[history, <remove>, codes(M_0)]``, and a rollout removes E of M_0's items; the list scored is
+    the top 10 of what remains. After every step the potentials are re-evaluated:
+    ``Phi = accuracy * accuracy_potential(click gains) + exposure * exposure_potential(ledger)``,
+    the step reward is ``Phi_t - Phi_{t-1}`` (``step_rewards``), the completion's total is their
+    sum ``Phi_E - Phi_0``, and the tokens of step t get ``A_hat + step_weight * r_t``
+    (``step_advantages``). Constrained decoding cannot produce an invalid or repeated item, so the
+    refusal reward of the paper never fires here (``refusal_rewards`` is kept for the hand check).
+    Serving: M_0 edited greedily, then the remaining beams.
+    """
+
+    name = "flame"
+    special_tokens = ("<add>", "<remove>")
+
+    def extra_positions(self, depth: int) -> int:
+        e = self.config.flame.edits
+        return 1 + (SLATE + e) * depth + e * depth
+
+    def base_size(self) -> int:
+        e = self.config.flame.edits
+        return SLATE - e if self.config.flame.task == "add" else SLATE + e
+
+    def setup(self, policy, history: np.ndarray):
+        """M_0 (B, base) and the edit prompt's suffix and item mask."""
+        base, _ = policy.beam_search(history, self.base_size())
+        token = policy.special_token(f"<{self.config.flame.task}>")
+        codes = np.where((base >= 0)[..., None], policy.tokens[np.maximum(base, 0)], -1).reshape(len(base), -1)
+        # a missing M_0 item (tiny catalogues) leaves its token slots as -1: drop them row by row is
+        # not vectorisable, so they are repeated <task> tokens instead (a no-op instruction)
+        suffix = np.concatenate([np.full((len(base), 1), token), np.where(codes >= 0, codes, token)], 1)
+        n_items = len(policy.tokens)
+        mask = np.zeros((len(base), n_items), bool)
+        rows = np.repeat(np.arange(len(base)), base.shape[1])
+        valid = base.reshape(-1) >= 0
+        mask[rows[valid], base.reshape(-1)[valid]] = True
+        if self.config.flame.task == "add":
+            mask = ~mask & policy.trie.alive[None, :n_items]
+        return base, suffix, torch.as_tensor(mask, device=policy.device)
+
+    def lists(self, base: np.ndarray, edits: np.ndarray) -> np.ndarray:
+        """``(B, G, E+1, 10)`` the list after 0..E edit steps."""
+        b, g, e = edits.shape
+        steps = np.arange(e + 1)
+        if self.config.flame.task == "add":
+            added = np.where(np.arange(e)[None, :] < steps[:, None], 1, 0)  # (E+1, E): edit j done by step t
+            head = np.broadcast_to(base[:, None, None, :], (b, g, e + 1, base.shape[1]))
+            tail = np.where(added[None, None] > 0, edits[:, :, None, :], -1)
+            return np.concatenate([head, tail], -1)[..., :SLATE]
+        removed = np.zeros((b, g, e + 1, base.shape[1]), bool)
+        for t in range(1, e + 1):  # E <= 9 steps: a short loop over steps, vectorised over the batch
+            removed[:, :, t] = removed[:, :, t - 1] | (base[:, None, :] == edits[:, :, t - 1, None])
+        kept = np.where(removed, -1, base[:, None, None, :])
+        order = np.argsort(kept < 0, axis=-1, kind="stable")  # survivors first, in M_0's order
+        return np.take_along_axis(kept, order, -1)[..., :SLATE]
+
+    def rollout(self, trainer, prompts, generator):
+        policy = trainer.policy
+        base, suffix, mask = self.setup(policy, prompts.history)
+        rollout = list_rollout(trainer, prompts, generator, self.config.group_size, self.config.flame.edits,
+                               self.config.temperature, suffix, mask)
+        rollout.extra["base"] = base
+        return rollout
+
+    def score(self, trainer, prompts, rollout, judge):
+        cfg, policy = self.config.flame, trainer.policy
+        lists = self.lists(rollout.extra["base"], rollout.items)  # (B, G, E+1, 10)
+        click = judge.judge(prompts, lists)["click"]
+        potential = cfg.accuracy * accuracy_potential(click)
+        exposure = judge.exposure_state()
+        if cfg.exposure > 0 and exposure is not None:
+            alive = np.flatnonzero(exposure.alive)
+            position = np.full(len(exposure.alive), -1)
+            position[alive] = np.arange(len(alive))
+            mapped = np.where(lists >= 0, position[np.maximum(lists, 0)], -1)
+            potential = potential + cfg.exposure * exposure_potential(exposure.item_exposure[alive], mapped)
+        steps = step_rewards(potential)  # (B, G, E)
+        steps = np.where(rollout.items >= 0, steps, 0.0)
+        total = steps.sum(-1)
+        advantages = step_advantages(group_advantages(total, self.config.advantage_scale), steps,
+                                     cfg.step_weight, cfg.normalise_steps)
+        depth = policy.levels + 1
+        stats = {"flame/potential_start": float(potential[..., 0].mean()),
+                 "flame/potential_end": float(potential[..., -1].mean())}
+        return Scored({"step": steps}, total, np.repeat(advantages, depth, axis=-1), stats)
+
+    def serve(self, policy, history, k, round):
+        base, suffix, mask = self.setup(policy, history)
+        ids, attention = (t.to(policy.device) for t in policy.prompts(history, suffix))
+        with torch.inference_mode():
+            edits, _, _ = policy.trie.sample_list(policy.model, ids, attention, self.config.flame.edits,
+                                                  greedy=True, item_mask=mask)
+        edits = edits.cpu().numpy().astype(np.int64)  # (B, 1, E)
+        head = self.lists(base, edits)[:, 0, -1]
+        beams, _ = policy.beam_search(history, k)
+        items = merge_ranked(head, beams, k)
+        return items, np.where(items >= 0, -np.arange(k, dtype=np.float64)[None, :], -np.inf)

@@ -20,6 +20,8 @@ import torch
 from agorasim.errors import UserInputError
 from agorasim.metrics.accuracy import dcg_weights
 from agorasim.rl.advantages import DEFAULT_EPS, group_advantages
+from agorasim.rl.rollouts import list_rollout, serve_list
+from agorasim.rl.trainer import Method, Scored
 
 NEEDS = ("rel", "explore", "trend", "niche")
 
@@ -189,3 +191,160 @@ def need_gains(need: str, click, first_code_seen=None, popularity=None,
     exposure = field(exposure, "exposure").astype(np.float64)
     assert np.all(exposure >= 0), "exposure must be non-negative"
     return click / np.log(2.0 + exposure)
+
+
+# -- the method on the trainer ---------------------------------------------------------------------
+def item_gains(policy, need: str, prompts, items: np.ndarray, click: np.ndarray, exposure) -> np.ndarray:
+    """``need_gains`` of ``items`` (any shape ``(B, ...)``) for the prompts' users: the history's
+    first codes (explore), interaction counts scaled to [0, 1] (trend), ledger exposure (niche)."""
+    safe = np.maximum(items, 0)
+    first = policy.tokens[safe][..., 0]
+    seen_codes = np.where(prompts.history >= 0, policy.tokens[np.maximum(prompts.history, 0)][..., 0], -1)
+    flat = first.reshape(len(items), -1)
+    seen = (flat[:, :, None] == seen_codes[:, None, :]).any(2).reshape(items.shape)
+    popularity = exposure_field = None
+    if exposure is not None:
+        counts = exposure.interactions.astype(np.float64)
+        popularity = counts[safe] / max(float(counts.max(initial=0.0)), 1.0)
+        exposure_field = exposure.item_exposure[safe]
+    elif need in ("trend", "niche"):
+        raise ValueError(f"FlexRec need {need!r} needs the platform's exposure state")
+    gains = need_gains(need, click, seen, popularity, exposure_field)
+    return np.where(items >= 0, gains, 0.0)
+
+
+class Critic(torch.nn.Module):
+    """FlexRec's critic: (mu, log sigma^2) of an item's credit from (user, item) features.
+
+    The features are the policy's own input embeddings, detached: the mean embedding of the prompt's
+    real tokens and the mean embedding of the item's tokens, so the critic reads what the policy
+    reads but never moves it.
+    """
+
+    def __init__(self, width: int, hidden: int = 32):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(2 * width, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, 2))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.net(features)
+        return out[..., 0], out[..., 1].clamp(-10.0, 10.0)
+
+
+class FlexRec(Method):
+    """FlexRec on ``rl.Trainer`` (``rl.method=flexrec``, settings ``rl.flexrec``) [inf].
+
+    The prompt is ``[history, <need>]``. Each prompt gets a closed candidate set: the policy's own
+    top beams plus random alive items (``top_candidates`` + ``random_candidates``). G ranked lists
+    of K distinct candidates are sampled under the candidate trie (``list_rollout``, a per-prompt
+    item mask); each listed item gets the swap credit ``swap_credit`` of NDCG@K under the need's
+    gains (the ideal DCG over the whole candidate set), normalised over all items of the prompt's
+    G lists (``item_advantages``) and scaled by ``1 / (1 + lambda sigma^2)`` where ``sigma^2`` is the
+    critic's predicted variance of that item's credit; the item's advantage is given to its L+1
+    tokens. The critic is trained after the policy step by Gaussian NLL on the credits.
+    The need may switch mid-run (``need_switch_round``), which changes both the prompt token and
+    the gains. Serving: the greedy K-list of the ``[history, <need>]`` prompt, then its beams.
+    """
+
+    name = "flexrec"
+    special_tokens = tuple(f"<{need}>" for need in NEEDS)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.critic: Critic | None = None
+        self.critic_optimizer = None
+
+    def extra_positions(self, depth: int) -> int:
+        return 1 + self.config.flexrec.list_size * depth
+
+    def need_at(self, round: int) -> str:
+        cfg = self.config.flexrec
+        if cfg.need_switch_round is not None and round >= cfg.need_switch_round:
+            return cfg.need_after
+        return cfg.need
+
+    def suffix(self, policy, n: int, round: int) -> np.ndarray:
+        return np.full((n, 1), policy.special_token(f"<{self.need_at(round)}>"), np.int64)
+
+    def serve(self, policy, history, k, round):
+        cfg = self.config.flexrec
+        suffix = self.suffix(policy, len(history), round)
+        if cfg.serve == "beam":
+            return policy.beam_search(history, k, suffix)
+        return serve_list(policy, history, k, cfg.list_size, suffix)
+
+    def rollout(self, trainer, prompts, generator):
+        cfg, policy = self.config.flexrec, trainer.policy
+        device = policy.device
+        suffix = self.suffix(policy, len(prompts), prompts.round)
+        top, _ = policy.beam_search(prompts.history, cfg.top_candidates, suffix)
+        n_items = len(policy.tokens)
+        alive = torch.as_tensor(policy.trie.alive, device=device)
+        keys = torch.rand((len(prompts), n_items), generator=generator, device=device)
+        keys = keys.masked_fill(~alive, -1.0)
+        top_t = torch.as_tensor(top, device=device)
+        rows = torch.arange(len(prompts), device=device)[:, None].expand_as(top_t)
+        keys[rows[top_t >= 0], top_t[top_t >= 0]] = -1.0
+        n_random = min(cfg.random_candidates, n_items)
+        value, extra = keys.topk(n_random, dim=1) if n_random else (keys[:, :0], keys[:, :0].long())
+        extra = torch.where(value >= 0, extra, torch.full_like(extra, -1))
+        candidates = torch.cat([top_t, extra], 1)
+        mask = torch.zeros((len(prompts), n_items), dtype=torch.bool, device=device)
+        valid = candidates >= 0
+        mask[rows[:, :1].expand_as(candidates)[valid], candidates[valid]] = True
+        rollout = list_rollout(trainer, prompts, generator, self.config.group_size, cfg.list_size,
+                               self.config.temperature, suffix, mask)
+        rollout.extra["candidates"] = candidates.cpu().numpy()
+        draw = torch.rand(rollout.items.shape, generator=generator, device=generator.device)
+        rollout.extra["draw"] = draw.cpu().numpy().astype(np.float64)
+        if self.critic is None:
+            width = policy.model.get_input_embeddings().weight.shape[1]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+                self.critic = Critic(width).to(device)
+            self.critic_optimizer = torch.optim.Adam(self.critic.parameters(), lr=self.config.flexrec.critic_lr)
+        return rollout
+
+    def features(self, policy, rollout) -> torch.Tensor:
+        """``(B, G, K, 2d)`` detached critic features (see ``Critic``)."""
+        table = policy.model.get_input_embeddings().weight.detach()
+        mask = rollout.prompt_mask.to(table.dtype)
+        user = (table[rollout.prompt_ids] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        b, g, k = rollout.items.shape
+        tokens = torch.as_tensor(policy.tokens[np.maximum(rollout.items, 0)], device=table.device)  # (B,G,K,depth)
+        item = table[tokens].mean(-2)
+        return torch.cat([user[:, None, None, :].expand(b, g, k, -1), item], -1)
+
+    def score(self, trainer, prompts, rollout, judge):
+        cfg, policy = self.config.flexrec, trainer.policy
+        need = self.need_at(prompts.round)
+        items, candidates = rollout.items, rollout.extra["candidates"]
+        exposure = judge.exposure_state()
+        click = judge.judge(prompts, items)["click"]
+        if cfg.noise == "bernoulli":
+            click = (rollout.extra["draw"] < click).astype(np.float64)
+        gains = item_gains(policy, need, prompts, items, click, exposure)
+        ideal = item_gains(policy, need, prompts, candidates, judge.judge(prompts, candidates)["click"], exposure)
+        credit = swap_credit(gains, ideal[:, None, :])
+        credit = np.where(items >= 0, credit, 0.0)
+        advantages = item_advantages(credit)
+        with torch.no_grad():
+            _, log_var = self.critic(self.features(policy, rollout))
+        log_var = log_var.cpu().numpy().astype(np.float64)
+        advantages = uncertainty_scaled(advantages, log_var, cfg.uncertainty) * (items >= 0)
+        rollout.extra["credit"] = credit
+        depth = policy.levels + 1
+        per_token = np.repeat(advantages, depth, axis=-1)  # (B, G, K * depth): an item's tokens share it
+        ndcg = list_ndcg(gains, ideal[:, None, :])
+        stats = {"flexrec/ndcg": float(ndcg.mean()), "flexrec/sigma2_mean": float(np.exp(log_var).mean()),
+                 "flexrec/need": float(NEEDS.index(need))}
+        return Scored({"credit": credit, "gain": gains}, ndcg, per_token, stats)
+
+    def after_step(self, trainer, rollout, scored):
+        valid = torch.as_tensor(rollout.items >= 0, device=trainer.policy.device)
+        mu, log_var = self.critic(self.features(trainer.policy, rollout))
+        target = torch.as_tensor(rollout.extra["credit"], dtype=mu.dtype, device=mu.device)
+        loss = gaussian_nll(mu[valid], log_var[valid], target[valid])
+        self.critic_optimizer.zero_grad()
+        loss.backward()
+        self.critic_optimizer.step()
+        return {"flexrec/critic_nll": float(loss.detach())}

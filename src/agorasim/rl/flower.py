@@ -23,6 +23,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from agorasim.policy.trie import token_logprobs
+from agorasim.rl.rollouts import item_rollout
+from agorasim.rl.trainer import Method, Scored
+
 
 def _levels(codes: np.ndarray):
     """For each depth ``l = 0..D``: the distinct ``l``-prefixes and each item's prefix index."""
@@ -202,3 +206,123 @@ def personalised_log_reward(log_r, s) -> np.ndarray:
         Float64 array of the broadcast shape.
     """
     return np.asarray(log_r, dtype=np.float64) / np.asarray(s, dtype=np.float64)
+
+
+# -- the method on the trainer ---------------------------------------------------------------------
+def trie_path_log_flows(trie, rewards: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """``(B, G, D+1)`` log-flows along the trie paths of ``items`` (B, G), from per-item rewards
+    ``rewards`` (``(n_items,)`` shared, or ``(B, n_items)`` one row per prompt; dead items count 0).
+
+    ``F(s) = sum of R_i over the alive items under prefix s``, from the trie's own prefix ids
+    (``CatalogueTrie.item_prefix``), so it is exact for the catalogue decoding sees. Column 0 is
+    the root's flow (all alive items), column D the item's own reward.
+    """
+    b, g = items.shape
+    rewards = np.broadcast_to(np.asarray(rewards, np.float64), (b, len(trie.codes)))
+    rewards = np.where(trie.alive[None, :], rewards, 0.0)
+    safe = np.maximum(items, 0)
+    out = np.empty((b, g, trie.depth + 1))
+    rows = np.arange(b)
+    for level in range(trie.depth):  # D+1 levels, each one bincount over the batch x catalogue
+        n_prefix = trie.n_prefixes[level]
+        prefix = np.maximum(trie.item_prefix[:, level], 0)
+        index = (rows[:, None] * n_prefix + prefix[None, :]).ravel()
+        flows = np.bincount(index, weights=rewards.ravel(), minlength=b * n_prefix).reshape(b, n_prefix)
+        out[:, :, level] = np.take_along_axis(flows, trie.item_prefix[safe, level], 1)
+    out[:, :, -1] = np.take_along_axis(rewards, safe, 1)
+    with np.errstate(divide="ignore"):
+        return np.log(out)
+
+
+class Flower(Method):
+    """Flower on ``rl.Trainer`` (``rl.method=flower``, settings ``rl.flower``).
+
+    Each prompt samples ``samples`` items from the trie at temperature 1 (Flower's single
+    rollout); the loss is ``theta * SFT + (1 - theta) * SubTB``: SFT is the token cross-entropy of
+    the prompt's target item (the item the user clicked this round, the held-out item offline),
+    SubTB (``subtb_loss``) is sub-trajectory balance along the sampled item's 4-step path with
+    exact log-flows from the item rewards (``trie_path_log_flows``) and the trie-renormalised
+    step log-probabilities (``pf_unmasked``: the full-vocabulary ones, as the authors' code).
+    Rewards ``R_i``: ``counts`` = interaction counts + smoothing (the paper's default),
+    ``uniform``/``merit`` = the platform's target share of the item's popularity group spread over
+    the group (``reward_from_target_shares``), ``personal`` = ``(v_i / sum v)^(1/s_ui)`` with
+    ``s_ui`` the user's normalised click probabilities (``normalise_s``; SASRec's in the paper).
+    At SubTB = 0 the policy generates item i with probability R_i / sum R. Not a policy gradient:
+    no advantages, reference or clipping.
+    """
+
+    name = "flower"
+    policy_gradient = False
+
+    def rollout(self, trainer, prompts, generator):
+        return item_rollout(trainer, prompts, generator, self.config.flower.samples, "sample", 1.0)
+
+    def rewards(self, trainer, prompts, judge) -> np.ndarray:
+        """``(n_items,)`` or ``(B, n_items)`` item rewards R (see the class docstring)."""
+        cfg, policy = self.config.flower, trainer.policy
+        exposure = judge.exposure_state()
+        n = len(policy.tokens)
+        counts = np.zeros(n) if exposure is None else np.asarray(exposure.interactions, np.float64)[:n]
+        if cfg.reward == "counts":
+            return reward_from_counts(counts, cfg.smoothing)
+        if cfg.reward in ("uniform", "merit"):
+            if exposure is None:
+                raise ValueError(f"Flower reward {cfg.reward!r} needs the platform's exposure state")
+            share = (np.full(len(exposure.share), 1.0 / len(exposure.share)) if cfg.reward == "uniform"
+                     else exposure.target_share)
+            groups = np.where(policy.trie.alive, exposure.groups[:n], -1)
+            reward = reward_from_target_shares(groups, share)
+            return np.maximum(reward, 1e-12 * reward.max(initial=1.0))
+        counts = reward_from_counts(counts, cfg.smoothing)
+        alive = np.flatnonzero(policy.trie.alive)
+        items = np.broadcast_to(alive, (len(prompts), len(alive)))
+        s = normalise_s(judge.judge(prompts, items)["click"])
+        log_r = np.full((len(prompts), n), -np.inf)
+        log_r[:, alive] = personalised_log_reward(np.log(counts[alive] / counts[alive].sum()), s)
+        return np.exp(log_r - log_r.max(axis=1, keepdims=True))  # scale-free: flows are ratios
+
+    def score(self, trainer, prompts, rollout, judge):
+        reward = self.rewards(trainer, prompts, judge)
+        log_flow = trie_path_log_flows(trainer.policy.trie, reward, rollout.items)
+        rollout.extra["log_flow"] = log_flow
+        rollout.extra["target"] = prompts.target
+        item_reward = log_flow[..., -1] - log_flow[..., 0]  # log R_y / sum R: the target log-probability
+        zeros = np.zeros(rollout.items.shape)
+        return Scored({"log_target_prob": item_reward}, item_reward, zeros)
+
+    def loss(self, trainer, rollout, scored, old_logp, ref_logp):
+        cfg, policy = self.config.flower, trainer.policy
+        valid = torch.as_tensor((rollout.items >= 0).reshape(-1), device=policy.device)
+        logp, logp_all = token_logprobs(policy.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions,
+                                        return_log_softmax=True)
+        if cfg.pf_unmasked:
+            log_pi = logp
+        else:
+            log_pi = logp - self.allowed_logsumexp(policy, rollout.items.reshape(-1), logp_all)
+        log_flow = torch.as_tensor(rollout.extra["log_flow"].reshape(-1, policy.trie.depth + 1), device=logp.device)
+        subtb = subtb_loss(log_flow[valid], log_pi[valid]) if valid.any() else logp.sum() * 0.0
+        target = rollout.extra["target"]
+        has = target >= 0
+        if has.any():
+            rows = torch.as_tensor(np.flatnonzero(has), device=logp.device)
+            tokens = torch.as_tensor(policy.tokens[target[has]], device=logp.device)
+            sft = -token_logprobs(policy.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], tokens).mean()
+        else:
+            sft = logp.sum() * 0.0
+        loss = cfg.theta * sft + (1.0 - cfg.theta) * subtb
+        mismatch = (log_pi.detach().sum(-1) - (log_flow[:, -1] - log_flow[:, 0]))[valid]
+        return loss, {"flower/subtb": float(subtb.detach()), "flower/sft": float(sft.detach()),
+                      "flower/log_ratio_mean": float(mismatch.mean()) if valid.any() else float("nan")}
+
+    @staticmethod
+    def allowed_logsumexp(policy, items: np.ndarray, logp_all: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` log of the allowed codes' total probability at each step of each path."""
+        trie = policy.trie
+        prefix = torch.as_tensor(trie.item_prefix[np.maximum(items, 0)], device=logp_all.device)
+        out = []
+        for level in range(trie.depth):
+            start = int(trie.offsets[level])
+            allowed = trie.children(level, prefix[:, level]) >= 0
+            codes = logp_all[:, level, start:start + trie.level_sizes[level]]
+            out.append(torch.logsumexp(codes.masked_fill(~allowed, -torch.inf), dim=-1))
+        return torch.stack(out, 1)

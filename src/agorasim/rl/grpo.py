@@ -10,39 +10,11 @@ rewards of ``rl.rewards`` (``rl/rewards.py``) on the judge's verified ratings an
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from agorasim.rl.advantages import combine
 from agorasim.rl.rewards import RewardContext, compute_rewards
+from agorasim.rl.rollouts import item_rollout
 from agorasim.rl.trainer import Judge, Method, Prompts, Rollout, Scored
-
-
-def item_rollout(trainer, prompts: Prompts, generator: torch.Generator, group_size: int, rollout: str,
-                 temperature: float = 1.0, suffix: np.ndarray | None = None) -> Rollout:
-    """G items per prompt under the catalogue trie: the top-G beams or G constrained samples.
-
-    Args:
-        trainer: The trainer (its ``policy`` decodes).
-        prompts: The batch.
-        generator: Draws the samples (unused by beams).
-        group_size: G.
-        rollout: ``"beam"`` or ``"sample"``.
-        temperature: Sampling temperature.
-        suffix: Optional ``(B, S)`` tokens appended to the prompts (an instruction).
-    """
-    policy = trainer.policy
-    ids, mask = (t.to(policy.device) for t in policy.prompts(prompts.history, suffix))
-    if rollout == "beam":
-        items, scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=group_size)
-    else:
-        items, scores, _ = policy.trie.sample(policy.model, ids, mask, num_samples=group_size,
-                                              temperature=temperature, generator=generator)
-    items = items.cpu().numpy().astype(np.int64)
-    depth = policy.levels + 1
-    valid = items >= 0
-    completions = torch.from_numpy(policy.tokens[np.maximum(items, 0)].reshape(-1, depth)).to(policy.device)
-    token_mask = torch.from_numpy(np.repeat(valid.reshape(-1, 1), depth, 1)).to(policy.device)
-    return Rollout(items, scores.float().cpu().numpy().astype(np.float64), ids, mask, completions, token_mask)
 
 
 def reward_context(prompts: Prompts, rollout: Rollout, judge: Judge, need_judgement: bool = True) -> RewardContext:

@@ -7,11 +7,21 @@
 from __future__ import annotations
 
 from agorasim.errors import UserInputError
+from agorasim.rl.blade import Blade
+from agorasim.rl.flame import Flame
+from agorasim.rl.flexrec import FlexRec
+from agorasim.rl.flower import Flower
 from agorasim.rl.grpo import GRPO
 from agorasim.rl.trainer import Method
+from agorasim.rl.ugr import UGR
 
 METHODS: dict[str, type[Method]] = {
     "grpo": GRPO,
+    "ugr": UGR,
+    "flexrec": FlexRec,
+    "flame": Flame,
+    "blade": Blade,
+    "flower": Flower,
 }
 
 

@@ -42,11 +42,13 @@ class Prompts:
         history: ``(B, H)`` item ids, most recent last, ``-1`` padded on the left.
         target: ``(B,)`` the item the user chose next (clicked this round in the market, the
             held-out next item offline), ``-1`` if none.
+        round: the market round of the step (0 offline).
     """
 
     users: np.ndarray
     history: np.ndarray
     target: np.ndarray
+    round: int = 0
 
     def __len__(self) -> int:
         return len(self.history)
@@ -136,9 +138,10 @@ class Method:
         """Tokens the method's prompts and completions add beyond one history and one item."""
         return 0
 
-    def serve_suffix(self, policy, n: int) -> np.ndarray | None:
-        """``(n, S)`` tokens appended to the serving prompts (e.g. an instruction), or None."""
-        return None
+    def serve(self, policy, history: np.ndarray, k: int, round: int) -> tuple[np.ndarray, np.ndarray]:
+        """What the policy shows when it serves: ``(B, k)`` items and non-increasing scores.
+        Default: the top-k constrained beams of the plain prompt."""
+        return policy.beam_search(history, k)
 
     def rollout(self, trainer: "Trainer", prompts: Prompts, generator: torch.Generator) -> Rollout:
         raise NotImplementedError  # every registered method overrides it
@@ -215,7 +218,7 @@ class Trainer:
         timer["score"] = time.perf_counter() - t
         t = time.perf_counter()
         train, scored_train, keep = rollout, scored, np.arange(len(prompts))
-        if rl.dynamic_sampling:  # DAPO: drop groups whose advantages are all 0 (nothing to learn)
+        if rl.dynamic_sampling and method.policy_gradient:  # DAPO: drop groups whose advantages are all 0
             advantages = np.asarray(scored.advantages)
             keep = np.flatnonzero(np.abs(advantages.reshape(len(prompts), -1)).max(1) > 0)
             train = rollout.select(keep)

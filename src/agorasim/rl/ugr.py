@@ -28,6 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agorasim.policy.trie import token_logprobs
+from agorasim.rl.advantages import group_advantages
+from agorasim.rl.rollouts import item_rollout
+from agorasim.rl.trainer import Method, Scored
+
 CONF_REDUCTIONS = ("hit_groups", "all_groups")
 
 
@@ -207,3 +212,95 @@ def confidence_auc(conf, hit) -> float:
     below = np.searchsorted(negatives, positives, side="left")
     tied = np.searchsorted(negatives, positives, side="right") - below
     return float((below + 0.5 * tied).sum() / (positives.size * negatives.size))
+
+
+# -- the method on the trainer ---------------------------------------------------------------------
+class UGR(Method):
+    """UGR on ``rl.Trainer`` (``rl.method=ugr``, settings ``rl.ugr``).
+
+    One step: the top-G constrained beams per prompt (UGR's sampler); a beam is *correct* when the
+    user clicks it (``correct=click``: a Bernoulli draw of the simulated user's click probability,
+    the market's verified feedback, with k* the best clicked rank) or when it is the target item
+    (``correct=target``: exact UGR, the held-out next item offline); ``ugr_rewards`` with
+    length-normalised beam scores; group advantages (sample std + 1e-4); the difficulty factor
+    ``alpha(k*)`` and, with ``token_weight``, the token reward; plus the confidence loss from the
+    ``<conf_neg>``/``<conf_pos>`` logits after ``[prompt, item, <conf_query>]``, added unscaled and
+    only for groups with a correct beam.
+
+    Deviation, exact in value: UGR multiplies the group's loss by alpha; here alpha multiplies the
+    group's advantages, which is the same loss because UGR is KL-free (beta = 0) and on-policy
+    (ratio 1), where the per-token loss is ``-A``. With ``rl.beta > 0`` or ``updates_per_batch > 1``
+    (not UGR's setting) the KL term is then not scaled.
+    """
+
+    name = "ugr"
+    special_tokens = ("<conf_neg>", "<conf_pos>", "<conf_query>")
+
+    def extra_positions(self, depth: int) -> int:
+        return 2  # the query token and the confidence token after the item
+
+    def rollout(self, trainer, prompts, generator):
+        rl = self.config
+        rollout = item_rollout(trainer, prompts, generator, rl.group_size, "beam")
+        # uniforms of the click draws, taken now so the step's randomness is the generator's alone
+        draw = torch.rand(rollout.items.shape, generator=generator, device=generator.device)
+        rollout.extra["draw"] = draw.cpu().numpy().astype(np.float64)
+        return rollout
+
+    def correct(self, prompts, rollout, judge) -> np.ndarray:
+        """``(B, G)`` bool: the beams counted as correct (see the class docstring)."""
+        items = rollout.items
+        if self.config.ugr.correct == "target":
+            return (items == prompts.target[:, None]) & (prompts.target[:, None] >= 0) & (items >= 0)
+        click = judge.judge(prompts, items)["click"]
+        return (rollout.extra["draw"] < click) & (items >= 0)
+
+    def score(self, trainer, prompts, rollout, judge):
+        cfg, depth = self.config.ugr, trainer.policy.levels + 1
+        hit = self.correct(prompts, rollout, judge)
+        rewards = ugr_rewards(hit, rollout.scores, lengths=depth if cfg.length_normalise else None)
+        advantages = group_advantages(rewards, self.config.advantage_scale)
+        kstar = first_hit_rank(hit)
+        alpha = difficulty_alpha(kstar, rollout.group_size, cfg.alpha_min)
+        if cfg.token_weight > 0:
+            # tau_{k,t} = 1 up to the first code that differs from the target's path
+            target = trainer.policy.tokens[np.maximum(prompts.target, 0)]  # (B, depth)
+            path = trainer.policy.tokens[np.maximum(rollout.items, 0)]  # (B, G, depth)
+            same = np.cumprod(path == target[:, None, :], axis=2).astype(np.float64)
+            same *= (prompts.target >= 0)[:, None, None] & (rollout.items >= 0)[..., None]
+            advantages = advantages[..., None] + cfg.token_weight * same
+            advantages = advantages * alpha[:, None, None]
+        else:
+            advantages = advantages * alpha[:, None]
+        first_code = trainer.policy.tokens[np.maximum(rollout.items, 0)][..., 0]
+        hit_code = np.take_along_axis(first_code, np.maximum(kstar, 0)[:, None], 1)
+        partial = ~hit & (first_code == hit_code) & (kstar >= 0)[:, None]
+        rollout.extra.update(hit=hit, partial=partial)
+        stats = {"ugr/alpha_mean": float(alpha.mean()), "ugr/correct_share": float(hit[rollout.items >= 0].mean())
+                 if (rollout.items >= 0).any() else float("nan")}
+        return Scored({"ugr": rewards}, rewards, advantages, stats)
+
+    def loss(self, trainer, rollout, scored, old_logp, ref_logp):
+        loss, stats = super().loss(trainer, rollout, scored, old_logp, ref_logp)
+        cfg = self.config.ugr
+        hit, partial = rollout.extra["hit"], rollout.extra["partial"]
+        if hit.any() and (cfg.lambda_partial > 0 or cfg.lambda_wrong > 0):
+            conf = self.confidence(trainer.policy, rollout)
+            conf_loss = confidence_loss(conf, hit, partial, cfg.lambda_partial, cfg.lambda_wrong)
+            loss = loss + conf_loss
+            valid = rollout.items >= 0
+            stats["ugr/conf_loss"] = float(conf_loss.detach())
+            stats["ugr/conf_auc"] = confidence_auc(conf.detach().cpu().numpy()[valid], hit[valid])
+        return loss, stats
+
+    def confidence(self, policy, rollout) -> torch.Tensor:
+        """``(B, G)`` confidence c_k: softmax over (``<conf_neg>``, ``<conf_pos>``) of the logits after
+        ``[prompt, item tokens, <conf_query>]``, the ``<conf_pos>`` entry (differentiable)."""
+        neg, pos, query = (policy.special_token(t) for t in self.special_tokens)
+        n = rollout.completions.shape[0]
+        tail = torch.tensor([query, pos], device=rollout.completions.device).expand(n, 2)
+        path = torch.cat([rollout.completions, tail], 1)
+        _, logp_all = token_logprobs(policy.model, rollout.prompt_ids, rollout.prompt_mask, path,
+                                     return_log_softmax=True)
+        pair = logp_all[:, -1, [neg, pos]]  # the distribution after the query token
+        return torch.softmax(pair, dim=-1)[:, 1].reshape(rollout.items.shape)

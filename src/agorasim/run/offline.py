@@ -48,7 +48,7 @@ from agorasim.data.amazon import HISTORY_LEN, AmazonData, item_embeddings, load_
 from agorasim.errors import UserInputError
 from agorasim.metrics import exposure as exposure_metrics
 from agorasim.metrics.accuracy import dcg_weights, hr_at_k, ndcg_next_item_at_k
-from agorasim.policy.generative import FIRST_CODE_TOKEN, GenerativePolicy, build_model
+from agorasim.policy.generative import FIRST_CODE_TOKEN, GenerativePolicy
 from agorasim.policy.sasrec import SASRec, SASRecPolicy, next_item_windows, torch_threads
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
 from agorasim.policy.trie import CatalogueTrie
@@ -305,11 +305,10 @@ def build_generative(embeddings: np.ndarray, config: OfflineConfig, rng: np.rand
         raise UserInputError(f"eval codebook_size: {error}") from None
     policy.tokens = codes_to_tokens(codes, policy.ids.level_sizes, FIRST_CODE_TOKEN)
     policy.trie = CatalogueTrie(codes, policy.ids.level_sizes, FIRST_CODE_TOKEN)
-    vocab = FIRST_CODE_TOKEN + int(sum(policy.ids.level_sizes))
-    # BOS + prompt items + SEP + the generated item, each item L+1 tokens; 8 spare positions
-    positions = 2 + (policy.prompt_items + 1) * (config.levels + 1) + 8
-    policy.model = build_model(vocab, config.hidden, config.layers, config.heads, positions, "qwen2",
-                               seed=int(rng.integers(2**31)))
+    # the vocabulary holds every method's special tokens (none for grpo, so its model is unchanged)
+    from agorasim.rl.methods import make_method
+
+    policy.build_lm([make_method(rl_config(config, m)) for m in config.methods], seed=int(rng.integers(2**31)))
     policy.ready = True
     return policy
 

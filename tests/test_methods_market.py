@@ -1,0 +1,126 @@
+"""The seed methods on the trainer, inside the market: every method trains every parameter, is
+deterministic and resumes exactly, and serves only listed items in a world where items leave."""
+
+import json
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from agorasim.rl.flame import Flame
+from agorasim.rl.flower import path_log_flows, trie_path_log_flows
+from agorasim.rl.methods import METHODS
+from agorasim.rl.rollouts import merge_ranked
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_generative import tiny_market  # noqa: E402
+
+METHOD_NAMES = sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_one_step_of_every_method_changes_every_parameter(method):
+    market = tiny_market(f"rl.method={method}")
+    for _ in range(2):  # warm-up, then SFT at the end of round 1
+        market.step()
+    policy = market.policy
+    before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
+    market.step()  # the method's first step
+    row = market.rows[-1]
+    assert np.isfinite(row["train/loss"]) and row["train/step"] == 1
+    changed = [name for name, p in policy.model.named_parameters() if not torch.equal(p, before[name])]
+    assert sorted(changed) == sorted(before)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_is_deterministic_and_resumes_exactly(method):
+    straight = tiny_market(f"rl.method={method}")
+    for _ in range(5):
+        straight.step()
+    first = tiny_market(f"rl.method={method}")
+    for _ in range(3):
+        first.step()
+    resumed = pickle.loads(pickle.dumps(first))
+    for _ in range(2):
+        resumed.step()
+    assert json.dumps(resumed.rows) == json.dumps(straight.rows)
+    assert resumed.train_rows[-1]["train/loss"] == straight.train_rows[-1]["train/loss"]
+
+
+def test_sft_only_arm_never_steps_and_refits_on_schedule():
+    market = tiny_market("rl.method=none", "policy.params={warmup_rounds: 2, levels: 2, codebook_size: 16, "
+                         "hidden: 32, layers: 1, heads: 2, prompt_items: 4, beams: 12, sft_epochs: 3, sft_every: 2}")
+    for _ in range(6):
+        market.step()
+    assert market.policy.trainer is None
+    sft_rounds = [r["round"] for r in market.rows if "train/sft_loss" in r]
+    # the warm start after round 1, then a refit every 2 rounds: (round + 1 - 2) % 2 == 0
+    assert sft_rounds == [1, 3, 5]
+    assert not any("train/loss" in r for r in market.rows)
+
+
+@pytest.mark.parametrize("method", ["grpo", "flexrec", "flame", "blade"])
+def test_only_listed_items_are_shown_after_items_leave(method):
+    # providers whose exposure stays under the threshold for 1 round leave: items die from round 1
+    market = tiny_market(f"rl.method={method}", "agents.items.exit_window=1", "agents.items.exit_threshold=0.9",
+                         "agents.items.min_providers=2")
+    seen = []
+
+    class Spy:
+        def on_round(self, market, row, users, slates, feedback, alive, window):
+            seen.append((slates.copy(), alive.copy()))
+
+    market.recorder = Spy()
+    for _ in range(6):
+        market.step()
+    cat = market.world.catalogue
+    dead = np.flatnonzero(~cat.alive[: cat.n])
+    assert len(dead) > 0  # the case this test names: items have left the market
+    # the policy served after the exits: its trie knows they are gone
+    assert market.policy.ready and not market.policy.trie.alive[dead[dead < len(market.policy.trie.alive)]].any()
+    for shown, alive in seen:
+        assert np.isin(shown[shown >= 0], alive).all()
+
+
+def test_merge_ranked_keeps_the_head_then_new_tail_items():
+    head = np.array([[3, 5, -1], [1, 2, 3]])
+    tail = np.array([[5, 7, 3, 8], [3, 9, 1, 4]])
+    # row 0: 3, 5, then 7 and 8 (5 and 3 repeat), padded; row 1: 1, 2, 3, then 9, 4
+    np.testing.assert_array_equal(merge_ranked(head, tail, 5), [[3, 5, 7, 8, -1], [1, 2, 3, 9, 4]])
+
+
+def test_trie_flows_equal_the_code_path_flows():
+    from agorasim.policy.trie import CatalogueTrie
+
+    codes = np.array([[1, 2], [1, 3], [4, 0], [0, 1]])
+    trie = CatalogueTrie(codes, [5, 5], first_token=3, alive=np.array([True, True, True, False]))
+    reward = np.array([6.0, 2.0, 2.0, 100.0])  # the dead item's reward must not count
+    items = np.array([[0, 1], [2, 0]])
+    got = trie_path_log_flows(trie, reward, items)
+    want = path_log_flows(codes[:3], reward[:3], items.reshape(-1)).reshape(2, 2, 3)
+    np.testing.assert_allclose(got, want)
+    # A = (1, 2): log F = log 10, log 8 (prefix 1: A + B), log 6
+    np.testing.assert_allclose(np.exp(got[0, 0]), [10.0, 8.0, 6.0])
+
+
+def test_flame_lists_by_hand():
+    class Cfg:
+        class flame:
+            task, edits = "add", 2
+
+    method = Flame.__new__(Flame)
+    method.config = Cfg
+    base = np.array([[10, 11, 12, 13, 14, 15, 16, 17]])
+    edits = np.array([[[20, 21]]])
+    lists = method.lists(base, edits)
+    assert lists.shape == (1, 1, 3, 10)
+    assert lists[0, 0, 0].tolist() == [10, 11, 12, 13, 14, 15, 16, 17, -1, -1]
+    assert lists[0, 0, 2].tolist() == [10, 11, 12, 13, 14, 15, 16, 17, 20, 21]
+    Cfg.flame.task = "remove"
+    base = np.arange(12)[None]
+    lists = method.lists(base, np.array([[[3, 0]]]))
+    assert lists[0, 0, 1].tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]  # 3 removed, 10 moves up
+    assert lists[0, 0, 2].tolist() == [1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
