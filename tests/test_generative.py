@@ -18,7 +18,16 @@ TINY = dict(warmup_rounds=2, levels=2, codebook_size=8, hidden=32, layers=1, hea
 
 
 def test_generative_policy_passes_the_policy_contract():
-    check_policy(GenerativePolicy(**TINY), rounds=3, from_candidates=False)
+    metrics = check_policy(GenerativePolicy(**TINY), rounds=3, from_candidates=False)
+    # round 1: SFT; round 2: a GRPO step on the stub oracle's rewards
+    assert "train/sft_loss" in metrics[1] and "train/loss" in metrics[2]
+
+
+@pytest.mark.parametrize("method", ["none", "ugr", "flexrec", "flame", "blade", "flower"])
+def test_every_method_passes_the_policy_contract(method):
+    metrics = check_policy(GenerativePolicy(**TINY, rl={"method": method, "group_size": 4, "users_per_step": 8}),
+                           rounds=3, from_candidates=False)
+    assert ("train/loss" in metrics[2]) == (method != "none")
 
 
 def test_prompts_are_left_padded_code_sequences():
@@ -60,7 +69,9 @@ def test_grpo_step_changes_every_parameter_and_logs_training():
 
 
 def test_generative_serves_only_alive_catalogue_items():
-    market = tiny_market()
+    # providers leave after 1 round under the threshold: the policy serves from a shrinking trie
+    market = tiny_market("agents.items.exit_window=1", "agents.items.exit_threshold=0.9",
+                         "agents.items.min_providers=2")
     slates = []
 
     class Spy:
@@ -70,6 +81,8 @@ def test_generative_serves_only_alive_catalogue_items():
     market.recorder = Spy()
     for _ in range(5):
         market.step()
+    cat = market.world.catalogue
+    assert not cat.alive[: cat.n].all()  # items left the market while the model served
     for shown, alive in slates:
         assert np.isin(shown[shown >= 0], alive).all()
 

@@ -29,7 +29,9 @@ def run_rounds(market, n):
 
 
 def test_round_invariants(small_overrides):
-    market = small_market(small_overrides)
+    # providers under the exposure threshold for 2 rounds leave, so items die during the test
+    market = small_market(small_overrides, "agents.items.exit_window=2", "agents.items.exit_threshold=0.9",
+                          "agents.items.min_providers=5")
     seen = []
 
     class Spy:
@@ -40,6 +42,8 @@ def test_round_invariants(small_overrides):
     rows = run_rounds(market, 4)
     cat = market.world.catalogue
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert sum(r["providers/exits"] for r in rows[:-1]) > 0 and not cat.alive[: cat.n].all()  # items left
+    assert len(seen[-1][3]) < cat.n  # the last round's listed items exclude them
     for users, slates, feedback, alive in seen:
         assert slates.shape == (len(users), market.config.platform.k)
         assert np.all(np.isin(slates[slates >= 0], alive))  # only listed items are shown

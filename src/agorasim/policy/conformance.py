@@ -12,6 +12,11 @@ newer than the last refit, and checks the ``Policy`` contract:
 - the same seeds give the same metrics, items and scores (so no wall-clock values in metrics);
 - the policy pickles, before and after training, and the unpickled copy recommends the same;
 - torch's and numpy's global RNGs and torch's thread count are as they were.
+
+Every round the policy first serves (``recommend``) and then learns (``update``), as in the market,
+and it is bound to ``StubOracle``, a deterministic feedback oracle, so the training path of a
+policy that learns from verified rewards (the generative policy's GRPO and seed-method steps) runs
+inside the check too.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 import torch
 
 from agorasim.env.state import Catalogue, InteractionLog
-from agorasim.policy.base import Policy, RecommendRequest
+from agorasim.policy.base import ExposureState, Policy, RecommendRequest
 
 
 def _expect(condition, message: str) -> None:
@@ -58,6 +63,31 @@ def add_random_items(catalogue: Catalogue, count: int, rng: np.random.Generator,
     return catalogue.add([f"item {catalogue.n + i}" for i in range(count)], **columns)
 
 
+class StubOracle:
+    """A deterministic feedback oracle over a catalogue: ratings and clicks from a fixed hash of
+    (user, item), exposure from the catalogue's interaction counts (no randomness, no state)."""
+
+    def __init__(self, catalogue: Catalogue, n_groups: int = 4):
+        self.catalogue, self.n_groups = catalogue, n_groups
+
+    def judge(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        users = np.asarray(users, np.int64)[:, None]
+        items = np.asarray(items, np.int64)
+        score = ((users * 7919 + np.maximum(items, 0) * 104729) % 1000) / 1000.0  # in [0, 1)
+        valid = items >= 0
+        return {"rating": np.where(valid, 10.0 * score, 0.0), "click": np.where(valid, score, 0.0)}
+
+    def exposure_state(self) -> ExposureState:
+        n = self.catalogue.n
+        counts = self.catalogue.interactions[:n].astype(np.float64)
+        groups = np.minimum(np.argsort(np.argsort(-counts, kind="stable"), kind="stable") * self.n_groups // max(n, 1),
+                            self.n_groups - 1)
+        share = np.bincount(groups, weights=counts + 1.0, minlength=self.n_groups)
+        return ExposureState(groups=groups, share=share / share.sum(),
+                             target_share=np.full(self.n_groups, 1.0 / self.n_groups), item_exposure=counts + 1.0,
+                             interactions=counts, alive=self.catalogue.alive[:n].copy())
+
+
 @dataclass
 class _Episode:
     metrics: list
@@ -77,12 +107,18 @@ def _play(policy: Policy, n_items: int, n_users: int, n_rounds: int, seed: int, 
     log = InteractionLog()
     history = np.full((n_users, history_length), -1, np.int64)
     metrics = []
+    policy.bind(StubOracle(catalogue))
+    serve_rng = np.random.default_rng(recommend_seed.spawn(1)[0])
     for round in range(n_rounds):
         if round == 1:  # arrivals between refits
             add_random_items(catalogue, 5, world, round)
         if round == 2:  # exits: some items stop being listed
             catalogue.alive[world.choice(catalogue.n, size=catalogue.n // 10, replace=False)] = False
         alive = catalogue.alive_ids()
+        # serve first, as the market does (a policy may learn from what it served)
+        pool = np.broadcast_to(alive, (n_users, len(alive)))
+        policy.recommend(RecommendRequest(users=np.arange(n_users), history=history.copy(), candidates=pool,
+                                          alive=catalogue.view("alive").copy(), k=k, round=round), serve_rng)
         slates = alive[np.argsort(world.random((n_users, len(alive))), axis=1)[:, :slate_size]]
         clicked_at = np.where(world.random(n_users) < 0.6, world.integers(slate_size, size=n_users), -1)
         click = (np.arange(slate_size) == clicked_at[:, None]).astype(np.int8)
@@ -160,7 +196,7 @@ def _check_output(name: str, episode: _Episode, from_candidates: bool) -> None:
 
 
 def check_policy(policy: Policy, n_items: int = 60, n_users: int = 20, rounds: int = 3, seed: int = 0,
-                 *, k: int = 5, from_candidates: bool = True) -> None:
+                 *, k: int = 5, from_candidates: bool = True) -> list[dict]:
     """Raise AssertionError (saying what broke) unless ``policy`` honours the ``Policy`` contract.
 
     Args:
@@ -172,6 +208,9 @@ def check_policy(policy: Policy, n_items: int = 60, n_users: int = 20, rounds: i
         k: items per user to recommend.
         from_candidates: items must come from the request's candidates (False for a generative
             policy that decodes from the whole catalogue).
+
+    Returns:
+        The metrics ``update`` returned each round (``time/*`` removed), for checks of their own.
     """
     name = type(policy).__name__
     torch_rng, numpy_rng, threads = torch.get_rng_state(), np.random.get_state(), torch.get_num_threads()
@@ -198,3 +237,4 @@ def check_policy(policy: Policy, n_items: int = 60, n_users: int = 20, rounds: i
     np_after = np.random.get_state()
     _expect(numpy_rng[0] == np_after[0] and np.array_equal(numpy_rng[1], np_after[1])
             and numpy_rng[2:] == np_after[2:], f"{name}: changed numpy's global RNG state")
+    return first.metrics
