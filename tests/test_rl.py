@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -405,3 +408,68 @@ def test_sync_reference():
         assert torch.equal(p_ref, p)
     with pytest.raises(ValueError, match="alpha must be in"):
         sync_reference(ref, model, alpha=1.5)
+
+
+def test_gspo_through_the_config_clips_at_its_own_default():
+    from agorasim.config import RLConfig
+
+    # epsilon_low is unset by default, so every loss gets its own clip range (gspo: 3e-4, 4e-4;
+    # with the old default epsilon_low = 0.2 gspo clipped at (0.2, 4e-4))
+    for loss, expected in [("gspo", (3e-4, 4e-4)), ("grpo", (0.2, 0.2)), ("dapo", (0.2, 0.28))]:
+        config = RLConfig(loss=loss)
+        assert resolve_epsilon(config.loss, config.epsilon_low, config.epsilon_high) == expected
+
+
+def test_k3_ratio_kl_estimator():
+    logp, old_logp, adv, mask = _clip_batch()
+    # reference = old policy: k3 = exp(old - logp) - (old - logp) - 1 = 1/r + ln r - 1 per token,
+    # and k3_ratio multiplies it by r: 1 + r ln r - r
+    ratios = torch.tensor([[1.5, 1.25], [0.5, 0.9], [0.7, 1.1]], dtype=torch.float64)
+    real = mask.bool()
+    k3 = (1 / ratios + ratios.log() - 1)[real].mean().item()
+    k3_ratio = (1 + ratios * ratios.log() - ratios)[real].mean().item()
+    # by hand for r = 1.5: 1 + 1.5 ln 1.5 - 1.5 = 0.108198; r = 0.5: 1 - 0.346574 - 0.5 = 0.153426
+    assert (1 + 1.5 * math.log(1.5) - 1.5) == pytest.approx(0.108198, abs=1e-6)
+    _, stats = policy_loss(logp, old_logp, adv, mask, "grpo", ref_logp=old_logp, beta=0.1)
+    assert stats["kl"] == pytest.approx(k3)
+    _, stats = policy_loss(logp, old_logp, adv, mask, "grpo", ref_logp=old_logp, beta=0.1, kl_estimator="k3_ratio")
+    assert stats["kl"] == pytest.approx(k3_ratio)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        policy_loss(logp, old_logp, adv, mask, "grpo", kl_estimator="k2")
+
+
+def test_per_token_advantages_equal_constant_ones():
+    logp, old_logp, adv, mask = _clip_batch()
+    for loss_type in LOSSES:
+        a, _ = policy_loss(logp, old_logp, adv, mask, loss_type)
+        b, _ = policy_loss(logp, old_logp, adv[:, None].expand(3, 2), mask, loss_type)
+        assert a.item() == pytest.approx(b.item(), abs=1e-12)
+
+
+LOSS_GOLDEN = Path(__file__).parent / "golden" / "losses.json"
+
+
+def test_losses_match_stored_values():
+    """Regression against stored values. They were cross-checked against TRL 1.16's
+    ``GRPOTrainer._compute_loss`` on identical tensors (values and gradients agree for all five
+    losses); regenerate with AGORASIM_WRITE_GOLDEN=1 only after an intended change."""
+    generator = torch.Generator().manual_seed(0)
+    logp = (torch.randn(6, 4, generator=generator, dtype=torch.float64) * 0.3 - 2.0).requires_grad_(True)
+    old = logp.detach() + torch.randn(6, 4, generator=generator, dtype=torch.float64) * 0.2
+    ref = logp.detach() + torch.randn(6, 4, generator=generator, dtype=torch.float64) * 0.1
+    adv = torch.randn(6, generator=generator, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1]] * 4 + [[1, 1, 0, 0]] * 2, dtype=torch.float64)
+    got = {}
+    for loss_type in LOSSES:
+        logp.grad = None
+        loss, stats = policy_loss(logp, old, adv, mask, loss_type, ref_logp=ref, beta=0.04, group_size=3)
+        loss.backward()
+        got[loss_type] = {"loss": loss.item(), "grad": logp.grad.flatten().tolist(), **stats}
+    if os.environ.get("AGORASIM_WRITE_GOLDEN"):
+        LOSS_GOLDEN.write_text(json.dumps(got, indent=1))
+    want = json.loads(LOSS_GOLDEN.read_text())
+    for loss_type in LOSSES:
+        assert got[loss_type]["loss"] == pytest.approx(want[loss_type]["loss"], rel=1e-9, abs=1e-12)
+        np.testing.assert_allclose(got[loss_type]["grad"], want[loss_type]["grad"], rtol=1e-9, atol=1e-12)
+        for key in ("clip_fraction", "kl", "ratio_mean"):
+            assert got[loss_type][key] == pytest.approx(want[loss_type][key], rel=1e-9)
