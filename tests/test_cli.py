@@ -23,7 +23,19 @@ def sets(overrides):
 
 
 def run_folders(out: Path) -> list[Path]:
-    return sorted(p for p in out.iterdir() if p.is_dir() and "__compare__" not in p.name)
+    """Run folders under ``out``: single runs, and the arms of experiment folders."""
+    found = []
+    for p in sorted(out.iterdir()):
+        if (p / "plan.yaml").exists():
+            found += sorted(a for a in (p / "arms").iterdir() if a.is_dir())
+        elif p.is_dir():
+            found.append(p)
+    return found
+
+
+def experiment_folder(out: Path) -> Path:
+    (path,) = [p for p in out.iterdir() if (p / "plan.yaml").exists()]
+    return path
 
 
 def test_cold_start_run_writes_a_complete_run_folder(tmp_path, small_overrides):
@@ -135,7 +147,7 @@ def test_several_seeds_and_policies_are_compared(tmp_path, small_overrides, caps
                 + sets(small_overrides + ["run.rounds=3"]))
     assert code == 0
     assert len(run_folders(tmp_path)) == 4
-    (compare,) = [p for p in tmp_path.iterdir() if "__compare__" in p.name]
+    compare = experiment_folder(tmp_path) / "compare"
     summary = (compare / "summary.md").read_text()
     assert "popularity+trirec" in summary and "random+trirec" in summary
     assert (compare / "compare.png").exists() and (compare / "tradeoff.png").exists()
@@ -161,5 +173,35 @@ def test_named_variants_run_beside_the_policies(tmp_path, small_overrides):
     code = main(["run", "--out", str(tmp_path), "--set", "experiment.variants={fair: [platform.fairness_weight=3]}"]
                 + sets(small_overrides + ["run.rounds=2"]))
     assert code == 0
-    names = sorted(p.name.split("__")[1] for p in run_folders(tmp_path))
+    names = sorted(p.name.split("__")[0] for p in run_folders(tmp_path))
     assert names == ["fair", "generative+trirec"]
+
+
+def test_experiment_folder_resumes_arm_by_arm(tmp_path, small_overrides, capsys):
+    args = ["run", "--policy", "popularity,random", "--seeds", "0,1", "--out", str(tmp_path)]
+    args += sets(small_overrides + ["run.rounds=4", "run.checkpoint_every=2"])
+    assert main(args) == 0
+    path = experiment_folder(tmp_path)
+    straight = {p.name: (p / "metrics.csv").read_bytes() for p in run_folders(tmp_path)}
+    assert sorted(straight) == ["popularity+trirec__0", "popularity+trirec__1", "random+trirec__0",
+                                "random+trirec__1"]
+    # an interrupted sitting: one arm finished, one stopped after its round-2 checkpoint, two never ran
+    arms = path / "arms"
+    for name in ("random+trirec__0", "random+trirec__1"):
+        import shutil
+        shutil.rmtree(arms / name)
+    partial = arms / "popularity+trirec__1"
+    (partial / "summary.md").unlink()
+    (partial / "checkpoints" / "round_00004.pkl").unlink()
+    kept = (arms / "popularity+trirec__0" / "summary.md").stat().st_mtime_ns
+    (path / "compare").rename(path / "old-compare")
+    capsys.readouterr()
+    assert main(["run", "--resume", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "arm popularity+trirec__0: finished, kept" in out and "arm popularity+trirec__1: resume" in out
+    assert "arm random+trirec__0: start" in out
+    assert (arms / "popularity+trirec__0" / "summary.md").stat().st_mtime_ns == kept
+    for p in run_folders(tmp_path):
+        assert (p / "metrics.csv").read_bytes() == straight[p.name], p.name
+    assert (path / "compare" / "summary.md").read_text().count("seed ") == 4
+    assert main(["report", str(path)]) == 0

@@ -41,7 +41,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for run folders (default runs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set market.n_users=500 (repeatable)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--resume", metavar="DIR", help="continue a run from its last checkpoint, or an experiment "
+                   "folder arm by arm (finished arms kept, unfinished ones resumed, missing ones run)")
     p.add_argument("--list-scenarios", action="store_true", help="list packaged scenarios and exit")
     p.add_argument("--list-policies", action="store_true", help="list policies and re-rankers and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -134,9 +135,20 @@ def cmd_run(argv: list[str]) -> int:
         return 0
     from agorasim.run.runner import finish_run, load_run, run_market, start_run
 
+    from agorasim.run import experiment
+
     if args.resume:
         if not Path(args.resume).is_dir():
             raise UserInputError(f"--resume {args.resume}: no such run folder")
+        if experiment.is_experiment(Path(args.resume)):
+            base, overrides = experiment.read_plan(Path(args.resume))
+            config = build_config(base, overrides)
+            configs = expand(base, overrides, config)
+            for variant in configs:
+                check_config(variant)
+            summary = experiment.run_experiment(Path(args.resume), configs, config.experiment.sweep_key)
+            print(f"comparison: {summary}")
+            return 0
         market, recorder = load_run(Path(args.resume), args.rounds)
         run_market(market, recorder, progress=market.config.run.progress and not args.no_progress)
         print(f"run folder: {args.resume}\nsummary:    {finish_run(Path(args.resume))}")
@@ -148,22 +160,17 @@ def cmd_run(argv: list[str]) -> int:
     configs = expand(base, overrides, config)
     for variant in configs:
         check_config(variant)
-    run_dirs = []
-    for variant in configs:
-        market, recorder, run_dir = start_run(variant)
-        run_market(market, recorder, progress=variant.run.progress)
-        finish_run(run_dir)
-        run_dirs.append(run_dir)
-        print(f"run folder: {run_dir}", flush=True)
-    if len(run_dirs) > 1:
-        from agorasim.run.report import write_comparison_report
-
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(config.run.out) / f"{config.scenario}__compare__{stamp}"
-        summary = write_comparison_report(run_dirs, out, config.experiment.sweep_key)
+    if len(configs) > 1:
+        path = experiment.new_experiment(Path(config.run.out), config.scenario, base, overrides)
+        print(f"experiment folder: {path}  (continue it with --resume {path})", flush=True)
+        summary = experiment.run_experiment(path, configs, config.experiment.sweep_key,
+                                            lambda line: print(line, flush=True))
         print(f"comparison: {summary}")
-    else:
-        print(f"summary:    {run_dirs[0] / 'summary.md'}")
+        return 0
+    market, recorder, run_dir = start_run(configs[0])
+    run_market(market, recorder, progress=configs[0].run.progress)
+    finish_run(run_dir)
+    print(f"run folder: {run_dir}\nsummary:    {run_dir / 'summary.md'}")
     return 0
 
 
@@ -175,6 +182,15 @@ def cmd_report(argv: list[str]) -> int:
     p.add_argument("--out", help="comparison folder when several runs are given")
     p.add_argument("--x-key", help="dotted config key of a sweep (trade-off plot)")
     args = p.parse_args(argv)
+    from agorasim.run import experiment
+
+    if len(args.run_dirs) == 1 and experiment.is_experiment(Path(args.run_dirs[0])):
+        path = Path(args.run_dirs[0])
+        arms = experiment.finished_arms(path)
+        if not arms:
+            raise UserInputError(f"{path}: no finished arm yet")
+        print(write_comparison_report(arms, Path(args.out or path / "compare"), args.x_key))
+        return 0
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
         if not (d / "metrics.csv").exists():

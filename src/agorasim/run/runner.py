@@ -214,14 +214,17 @@ def run_market(market, recorder: Recorder, progress: bool = True) -> None:
     bar.close()
 
 
-def start_run(config: Config):
+def start_run(config: Config, run_dir: Path | None = None):
     """Build the market (all validation happens here, before any folder is created), then the
-    run folder and its recorder."""
+    run folder (``run_dir``, or a fresh timestamped one under ``run.out``) and its recorder."""
     from agorasim.env.market import Market
 
     market = Market(config)
     config.run.label = config.label  # resolved, so reports group runs by it
-    run_dir = new_run_dir(config)
+    if run_dir is None:
+        run_dir = new_run_dir(config)
+    else:
+        run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(config, _provenance()))
     recorder = Recorder(run_dir, config)
     market.recorder = recorder

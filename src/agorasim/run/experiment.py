@@ -1,0 +1,114 @@
+"""Experiment folders: many arms (policies, variants, sweep points x seeds) that resume arm by arm.
+
+``runs/<scenario>__experiment__<timestamp>/``::
+
+    plan.yaml          the scenario as loaded and the overrides given: the experiment is rebuilt
+                       from it (the same arms, in the same order) when it is resumed
+    arms/<arm>/        one run folder per arm and seed, named ``<label>__<seed>``
+    compare/           the comparison of every finished arm, rewritten at the end of each sitting
+
+``--resume EXPERIMENT_DIR`` keeps finished arms (their ``summary.md`` exists and their last
+metrics row is the last round), continues unfinished ones from their last checkpoint, and runs the
+missing ones; an arm folder without a checkpoint is started again. ``agorasim report
+EXPERIMENT_DIR`` rebuilds the comparison from whatever has finished.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from agorasim.config import Config, load_yaml
+from agorasim.errors import UserInputError
+
+PLAN = "plan.yaml"
+
+
+def arm_name(config: Config) -> str:
+    """``<label>__<seed>`` with characters that are unsafe in a folder name replaced."""
+    label = re.sub(r"[^A-Za-z0-9_.+=@-]+", "-", config.label).strip("-.") or "arm"
+    return f"{label}__{config.run.seed}"
+
+
+def is_experiment(path: Path) -> bool:
+    return (Path(path) / PLAN).is_file()
+
+
+def new_experiment(out: Path, scenario: str, base: dict, overrides: list[str]) -> Path:
+    """A fresh experiment folder holding the plan."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = re.sub(r"[^A-Za-z0-9_.+=@-]+", "-", scenario).strip("-.") or "custom"
+    path, n = Path(out) / f"{safe}__experiment__{stamp}", 1
+    while path.exists():
+        path, n = Path(out) / f"{safe}__experiment__{stamp}-{n}", n + 1
+    (path / "arms").mkdir(parents=True)
+    (path / PLAN).write_text(yaml.safe_dump({"base": base, "overrides": list(overrides)}, sort_keys=False))
+    return path
+
+
+def read_plan(path: Path) -> tuple[dict, list[str]]:
+    """(scenario dict, overrides) of an experiment folder."""
+    try:
+        plan = load_yaml((Path(path) / PLAN).read_text())
+        return plan["base"], list(plan["overrides"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise UserInputError(f"--resume {path}: {PLAN} is unreadable ({type(error).__name__})") from None
+
+
+def arm_state(run_dir: Path, rounds: int) -> str:
+    """``done``, ``resume`` (a checkpoint to continue from) or ``start`` (nothing usable)."""
+    from agorasim.run.runner import latest_checkpoint
+
+    if (run_dir / "summary.md").is_file() and _rounds_written(run_dir) >= rounds:
+        return "done"
+    return "resume" if run_dir.is_dir() and latest_checkpoint(run_dir) is not None else "start"
+
+
+def _rounds_written(run_dir: Path) -> int:
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return 0
+    with open(path) as f:
+        return max(sum(1 for _ in f) - 1, 0)
+
+
+def run_experiment(path: Path, configs: list[Config], x_key: str | None, progress_note=print) -> Path:
+    """Run (or finish) every arm of an experiment folder, then write its comparison.
+
+    Returns:
+        The comparison's ``summary.md``.
+    """
+    from agorasim.run.report import write_comparison_report
+    from agorasim.run.runner import finish_run, load_run, run_market, start_run
+
+    names = [arm_name(c) for c in configs]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise UserInputError(f"experiment: two arms share the name '{duplicate}' (give variants distinct labels)")
+    run_dirs = []
+    for config, name in zip(configs, names):
+        run_dir = Path(path) / "arms" / name
+        state = arm_state(run_dir, config.run.rounds)
+        progress_note(f"arm {name}: {'finished, kept' if state == 'done' else state}")
+        if state == "resume":
+            market, recorder = load_run(run_dir)
+            run_market(market, recorder, progress=config.run.progress)
+            finish_run(run_dir)
+        elif state == "start":
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            market, recorder, _ = start_run(config, run_dir=run_dir)
+            run_market(market, recorder, progress=config.run.progress)
+            finish_run(run_dir)
+        run_dirs.append(run_dir)
+        progress_note(f"run folder: {run_dir}")
+    return write_comparison_report(run_dirs, Path(path) / "compare", x_key)
+
+
+def finished_arms(path: Path) -> list[Path]:
+    """Arm folders of an experiment that have a summary (for ``agorasim report``)."""
+    return sorted(p for p in (Path(path) / "arms").glob("*") if (p / "summary.md").is_file())
