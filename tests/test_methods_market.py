@@ -124,3 +124,34 @@ def test_flame_lists_by_hand():
     lists = method.lists(base, np.array([[[3, 0]]]))
     assert lists[0, 0, 1].tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]  # 3 removed, 10 moves up
     assert lists[0, 0, 2].tolist() == [1, 2, 4, 5, 6, 7, 8, 9, 10, 11]
+
+
+TINY_EXCLUDE = ("policy.params={warmup_rounds: 2, levels: 2, codebook_size: 16, hidden: 32, layers: 1, heads: 2, "
+                "prompt_items: 4, beams: 12, sft_epochs: 3, exclude_history: true}")
+
+
+@pytest.mark.parametrize("method", ["grpo", "flexrec", "flame"])
+def test_exclude_history_never_serves_or_rolls_out_a_consumed_item(method):
+    market = tiny_market(f"rl.method={method}", TINY_EXCLUDE, "rl.rollout=mixed")
+    served = []
+    original = market.policy.recommend
+
+    def spy(request, rng):
+        items, scores = original(request, rng)
+        served.append((request.history.copy(), items.copy()))
+        return items, scores
+
+    market.policy.recommend = spy
+    for _ in range(5):
+        market.step()
+    repeats = [((items[:, :, None] == history[:, None, :]) & (items[:, :, None] >= 0)).any() for history, items in served]
+    assert market.policy.ready and not any(repeats[2:])  # rounds served by the model
+    assert any((h >= 0).any() for h, _ in served[2:])  # users had histories to exclude
+    # the same world without the exclusion does serve consumed items (the test can fail)
+    plain = tiny_market(f"rl.method={method}", "rl.rollout=mixed")
+    served.clear()
+    original = plain.policy.recommend
+    plain.policy.recommend = spy
+    for _ in range(5):
+        plain.step()
+    assert any(((items[:, :, None] == history[:, None, :]) & (items[:, :, None] >= 0)).any() for history, items in served[2:])

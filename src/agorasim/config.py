@@ -265,8 +265,9 @@ class RLConfig(_Section):
         "grpo, ugr, flexrec, flame, blade, flower (rl/<method>.py)")
     group_size: int = Field(8, ge=2, description="G candidates per prompt (GRPO group)")
     users_per_step: int = Field(64, ge=1, description="prompts per GRPO step (drawn from the round's visitors)")
-    rollout: Literal["beam", "sample"] = Field(
-        "beam", description="group = top-G constrained beams (ReRe) or G constrained samples")
+    rollout: Literal["beam", "sample", "mixed"] = Field(
+        "beam", description="group = top-G constrained beams (ReRe), G constrained samples, or mixed: the top "
+        "G/2 beams and G/2 samples from outside them")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (rollout=sample)")
     mode: Literal["counterfactual", "served-only"] = Field(
         "counterfactual", description="score every candidate with the user model, or only the served "

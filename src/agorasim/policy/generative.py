@@ -74,6 +74,9 @@ class GenerativePolicy(Policy):
         rl: the training method and its settings (the ``rl`` config section).
         max_len: history length the market keeps (prompts use the last ``prompt_items``).
         grpo_every: rounds between training steps (1 = every round).
+        exclude_history: never generate an item of the user's own history (the last ``max_len``
+            items the market keeps), when serving and in training rollouts; off by default, so
+            the policy must learn what the users' satiation costs.
         threads: torch intra-op threads while serving and training (restored after; None: leave).
         device: torch device of the model (``cuda`` on a GPU machine).
     """
@@ -84,7 +87,8 @@ class GenerativePolicy(Policy):
                  layers: int = 2, heads: int = 4, arch: str = "qwen2", prompt_items: int = 10, beams: int = 20,
                  sft_epochs: int = 10, sft_lr: float = 3e-3, sft_batch: int = 256, sft_every: int = 0,
                  sft_window: int = 20, sft_refit_epochs: int = 2, rl: dict | None = None,
-                 max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, device: str = "cpu"):
+                 max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, device: str = "cpu",
+                 exclude_history: bool = False):
         if arch not in ("qwen2", "llama"):
             raise ValueError(f"generative: arch must be qwen2 or llama, got {arch!r}")
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, codebook_size=codebook_size, hidden=hidden,
@@ -108,6 +112,7 @@ class GenerativePolicy(Policy):
         self.sft_epochs, self.sft_lr, self.sft_batch = sft_epochs, sft_lr, sft_batch
         self.sft_every, self.sft_window, self.sft_refit_epochs = sft_every, sft_window, sft_refit_epochs
         self.grpo_every = grpo_every
+        self.exclude_history = bool(exclude_history)
         self.threads = threads
         self.device = str(device)
         self.behaviour = PopularityPolicy(refit_every=1)
@@ -258,6 +263,17 @@ class GenerativePolicy(Policy):
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
     # -- serving --------------------------------------------------------------------------------------
+    def item_mask(self, history: np.ndarray, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``(B, n_items)`` bool items each row may generate: everything but the user's history
+        with ``exclude_history``, and'ed with ``extra``; None when nothing is excluded."""
+        if not self.exclude_history:
+            return extra
+        mask = np.ones((len(history), len(self.tokens)), bool)
+        rows, cols = np.nonzero(history >= 0)
+        mask[rows, history[rows, cols]] = False
+        mask = torch.as_tensor(mask, device=self.device)
+        return mask if extra is None else mask & extra
+
     @torch.inference_mode()
     def beam_search(self, history: np.ndarray, beams: int, suffix: np.ndarray | None = None,
                     chunk: int = 256, shared_prompt: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +288,8 @@ class GenerativePolicy(Policy):
             part = None if suffix is None else suffix[start:start + chunk]
             ids, mask = self.prompts(history[start:start + chunk], part)
             found, score = self.trie.beam_search(self.model, ids.to(self.device), mask.to(self.device), num_beams=beams,
-                                                 shared_prompt=shared_prompt)
+                                                 shared_prompt=shared_prompt,
+                                                 item_mask=self.item_mask(history[start:start + chunk]))
             items.append(found.cpu().numpy())
             scores.append(score.float().cpu().numpy())
         if not items:

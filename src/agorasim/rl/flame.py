@@ -288,7 +288,7 @@ class Flame(Method):
         ids, attention = (t.to(policy.device) for t in policy.prompts(history, suffix))
         with torch.inference_mode():
             edits, _, _ = policy.trie.sample_list(policy.model, ids, attention, self.config.flame.edits,
-                                                  greedy=True, item_mask=mask)
+                                                  greedy=True, item_mask=policy.item_mask(history, mask))
         edits = edits.cpu().numpy().astype(np.int64)  # (B, 1, E)
         head = self.lists(base, edits)[:, 0, -1]
         beams, _ = policy.beam_search(history, k)

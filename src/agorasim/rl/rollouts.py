@@ -22,17 +22,29 @@ def item_rollout(trainer, prompts: Prompts, generator: torch.Generator, group_si
         prompts: The batch.
         generator: Draws the samples (unused by beams).
         group_size: G.
-        rollout: ``"beam"`` or ``"sample"``.
+        rollout: ``"beam"``, ``"sample"`` or ``"mixed"`` (the top G/2 beams, then G - G/2
+            samples from the items outside them: the group reaches past what the policy serves).
         temperature: Sampling temperature.
         suffix: Optional ``(B, S)`` tokens appended to the prompts (an instruction).
     """
     policy = trainer.policy
     ids, mask = (t.to(policy.device) for t in policy.prompts(prompts.history, suffix))
+    allowed = policy.item_mask(prompts.history)
     if rollout == "beam":
-        items, scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=group_size)
-    else:
+        items, scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=group_size, item_mask=allowed)
+    elif rollout == "sample":
         items, scores, _ = policy.trie.sample(policy.model, ids, mask, num_samples=group_size,
-                                              temperature=temperature, generator=generator)
+                                              temperature=temperature, generator=generator, item_mask=allowed)
+    else:  # mixed: the top half of the group by beam search, the rest sampled from outside it
+        n_beams = group_size // 2
+        top, top_scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=n_beams, item_mask=allowed)
+        outside = torch.ones((len(top), len(policy.tokens)), dtype=torch.bool, device=policy.device)
+        rows = torch.arange(len(top), device=policy.device)[:, None].expand_as(top)
+        outside[rows[top >= 0], top[top >= 0]] = False
+        outside = outside if allowed is None else outside & allowed
+        drawn, drawn_scores, _ = policy.trie.sample(policy.model, ids, mask, num_samples=group_size - n_beams,
+                                                    temperature=temperature, generator=generator, item_mask=outside)
+        items, scores = torch.cat([top, drawn], 1), torch.cat([top_scores, drawn_scores], 1)
     items = items.cpu().numpy().astype(np.int64)
     depth = policy.levels + 1
     valid = items >= 0
@@ -53,7 +65,7 @@ def list_rollout(trainer, prompts: Prompts, generator: torch.Generator, group_si
     ids, mask = (t.to(policy.device) for t in policy.prompts(prompts.history, suffix))
     items, logprobs, tokens = policy.trie.sample_list(policy.model, ids, mask, length, num_samples=group_size,
                                                       temperature=temperature, generator=generator,
-                                                      item_mask=item_mask)
+                                                      item_mask=policy.item_mask(prompts.history, item_mask))
     items = items.cpu().numpy().astype(np.int64)
     depth = policy.levels + 1
     tokens = tokens.reshape(-1, length * depth)
@@ -75,7 +87,8 @@ def serve_list(policy, history: np.ndarray, k: int, length: int, suffix: np.ndar
         suffix_part = None if suffix is None else suffix[start:start + chunk]
         ids, mask = (t.to(policy.device) for t in policy.prompts(part, suffix_part))
         with torch.inference_mode():
-            head, _, _ = policy.trie.sample_list(policy.model, ids, mask, min(length, k), greedy=True)
+            head, _, _ = policy.trie.sample_list(policy.model, ids, mask, min(length, k), greedy=True,
+                                                 item_mask=policy.item_mask(part))
         head = head[:, 0].cpu().numpy().astype(np.int64)
         beams, _ = policy.beam_search(part, k, suffix_part)
         rows.append(merge_ranked(head, beams, k))
