@@ -129,6 +129,20 @@ def test_final_values_by_hand(tmp_path):
         final_values(short, tail_fraction=0.0)
 
 
+def test_bootstrap_interval_stays_in_range_and_by_hand():
+    from agorasim.run.report import bootstrap_interval, pareto_front
+
+    mean, low, high = bootstrap_interval([0.97, 0.99, 1.0])
+    assert mean == pytest.approx(0.986667, abs=1e-6) and 0.97 <= low <= mean <= high <= 1.0
+    # 2 seeds: resampled means 0 (1/4), 0.5 (1/2), 1 (1/4) -> percentiles 0 and 1
+    assert bootstrap_interval([0.0, 1.0]) == (0.5, 0.0, 1.0)
+    assert bootstrap_interval([0.3]) == (0.3, 0.3, 0.3)
+    mean, low, high = bootstrap_interval([[0.1, np.nan], [0.3, 2.0]])  # NaN seeds dropped per element
+    assert mean.tolist() == pytest.approx([0.2, 2.0]) and high[1] == 2.0
+    # (gini, utility): point 1 is beaten by point 0 (lower Gini, higher utility); 0 and 2 trade off
+    assert pareto_front([(0.90, 1.2), (0.95, 1.1), (0.97, 1.4)]) == [0, 2]
+
+
 def test_mean_ci_by_hand():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == pytest.approx(2.0)
@@ -210,9 +224,11 @@ def test_comparison_report(tmp_path):
     for name in ("compare.png", "tradeoff.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 1000
     text = summary.read_text()
-    # alpha: gini 0.2 and 0.4 → 0.3 ± t_{0.975,1}·0.1414/sqrt(2) = 12.71·0.1 = 1.271
-    assert "| alpha | 2 | 0 | 0.3 ± 1.271 | 0.5 ± 0 | — | — | 1.1 ± 1.271 | — | 0.1 ± 0 |" in text
-    assert "| beta | 2 | 0.5 | 0.6 ± 0 | 0.5 ± 0 | — | — | 0.6 ± 1.271 | — | 0.1 ± 0 |" in text
+    # alpha: gini 0.2 and 0.4 -> mean 0.3; a bootstrap resample of 2 seeds has mean 0.2, 0.3 or 0.4
+    # with probabilities 1/4, 1/2, 1/4, so its 2.5% and 97.5% percentiles are 0.2 and 0.4 (a
+    # Student-t interval would be 0.3 +- 1.271, reaching below 0 and above 1)
+    assert "| alpha | 2 | 0 | 0.3 [0.2, 0.4] | 0.5 [0.5, 0.5] | — | — | 1.1 [1, 1.2] | — | 0.1 [0.1, 0.1] |" in text
+    assert "| beta | 2 | 0.5 | 0.6 [0.6, 0.6] | 0.5 [0.5, 0.5] | — | — | 0.6 [0.5, 0.7] | — | 0.1 [0.1, 0.1] |" in text
     assert text.index("| alpha |") < text.index("| beta |")
     assert "platform.fairness_weight" in text
     assert "(../runs/cold-start__alpha__0)" in text and "(../runs/cold-start__beta__1)" in text

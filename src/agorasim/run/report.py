@@ -35,6 +35,7 @@ __all__ = [
     "read_lorenz",
     "final_values",
     "mean_ci",
+    "bootstrap_interval",
     "write_run_report",
     "write_comparison_report",
 ]
@@ -330,6 +331,46 @@ def mean_ci(values: Any, confidence: float = CONFIDENCE) -> tuple[Any, Any]:
     return mean, half
 
 
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # fixed: the same runs give the same report
+
+
+def bootstrap_interval(values: Any, confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[Any, Any, Any]:
+    """Mean over seeds and its percentile-bootstrap interval (resampling seeds with replacement).
+
+    Every resampled mean is a mean of observed values, so the interval never leaves the range the
+    metric can take (a Gini stays in [0, 1]), unlike a Student-t interval on few seeds. With few
+    seeds it is narrow (3 seeds: it can never reach past the extreme seed), which the reports
+    say. NaN seeds are dropped per element; one seed gives a zero-width interval.
+
+    Args:
+        values: ``(n_seeds, ...)``.
+        confidence: Two-sided level.
+        resamples: Bootstrap resamples.
+        seed: Seed of the resampling (fixed, so a report is reproducible).
+
+    Returns:
+        ``(mean, low, high)``, each of shape ``values.shape[1:]`` (floats for 1-D input).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 0 or values.shape[0] == 0:
+        raise ValueError("bootstrap_interval needs values of shape (n_seeds, ...) with at least one seed")
+    flat = values.reshape(values.shape[0], -1)
+    n = flat.shape[0]
+    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(flat[index], axis=1)  # (resamples, m)
+        low, high = np.nanpercentile(means, [50 * (1 - confidence), 50 * (1 + confidence)], axis=0)
+        mean = _nanmean(flat, axis=0)
+    shape = values.shape[1:]
+    mean, low, high = (np.asarray(a).reshape(shape) for a in (mean, low, high))
+    if values.ndim == 1:
+        return float(mean), float(low), float(high)
+    return mean, low, high
+
+
 # ---------------------------------------------------------------------------------------------
 # Formatting
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +392,12 @@ def _fmt_ci(mean: float, half: float) -> str:
     if math.isnan(mean):
         return "—"
     return f"{_fmt(mean)} ± {_fmt(half)}"
+
+
+def _fmt_interval(mean: float, low: float, high: float) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{_fmt(mean)} [{_fmt(low)}, {_fmt(high)}]"
 
 
 def _fmt_signed(value: float) -> str:
@@ -680,11 +727,12 @@ class _Group:
     runs: list[_Run]
     finals: list[dict[str, float]]
 
-    def final_ci(self, key: str) -> tuple[float, float]:
+    def final_interval(self, key: str) -> tuple[float, float, float]:
+        """Mean over seeds of the final value and its bootstrap interval."""
         values = np.array([f.get(key, math.nan) for f in self.finals], dtype=np.float64)
         if np.isnan(values).all():
-            return math.nan, math.nan
-        return mean_ci(values)
+            return math.nan, math.nan, math.nan
+        return bootstrap_interval(values)
 
     def x_value(self, x_key: str) -> Any:
         """The swept config value of this group; a list when seeds disagree, None when absent."""
@@ -738,10 +786,10 @@ def _plot_compare(groups: list[_Group], colours: dict[str, Any], out: Path) -> b
             stack = np.stack([r.metrics[key][:n_rounds] for r in runs])
             if np.isnan(stack).all():
                 continue
-            mean, half = mean_ci(stack)
+            mean, low, high = bootstrap_interval(stack, resamples=2000)
             colour = colours[group.label]
             ax.plot(rounds, mean, color=colour, label=f"{group.label} (n={len(runs)})")
-            ax.fill_between(rounds, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
+            ax.fill_between(rounds, low, high, color=colour, alpha=0.2, linewidth=0)
         ax.set_title(key)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("round")
@@ -756,28 +804,44 @@ def _plot_compare(groups: list[_Group], colours: dict[str, Any], out: Path) -> b
                 labels.append(lab)
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize="small")
-    fig.suptitle(f"Mean over seeds with {int(CONFIDENCE * 100)}% CI (first {n_rounds} rounds)")
+    fig.suptitle(f"Mean over seeds with a {int(CONFIDENCE * 100)}% bootstrap interval (first {n_rounds} rounds)")
     _save(fig, out)
     return True
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (Gini, utility) points no other point beats on both (lower Gini, higher
+    utility); ties count as not beaten."""
+    front = []
+    for i, (g, u) in enumerate(points):
+        if not any((g2 <= g and u2 >= u) and (g2 < g or u2 > u) for j, (g2, u2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
 
 
 def _plot_tradeoff(groups: list[_Group], colours: dict[str, Any], out: Path, x_key: str | None) -> bool:
     points = []
     for group in groups:
-        gini, gini_half = group.final_ci("exposure/gini")
-        utility, utility_half = group.final_ci("users/utility")
-        if math.isnan(gini) or math.isnan(utility):
+        gini = group.final_interval("exposure/gini")
+        utility = group.final_interval("users/utility")
+        if math.isnan(gini[0]) or math.isnan(utility[0]):
             continue
-        points.append((group, gini, gini_half, utility, utility_half))
+        points.append((group, gini, utility))
     if not points:
         return False
-    fig, axes = _figure(1, 1, size=(6.5, 5.0))
+    fig, axes = _figure(1, 1, size=(7.5, 5.5))
     ax = axes[0, 0]
-    for group, gini, gini_half, utility, utility_half in points:
+    for group, gini, utility in points:
         ax.errorbar(
-            gini, utility, xerr=gini_half, yerr=utility_half, fmt="o", capsize=3,
+            gini[0], utility[0], xerr=[[gini[0] - gini[1]], [gini[2] - gini[0]]],
+            yerr=[[utility[0] - utility[1]], [utility[2] - utility[0]]], fmt="o", capsize=3,
             color=colours[group.label], label=f"{group.label} (n={len(group.runs)})",
         )
+    front = pareto_front([(g[0], u[0]) for _, g, u in points])
+    if len(front) > 1:
+        xs, ys = zip(*sorted((points[i][1][0], points[i][2][0]) for i in front))
+        ax.plot(xs, ys, color="black", linewidth=1, linestyle="--", zorder=0, label="Pareto front")
+    points = [(group, gini[0], None, utility[0], None) for group, gini, utility in points]
     if x_key:
         short = x_key.rsplit(".", 1)[-1]
         swept = []
@@ -798,7 +862,7 @@ def _plot_tradeoff(groups: list[_Group], colours: dict[str, Any], out: Path, x_k
         ax.set_title("Utility–concentration trade-off")
     ax.set_xlabel("final exposure Gini (0 = equal, 1 = one item)")
     ax.set_ylabel("final mean true utility per slate")
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     ax.grid(alpha=0.3)
     _save(fig, out)
     return True
@@ -863,8 +927,9 @@ def write_comparison_report(
         f"{_plural(len(runs), 'run')} in {_plural(len(groups), 'label')}"
         + (f"; scenario: {', '.join(scenarios)}" if scenarios else "")
         + f". Final values are means over the last {int(round(tail_fraction * 100))}% of rounds "
-        f"of each run; cells show the mean over seeds ± the {int(CONFIDENCE * 100)}% "
-        "confidence half-width (Student t; 0 for a single seed)."
+        f"of each run; cells show the mean over seeds and its {int(CONFIDENCE * 100)}% percentile-bootstrap "
+        "interval over seeds [low, high] (it stays inside each metric's range; with few seeds it is "
+        "narrow and cannot reach past the extreme seed; a single seed gives [mean, mean])."
     )
     header = ["label", "seeds"] + ([x_key] if x_key else []) + [name for _, name in COMPARE_TABLE]
     lines += ["", "## Final values", "", "| " + " | ".join(_md_cell(h) for h in header) + " |"]
@@ -873,7 +938,7 @@ def write_comparison_report(
         cells = [_md_cell(group.label), str(len(group.runs))]
         if x_key:
             cells.append(_md_cell(_fmt_value(group.x_value(x_key))))
-        cells += [_fmt_ci(*group.final_ci(key)) for key, _ in COMPARE_TABLE]
+        cells += [_fmt_interval(*group.final_interval(key)) for key, _ in COMPARE_TABLE]
         lines.append("| " + " | ".join(cells) + " |")
 
     lines += ["", "## Plots", ""]
