@@ -1,4 +1,4 @@
-"""One in-loop GRPO step of the default generative policy: generation, reward, update.
+"""One in-loop training step of the default generative policy (GRPO or a seed method): generation, reward, update.
 
 Runs the cold-start market with the generative policy through its warm-up and SFT, then times
 the GRPO steps of the following rounds (``time/generate``, ``time/score``, ``time/update`` that the
@@ -6,7 +6,10 @@ policy logs to train.csv). Reports seconds per step, the share of each phase, to
 (prompt + completion tokens of the group, forward and backward) and, on a GPU, an estimate of the
 model FLOPs utilisation (6 x parameters x tokens per second / peak FLOP/s).
 
-    python benchmarks/grpo_step.py [--steps 5] [--device cpu|cuda] [--peak-tflops 989]
+    python benchmarks/grpo_step.py [--method grpo|ugr|flexrec|flame|blade|flower] [--steps 5]
+                                   [--device cpu|cuda] [--peak-tflops 989]
+
+Every method's step must stay under 1 s on this CPU for the default policy (DESIGN section 11).
 
 The last line printed is one JSON object.
 """
@@ -26,14 +29,15 @@ from agorasim.scenarios import load_scenario
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed GRPO steps")
+    parser.add_argument("--method", default="grpo", help="rl.method to time (default grpo)")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=4, help="rounds before SFT")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the policy's model device)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak (for MFU), e.g. 989 for H100 bf16")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     args = parser.parse_args()
     config = build_config(load_scenario("cold-start"), [
-        "policy.name=generative", "run.progress=false",
+        "policy.name=generative", "run.progress=false", f"rl.method={args.method}",
         f"policy.params={{warmup_rounds: {args.warmup}, sft_epochs: 2, device: {args.device}}}",
         *args.overrides])
     market = Market(config)
@@ -48,18 +52,25 @@ def main() -> None:
     phases = {p: np.array([r[f"time/{p}"] for r in rows]) for p in ("generate", "score", "update")}
     rl = config.rl
     n_params = sum(p.numel() for p in policy.model.parameters())
-    prompt_tokens = (policy.prompt_items * (policy.levels + 1)) + 2
-    tokens = rl.users_per_step * rl.group_size * (prompt_tokens + policy.levels + 1)
+    depth = policy.levels + 1
+    # items per completion and prompt suffix tokens of each method (its rollout's shape)
+    items, suffix = {"flexrec": (rl.flexrec.list_size, 1), "blade": (rl.blade.slate_size, 0),
+                     "flame": (rl.flame.edits, 1 + depth * (10 - rl.flame.edits if rl.flame.task == "add"
+                                                             else 10 + rl.flame.edits))}.get(args.method, (1, 0))
+    group = rl.flower.samples if args.method == "flower" else rl.group_size
+    prompt_tokens = policy.prompt_items * depth + 2 + suffix
+    tokens = rl.users_per_step * group * (prompt_tokens + items * depth)
     per_step = float(np.median(seconds))
     tokens_per_second = tokens / float(np.median(phases["update"]))
-    result = {"benchmark": "grpo_step", "device": args.device, "seconds_per_step": round(per_step, 4),
+    result = {"benchmark": "grpo_step", "method": args.method, "device": args.device,
+              "seconds_per_step": round(per_step, 4),
               "share_generate": round(float(np.median(phases["generate"])) / per_step, 3),
               "share_score": round(float(np.median(phases["score"])) / per_step, 3),
               "share_update": round(float(np.median(phases["update"])) / per_step, 3),
               "update_tokens_per_second": round(tokens_per_second, 1), "parameters": int(n_params)}
     if args.peak_tflops:
         result["mfu"] = round(6 * n_params * tokens_per_second / (args.peak_tflops * 1e12), 6)
-    print(f"GRPO step: {per_step:.3f} s ({rl.users_per_step} prompts x {rl.group_size}), "
+    print(f"{args.method} step: {per_step:.3f} s ({rl.users_per_step} prompts x {group}), "
           f"model {n_params} parameters, torch {torch.__version__}")
     print(json.dumps(result))
 

@@ -200,3 +200,20 @@ def test_same_seed_same_numbers(tmp_path):
     drop = {"info/time/seconds"}
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
     assert (tmp_path / "a" / "offline.csv").read_bytes() == (tmp_path / "b" / "offline.csv").read_bytes()
+
+
+@pytest.mark.slow  # title embeddings, then a few steps of every method
+def test_every_method_runs_offline_and_reports_list_exposure(tmp_path):
+    from agorasim.rl.methods import METHODS
+
+    methods = sorted(METHODS)
+    metrics = evaluate(out_dir=tmp_path, quick=True, progress=False, methods=methods)
+    report = (tmp_path / "offline.md").read_text()
+    for method in methods:
+        key = f"sft+{method}"
+        assert f"SFT+{method.upper()}" in report
+        assert 0.0 <= metrics[f"{key}/test/coverage@10"] <= 1.0 and 0.0 <= metrics[f"{key}/test/gini@10"] <= 1.0
+        assert f"info/{key}/test_ndcg@10_gain_se" in metrics
+    # each method starts from the same SFT model, so an untrained method equals SFT exactly
+    zero = evaluate(out_dir=tmp_path / "zero", quick=True, progress=False, methods=["flower"], grpo_steps=0)
+    assert zero["sft+flower/test/ndcg@10"] == zero["sft/test/ndcg@10"]
