@@ -110,6 +110,7 @@ def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
     for (label, sets), value, seed in itertools.product(arms, values, seeds):
         extra = sets + [f"run.seed={seed}"] + ([f"{key}={value}"] if key else [])
         variant = build_config(base, overrides + extra)
+        variant.experiment.policies = [variant.policy.name]  # an arm runs one policy
         if label:
             variant.run.label = label
         if key and not config.run.label:

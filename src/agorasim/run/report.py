@@ -482,8 +482,9 @@ def _plot_series(ax, rounds: np.ndarray, values: np.ndarray, **kwargs) -> None:
 def _label_colours(labels: Sequence[str]) -> dict[str, Any]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10"]
-    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+    n = 10 if len(labels) <= 10 else 20  # tab20 past ten labels, so no two labels share a colour
+    cmap = colormaps[f"tab{n}"]
+    return {label: cmap(i % n) for i, label in enumerate(labels)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -842,6 +843,9 @@ def _plot_tradeoff(groups: list[_Group], colours: dict[str, Any], out: Path, x_k
         xs, ys = zip(*sorted((points[i][1][0], points[i][2][0]) for i in front))
         ax.plot(xs, ys, color="black", linewidth=1, linestyle="--", zorder=0, label="Pareto front")
     points = [(group, gini[0], None, utility[0], None) for group, gini, utility in points]
+    if not x_key:
+        for group, gini, _, utility, _ in points:
+            ax.annotate(group.label, (gini, utility), textcoords="offset points", xytext=(4, 3), fontsize="x-small")
     if x_key:
         short = x_key.rsplit(".", 1)[-1]
         swept = []
@@ -917,7 +921,7 @@ def write_comparison_report(
     elif groups:
         colours = _label_colours([g.label for g in groups])
         if _plot_compare(groups, colours, out_dir / "compare.png"):
-            plots.append(("compare.png", "Mean over seeds with 95% CI, per label"))
+            plots.append(("compare.png", "Mean over seeds with a 95% bootstrap interval, per label"))
         if _plot_tradeoff(groups, colours, out_dir / "tradeoff.png", x_key):
             plots.append(("tradeoff.png", "Final utility against final exposure Gini"))
 
