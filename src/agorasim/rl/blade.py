@@ -242,7 +242,7 @@ class Blade(Method):
     def __init__(self, config):
         super().__init__(config)
         cfg = config.blade
-        self.target = BladeTarget(alpha=cfg.alpha or config.group_size, reservoir=cfg.reservoir,
+        self.target = BladeTarget(alpha=cfg.alpha or cfg.group_size, reservoir=cfg.reservoir,
                                   dynamic=cfg.dynamic)
         self.reference_median: float | None = None
 
@@ -260,7 +260,7 @@ class Blade(Method):
         return serve_list(policy, history, k, cfg.slate_size)
 
     def rollout(self, trainer, prompts, generator):
-        return list_rollout(trainer, prompts, generator, self.config.group_size, self.config.blade.slate_size,
+        return list_rollout(trainer, prompts, generator, self.config.blade.group_size, self.config.blade.slate_size,
                             self.config.temperature)
 
     def list_rewards(self, prompts, rollout, judge) -> tuple[np.ndarray, np.ndarray]:

@@ -256,7 +256,7 @@ class Flame(Method):
     def rollout(self, trainer, prompts, generator):
         policy = trainer.policy
         base, suffix, mask = self.setup(policy, prompts.history)
-        rollout = list_rollout(trainer, prompts, generator, self.config.group_size, self.config.flame.edits,
+        rollout = list_rollout(trainer, prompts, generator, self.config.flame.group_size, self.config.flame.edits,
                                self.config.temperature, suffix, mask)
         rollout.extra["base"] = base
         return rollout

