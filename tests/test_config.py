@@ -82,3 +82,42 @@ def test_dump_roundtrip():
     assert data.pop("meta") == {"git_sha": "x"}
     assert validate(data) == config
     assert isinstance(Config().market.n_users, int)
+
+
+def test_every_config_field_has_a_description():
+    from pydantic import BaseModel
+
+    from agorasim.config import Config
+    from agorasim.run.offline import OfflineConfig
+
+    missing, seen = [], set()
+
+    def walk(model: type[BaseModel], where: str) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{where}{name}.")
+            elif not field.description:
+                missing.append(where + name)
+
+    walk(Config, "")
+    walk(OfflineConfig, "eval.")
+    assert missing == []
+
+
+def test_method_sections_validate_at_the_edge():
+    from agorasim.config import build_config
+    from agorasim.errors import UserInputError
+
+    for key, value, message in [("rl.method", "ppo", "rl.method: must be one of"),
+                                ("rl.flexrec.need", "fun", "rl.flexrec.need"),
+                                ("rl.ugr.alpha_min", "2", "rl.ugr.alpha_min"),
+                                ("rl.blade.slate_size", "0", "rl.blade.slate_size"),
+                                ("rl.flower.theta", "1.5", "rl.flower.theta"),
+                                ("rl.flame.bogus", "1", "unknown config key 'rl.flame.bogus'"),
+                                ("rl.kl_estimator", "k9", "rl.kl_estimator")]:
+        with pytest.raises(UserInputError, match=message):
+            build_config({}, [f"{key}={value}"])

@@ -155,3 +155,16 @@ def test_exclude_history_never_serves_or_rolls_out_a_consumed_item(method):
     for _ in range(5):
         plain.step()
     assert any(((items[:, :, None] == history[:, None, :]) & (items[:, :, None] >= 0)).any() for history, items in served[2:])
+
+
+def test_flexrec_need_switches_mid_run():
+    market = tiny_market("rl.method=flexrec", "rl.flexrec.need=rel", "rl.flexrec.need_switch_round=4",
+                         "rl.flexrec.need_after=niche")
+    for _ in range(6):
+        market.step()
+    needs = {int(r["round"]): r["train/flexrec/need"] for r in market.train_rows if "train/flexrec/need" in r}
+    # NEEDS = (rel, explore, trend, niche): rel (0) before round 4, niche (3) from it
+    assert needs == {2: 0.0, 3: 0.0, 4: 3.0, 5: 3.0}
+    policy = market.policy
+    assert policy.method.suffix(policy, 1, 3)[0, 0] == policy.special_token("<rel>")
+    assert policy.method.suffix(policy, 1, 4)[0, 0] == policy.special_token("<niche>")
