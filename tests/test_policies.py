@@ -246,3 +246,28 @@ def test_sasrec_empty_history_and_unknown_items_score_zero():
     history = np.array([[-1, -1, 3], [-1, -1, -1]])
     scores = policy.score(np.array([0, 1]), history, np.array([[4, 30, -1], [4, 5, 6]]))
     assert scores[0, 0] != 0 and np.all(scores[0, 1:] == 0) and np.all(scores[1] == 0)
+
+
+def test_sft_micro_batches_give_the_whole_batch_gradient():
+    import torch
+
+    from agorasim.policy.generative import GenerativePolicy
+    from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
+    from agorasim.rl.sft import sft_epoch
+
+    def policy():
+        p = GenerativePolicy(levels=2, codebook_size=4, hidden=16, layers=1, heads=2, prompt_items=3, max_len=3)
+        p.ids = SemanticIds(levels=2, codebook_size=4)
+        codes = p.ids.fit(np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32), seed=0)
+        p.tokens = codes_to_tokens(codes, p.ids.level_sizes, p.first_code)
+        p.build_lm([], seed=0)
+        return p
+
+    rng = np.random.default_rng(1)
+    history, targets = rng.integers(-1, 30, size=(12, 3)), rng.integers(0, 30, size=12)
+    whole, split = policy(), policy()
+    for p, micro in ((whole, None), (split, 5)):
+        optimizer = torch.optim.SGD(p.model.parameters(), lr=0.1)
+        sft_epoch(p, optimizer, history, targets, 12, torch.Generator().manual_seed(0), micro_batch=micro)
+    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

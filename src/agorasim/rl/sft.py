@@ -13,7 +13,7 @@ import torch
 
 def sft_epoch(policy, optimizer: torch.optim.Optimizer, history: np.ndarray, targets: np.ndarray,
               batch_size: int, generator: torch.Generator, grad_clip: float = 1.0,
-              scheduler=None) -> list[float]:
+              scheduler=None, micro_batch: int | None = None) -> list[float]:
     """One pass over ``(history, target)`` pairs in a random order; returns the batch losses.
 
     Args:
@@ -25,20 +25,28 @@ def sft_epoch(policy, optimizer: torch.optim.Optimizer, history: np.ndarray, tar
         generator: Draws the order (same state, same order).
         grad_clip: Largest gradient norm.
         scheduler: Optional learning-rate scheduler, stepped after every optimiser step.
+        micro_batch: Pairs per forward/backward pass (gradient accumulation, for models whose
+            activations of a whole batch do not fit in memory); the gradient is the same as the
+            whole batch's, since every pair has the same number of target tokens. None: the batch.
     """
     policy.model.train()
     losses = []
     order = torch.randperm(len(targets), generator=generator).numpy()
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        loss = policy.sequence_nll(history[batch], targets[batch])
         optimizer.zero_grad()
-        loss.backward()
+        step = micro_batch or len(batch)
+        loss = 0.0
+        for part in range(0, len(batch), step):
+            rows = batch[part:part + step]
+            part_loss = policy.sequence_nll(history[rows], targets[rows]) * (len(rows) / len(batch))
+            part_loss.backward()
+            loss += part_loss.detach()
         torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        losses.append(loss.item())
+        losses.append(float(loss))
     return losses
 
 

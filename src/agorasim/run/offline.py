@@ -101,6 +101,9 @@ class OfflineConfig(BaseModel):
     sft_epochs: int = Field(16, ge=1, description="SFT epochs over the training pairs")
     sft_lr: float = Field(3e-3, gt=0, description="AdamW (peak) learning rate of SFT")
     sft_batch: int = Field(256, ge=1, description="training pairs per SFT step")
+    sft_micro_batch: int | None = Field(
+        None, ge=1, description="pairs per forward/backward within an SFT step (gradient accumulation for a "
+        "pretrained model; None: the whole step)")
     sft_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="SFT learning rate: constant, or one epoch of linear warm-up then "
         "cosine decay to 0 at the last epoch")
@@ -369,7 +372,7 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
     best_state = _snapshot(policy.model)
     for epoch in range(1, config.sft_epochs + 1):
         losses = sft_epoch(policy, optimizer, train.history, train.target, config.sft_batch, generator,
-                           config.grad_clip, scheduler)
+                           config.grad_clip, scheduler, config.sft_micro_batch)
         score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
         log(f"sft epoch {epoch:3d}  loss {np.mean(losses):.4f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
         if score[_SELECT_ON] > best["valid_ndcg@10"]:
