@@ -203,5 +203,5 @@ def test_experiment_folder_resumes_arm_by_arm(tmp_path, small_overrides, capsys)
     assert (arms / "popularity+trirec__0" / "summary.md").stat().st_mtime_ns == kept
     for p in run_folders(tmp_path):
         assert (p / "metrics.csv").read_bytes() == straight[p.name], p.name
-    assert (path / "compare" / "summary.md").read_text().count("seed ") == 4
+    assert (path / "compare" / "summary.md").read_text().count("  - seed ") == 4  # every arm in the comparison
     assert main(["report", str(path)]) == 0
