@@ -168,3 +168,21 @@ def test_flexrec_need_switches_mid_run():
     policy = market.policy
     assert policy.method.suffix(policy, 1, 3)[0, 0] == policy.special_token("<rel>")
     assert policy.method.suffix(policy, 1, 4)[0, 0] == policy.special_token("<niche>")
+
+
+def test_mixed_group_is_the_top_beams_then_samples_from_outside_them():
+    from agorasim.rl.rollouts import item_rollout
+    from agorasim.rl.trainer import Prompts
+
+    market = tiny_market("rl.rollout=mixed", "rl.group_size=6")
+    for _ in range(3):
+        market.step()
+    policy = market.policy
+    users, history = np.arange(8), market.world.population.history[:8]
+    prompts = Prompts(users, history, np.full(8, -1))
+    rollout = item_rollout(policy.trainer, prompts, torch.Generator().manual_seed(0), 6, "mixed")
+    beams, _ = policy.beam_search(history, 3)
+    np.testing.assert_array_equal(rollout.items[:, :3], beams)  # the first half: the top beams, in order
+    drawn = rollout.items[:, 3:]
+    assert not (drawn[:, :, None] == beams[:, None, :]).any()  # the rest never repeats a top beam
+    assert (drawn >= 0).all() and policy.trie.alive[drawn].all()
