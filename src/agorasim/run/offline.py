@@ -181,7 +181,7 @@ def make_config(seed: int = 0, quick: bool = False, **overrides) -> OfflineConfi
 
 
 def rl_config(config: OfflineConfig, method: str):
-    """The ``rl`` section a method trains with offline: ReRe's ``rere_rank`` reward against the
+    """The ``rl`` section a method trains with offline: ReRe's top-G beams and ``rere_rank`` reward against the
     held-out next item, top-G beams, DAPO's dynamic sampling (groups without the target have
     advantage 0 and are dropped), and the group size, prompts, lr and KL weight of ``config``.
 
@@ -193,7 +193,7 @@ def rl_config(config: OfflineConfig, method: str):
 
     if method not in METHODS:
         raise UserInputError(f"eval --method: unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    fields = dict(method=method, group_size=config.group_size, users_per_step=config.grpo_prompts,
+    fields = dict(method=method, group_size=config.group_size, users_per_step=config.grpo_prompts, rollout="beam",
                   lr=config.grpo_lr, beta=config.grpo_beta, rewards={"rere_rank": 1.0}, dynamic_sampling=True,
                   grad_clip=config.grad_clip)
     try:
