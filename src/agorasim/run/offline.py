@@ -181,9 +181,10 @@ def make_config(seed: int = 0, quick: bool = False, **overrides) -> OfflineConfi
 
 
 def rl_config(config: OfflineConfig, method: str):
-    """The ``rl`` section a method trains with offline: ReRe's top-G beams and ``rere_rank`` reward against the
-    held-out next item, top-G beams, DAPO's dynamic sampling (groups without the target have
-    advantage 0 and are dropped), and the group size, prompts, lr and KL weight of ``config``.
+    """The ``rl`` section a method trains with offline: ReRe's ``rere_rank`` reward against the
+    held-out next item on the top-G beams (the market's mixed group is not the offline protocol),
+    DAPO's dynamic sampling (groups without the target have advantage 0 and are dropped), and the
+    group size, prompts, lr and KL weight of ``config``.
 
     Raises:
         UserInputError: an unknown method, or a bad ``config.rl`` field (one line).
