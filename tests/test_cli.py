@@ -54,7 +54,7 @@ def test_cold_start_run_writes_a_complete_run_folder(tmp_path, small_overrides):
     for plot in ("gini.png", "lorenz.png", "utility_vs_concentration.png", "new_items.png"):
         assert (run_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
     assert "git_sha" in (run_dir / "config.yaml").read_text()
-    assert list((run_dir / "checkpoints").glob("round_00005.pkl"))
+    assert list((run_dir / "checkpoints").glob("round_00005.ckpt"))
 
 
 def test_same_seed_gives_byte_identical_metrics(tmp_path, small_overrides):
@@ -122,7 +122,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, small_overrides):
     deadline = time.time() + 300
     checkpoint = None
     while time.time() < deadline and proc.poll() is None:
-        found = list((tmp_path / "killed").glob("*/checkpoints/round_00008.pkl"))
+        found = list((tmp_path / "killed").glob("*/checkpoints/round_00008.ckpt"))
         if found:
             checkpoint = found[0]
             break
@@ -192,7 +192,7 @@ def test_experiment_folder_resumes_arm_by_arm(tmp_path, small_overrides, capsys)
         shutil.rmtree(arms / name)
     partial = arms / "popularity+trirec__1"
     (partial / "summary.md").unlink()
-    (partial / "checkpoints" / "round_00004.pkl").unlink()
+    (partial / "checkpoints" / "round_00004.ckpt").unlink()
     kept = (arms / "popularity+trirec__0" / "summary.md").stat().st_mtime_ns
     (path / "compare").rename(path / "old-compare")
     capsys.readouterr()

@@ -1,7 +1,6 @@
 """The generative policy: contract, prompts, SFT, GRPO inside the market, determinism."""
 
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from agorasim.config import build_config
 from agorasim.env.market import Market
 from agorasim.policy.conformance import check_policy
 from agorasim.policy.generative import BOS, PAD, SEP, GenerativePolicy
+from agorasim.run import checkpoint
 from agorasim.scenarios import load_scenario
 
 TINY = dict(warmup_rounds=2, levels=2, codebook_size=8, hidden=32, layers=1, heads=2, prompt_items=4, beams=8,
@@ -94,7 +94,7 @@ def test_generative_run_is_deterministic_and_resumable():
     first = tiny_market()
     for _ in range(3):
         first.step()
-    resumed = pickle.loads(pickle.dumps(first))
+    resumed = checkpoint.loads(checkpoint.dumps(first))
     for _ in range(2):
         resumed.step()
     assert json.dumps(resumed.rows) == json.dumps(straight.rows)

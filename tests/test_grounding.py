@@ -3,7 +3,6 @@ the market with the ``ground`` node wired in."""
 
 import hashlib
 import json
-import pickle
 import re
 
 import numpy as np
@@ -18,6 +17,7 @@ from agorasim.agents.items import Promotions
 from agorasim.config import build_config
 from agorasim.env.market import Market
 from agorasim.errors import UserInputError
+from agorasim.run import checkpoint
 from agorasim.scenarios import load_scenario
 
 PLAIN_NODES = ["__start__", "world", "retrieve", "recommend", "promote", "rerank", "respond", "learn",
@@ -271,7 +271,7 @@ def test_pickled_market_with_grounding_continues_identically(small_overrides, fa
     straight = run_market(grounding_market(small_overrides, *extra), 4)
     market = grounding_market(small_overrides, *extra)
     run_market(market, 2)
-    resumed = run_market(pickle.loads(pickle.dumps(market)), 2)
+    resumed = run_market(checkpoint.loads(checkpoint.dumps(market)), 2)
     assert json.dumps(resumed) == json.dumps(straight)
 
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 from agorasim.config import build_config
 from agorasim.env.market import Market
+from agorasim.run import checkpoint
 from agorasim.scenarios import load_scenario
 
 GOLDEN = Path(__file__).parent / "golden" / "cold_start_small.json"
@@ -72,12 +72,12 @@ def test_same_seed_same_metrics_other_seed_differs(small_overrides):
 
 @pytest.mark.parametrize("policy", ["popularity", "bpr", "sasrec"])
 def test_pickled_market_continues_identically(small_overrides, policy):
-    """A checkpoint (pickle between rounds) resumes to exactly the uninterrupted trajectory."""
+    """A checkpoint (written and read back through the safe loader) resumes to exactly the uninterrupted trajectory."""
     extra = [f"policy.name={policy}", "policy.refit_every=2"]
     straight = run_rounds(small_market(small_overrides, *extra), 6)
     market = small_market(small_overrides, *extra)
     run_rounds(market, 3)
-    restored = pickle.loads(pickle.dumps(market))
+    restored = checkpoint.loads(checkpoint.dumps(market))
     resumed = run_rounds(restored, 3)
     assert json.dumps(resumed) == json.dumps(straight)
 

@@ -2,7 +2,6 @@
 deterministic and resumes exactly, and serves only listed items in a world where items leave."""
 
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from agorasim.rl.flame import Flame
 from agorasim.rl.flower import path_log_flows, trie_path_log_flows
 from agorasim.rl.methods import METHODS
 from agorasim.rl.rollouts import merge_ranked
+from agorasim.run import checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_generative import tiny_market  # noqa: E402
@@ -43,7 +43,7 @@ def test_every_method_is_deterministic_and_resumes_exactly(method):
     first = tiny_market(f"rl.method={method}")
     for _ in range(3):
         first.step()
-    resumed = pickle.loads(pickle.dumps(first))
+    resumed = checkpoint.loads(checkpoint.dumps(first))
     for _ in range(2):
         resumed.step()
     assert json.dumps(resumed.rows) == json.dumps(straight.rows)

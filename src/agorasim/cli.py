@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agorasim.config import Config, build_config
 from agorasim.errors import UserInputError
+from agorasim.run.preflight import check_config, check_output
 
 EXIT_USER_ERROR = 2
 
@@ -23,16 +24,19 @@ class _Parser(argparse.ArgumentParser):
         raise UserInputError(message)
 
 
-def _csv_list(text: str, kind=str) -> list:
+def _csv_list(text: str, kind=str, option: str = "") -> list:
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        values = [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserInputError(f"expected a comma-separated list of {kind.__name__}, got '{text}'") from None
+        raise UserInputError(f"{option} expected a comma-separated list of {kind.__name__}, got '{text}'") from None
+    if not values:
+        raise UserInputError(f"{option} '{text}': give at least one value (e.g. {'0,1,2' if kind is int else 'popularity,bpr'})")
+    return values
 
 
 def run_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="agorasim run", description="Simulate a recommendation marketplace and record exposure concentration.")
-    p.add_argument("--scenario", default="cold-start", help="packaged scenario name or a .yaml file (default cold-start)")
+    p.add_argument("--scenario", help="packaged scenario name or a .yaml file (default cold-start)")
     p.add_argument("--policy", help="recommender policy; several comma-separated ones are compared")
     p.add_argument("--reranker", help="platform re-ranker: none, trirec, controller, mmr, new-item-boost")
     p.add_argument("--seed", type=int, help="seed of the run")
@@ -42,7 +46,8 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set market.n_users=500 (repeatable)")
     p.add_argument("--resume", metavar="DIR", help="continue a run from its last checkpoint, or an experiment "
-                   "folder arm by arm (finished arms kept, unfinished ones resumed, missing ones run)")
+                   "folder arm by arm (finished arms kept, unfinished ones resumed, missing ones run); only "
+                   "--rounds (extend or shorten, not below what is done) and --no-progress may be given with it")
     p.add_argument("--list-scenarios", action="store_true", help="list packaged scenarios and exit")
     p.add_argument("--list-policies", action="store_true", help="list policies and re-rankers and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -52,7 +57,7 @@ def run_parser() -> argparse.ArgumentParser:
 def _cli_overrides(args) -> list[str]:
     sets = []
     if args.policy:
-        policies = _csv_list(args.policy)
+        policies = _csv_list(args.policy, option="--policy")
         sets.append(f"policy.name={policies[0]}")
         sets.append(f"experiment.policies=[{','.join(policies)}]" if len(policies) > 1 else "experiment.policies=[]")
     if args.reranker:
@@ -60,7 +65,8 @@ def _cli_overrides(args) -> list[str]:
     if args.seed is not None:
         sets += [f"run.seed={args.seed}", "experiment.seeds=[]"]
     if args.seeds:
-        sets.append(f"experiment.seeds=[{','.join(str(s) for s in _csv_list(args.seeds, int))}]")
+        seeds = _csv_list(args.seeds, int, "--seeds")
+        sets.append(f"experiment.seeds=[{','.join(str(s) for s in seeds)}]")
     if args.rounds is not None:
         sets.append(f"run.rounds={args.rounds}")
     if args.out:
@@ -68,35 +74,6 @@ def _cli_overrides(args) -> list[str]:
     if args.no_progress:
         sets.append("run.progress=false")
     return sets
-
-
-def check_config(config: Config) -> None:
-    """Checks pydantic cannot do alone: names in registries and constructor parameters."""
-    from agorasim.platform import make_reranker
-    from agorasim.env.market import build_policy, reranker_params
-    from agorasim.policy import POLICIES
-
-    for name in config.experiment.policies or [config.policy.name]:
-        if name not in POLICIES:
-            raise UserInputError(f"config policy.name: unknown policy '{name}': choose one of {', '.join(POLICIES)}")
-        try:
-            build_policy(config, name)
-        except (TypeError, ValueError) as error:
-            raise UserInputError(f"config policy.params: {str(error).splitlines()[0]}") from None
-    try:
-        make_reranker(config.platform.reranker, **reranker_params(config))
-    except (TypeError, ValueError) as error:
-        raise UserInputError(f"config platform: {str(error).splitlines()[0]}") from None
-    if config.experiment.sweep_key:
-        key = config.experiment.sweep_key
-        probe = config.model_dump(mode="json")
-        for part in key.split("."):
-            if not isinstance(probe, dict) or part not in probe:
-                raise UserInputError(f"config experiment.sweep_key: unknown key '{key}'")
-            probe = probe[part]
-    if config.platform.candidates < config.platform.k:
-        raise UserInputError(f"config platform.candidates: must be >= platform.k ({config.platform.k}), "
-                             f"got {config.platform.candidates}")
 
 
 def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
@@ -134,44 +111,86 @@ def cmd_run(argv: list[str]) -> int:
         print("policies:   " + ", ".join(POLICIES))
         print("re-rankers: " + ", ".join(RERANKERS))
         return 0
-    from agorasim.run.runner import finish_run, load_run, run_market, start_run
-
     from agorasim.run import experiment
+    from agorasim.run.runner import Interrupted, RunStopped, finish_run, run_market, start_run
 
     if args.resume:
-        if not Path(args.resume).is_dir():
-            raise UserInputError(f"--resume {args.resume}: no such run folder")
-        if experiment.is_experiment(Path(args.resume)):
-            base, overrides = experiment.read_plan(Path(args.resume))
-            config = build_config(base, overrides)
-            configs = expand(base, overrides, config)
-            for variant in configs:
-                check_config(variant)
-            summary = experiment.run_experiment(Path(args.resume), configs, config.experiment.sweep_key)
-            print(f"comparison: {summary}")
-            return 0
-        market, recorder = load_run(Path(args.resume), args.rounds)
-        run_market(market, recorder, progress=market.config.run.progress and not args.no_progress)
-        print(f"run folder: {args.resume}\nsummary:    {finish_run(Path(args.resume))}")
-        return 0
-    base = load_scenario(args.scenario)
+        return _resume(args)
+    base = load_scenario(args.scenario or "cold-start")
     overrides = _cli_overrides(args) + args.overrides
     config = build_config(base, overrides)
     check_config(config)
     configs = expand(base, overrides, config)
     for variant in configs:
         check_config(variant)
+    check_output(config.run.out, "--out" if args.out else "run.out")
     if len(configs) > 1:
         path = experiment.new_experiment(Path(config.run.out), config.scenario, base, overrides)
         print(f"experiment folder: {path}  (continue it with --resume {path})", flush=True)
-        summary = experiment.run_experiment(path, configs, config.experiment.sweep_key,
-                                            lambda line: print(line, flush=True))
+        try:
+            summary = experiment.run_experiment(path, configs, config.experiment.sweep_key,
+                                                lambda line: print(line, flush=True))
+        except (Interrupted, RunStopped) as stop:
+            return _interrupted(stop, path)
         print(f"comparison: {summary}")
         return 0
     market, recorder, run_dir = start_run(configs[0])
-    run_market(market, recorder, progress=configs[0].run.progress)
+    print(f"run folder: {run_dir}", flush=True)
+    try:
+        run_market(market, recorder, progress=configs[0].run.progress)
+    except (Interrupted, RunStopped) as stop:
+        return _interrupted(stop, run_dir)
     finish_run(run_dir)
     print(f"run folder: {run_dir}\nsummary:    {run_dir / 'summary.md'}")
+    return 0
+
+
+def _interrupted(stop, folder: Path) -> int:
+    """The message and exit status of a run stopped by a signal (130) or by ``RunStopped`` (1)."""
+    what = f"stopped: {stop.reason}" if hasattr(stop, "reason") else "interrupted"
+    print(f"agorasim: {what}; after round {stop.rounds_done}, checkpoint written in {stop.run_dir}\n"
+          f"continue with: agorasim run --resume {folder}", file=sys.stderr)
+    return 1 if hasattr(stop, "reason") else 130
+
+
+def _resume(args) -> int:
+    """``--resume DIR``: a run folder or an experiment folder; only --rounds and --no-progress apply."""
+    from agorasim.run import experiment
+    from agorasim.run.runner import Interrupted, RunStopped, finish_run, load_run, run_market
+
+    given = [flag for flag, value in (("--scenario", args.scenario), ("--policy", args.policy),
+                                      ("--reranker", args.reranker), ("--seed", args.seed), ("--seeds", args.seeds),
+                                      ("--out", args.out), ("--set", args.overrides)) if value not in (None, [])]
+    folder = Path(args.resume)
+    if not folder.is_dir():
+        raise UserInputError(f"--resume {args.resume}: no such run folder")
+    if given:
+        raise UserInputError(f"--resume continues a run as it started: {given[0]} cannot change it (only "
+                             "--rounds and --no-progress apply); start a new run for another setting")
+    if args.rounds is not None and args.rounds < 1:
+        raise UserInputError(f"--rounds {args.rounds}: must be at least 1")
+    if experiment.is_experiment(folder):
+        base, overrides = experiment.read_plan(folder)
+        if args.rounds is not None:
+            overrides = experiment.set_rounds(folder, args.rounds)
+        config = build_config(base, overrides)
+        configs = expand(base, overrides, config)
+        for variant in configs:
+            check_config(variant)
+        try:
+            summary = experiment.run_experiment(folder, configs, config.experiment.sweep_key,
+                                                lambda line: print(line, flush=True))
+        except (Interrupted, RunStopped) as stop:
+            return _interrupted(stop, folder)
+        print(f"comparison: {summary}")
+        return 0
+    market, recorder = load_run(folder, args.rounds)
+    print(f"run folder: {folder} (resuming at round {market.world.round} of {market.config.run.rounds})", flush=True)
+    try:
+        run_market(market, recorder, progress=market.config.run.progress and not args.no_progress)
+    except (Interrupted, RunStopped) as stop:
+        return _interrupted(stop, folder)
+    print(f"run folder: {folder}\nsummary:    {finish_run(folder)}")
     return 0
 
 
@@ -194,14 +213,33 @@ def cmd_report(argv: list[str]) -> int:
         return 0
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
-        if not (d / "metrics.csv").exists():
-            raise UserInputError(f"{d}: not a run folder (no metrics.csv)")
+        _check_run_folder(d)
     if len(dirs) == 1:
         print(write_run_report(dirs[0]))
     else:
         out = Path(args.out or "runs/compare__" + datetime.now().strftime("%Y%m%d-%H%M%S"))
+        check_output(out, "--out")
         print(write_comparison_report(dirs, out, args.x_key))
     return 0
+
+
+def _check_run_folder(path: Path) -> None:
+    """One line unless ``path`` holds a readable agorasim ``metrics.csv`` with at least one round."""
+    from agorasim.run.report import read_metrics
+
+    if not (path / "metrics.csv").is_file():
+        raise UserInputError(f"{path}: not a run folder (no metrics.csv)")
+    try:
+        with open(path / "metrics.csv", encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+        metrics = read_metrics(path)
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise UserInputError(f"{path / 'metrics.csv'}: unreadable ({str(error).splitlines()[0]})") from None
+    missing = [c for c in ("round", "exposure/gini", "users/utility") if c not in header]
+    if missing:
+        raise UserInputError(f"{path / 'metrics.csv'}: not an agorasim metrics file (no column {missing[0]!r})")
+    if len(metrics["round"]) == 0:
+        raise UserInputError(f"{path / 'metrics.csv'}: no rounds recorded yet")
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -277,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as error:
         print(f"agorasim: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("agorasim: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C: the last periodic checkpoint stays
+        print("agorasim: interrupted; continue with --resume <run folder> (from its last checkpoint)", file=sys.stderr)
         return 130
 
 

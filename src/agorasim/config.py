@@ -18,7 +18,7 @@ from agorasim.errors import UserInputError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # finite values only
 
 
 class MarketConfig(_Section):
@@ -118,6 +118,13 @@ class LLMConfig(_Section):
     backoff_s: float = Field(0.5, ge=0, description="first backoff delay, doubled per retry (openai)")
     concurrency: int = Field(8, ge=1, description="requests in flight at once (openai)")
     rate_limit: float = Field(0.0, ge=0, description="most requests per second, 0 = unlimited (openai)")
+    check_server: bool = Field(
+        True, description="openai: ask the server for its models before the run starts and refuse to start if "
+        "it does not answer (false: start anyway and fall back to the utility model)")
+    fallback_limit: float = Field(
+        0.5, ge=0, le=1, description="stop the run (with a checkpoint) when llm/fallback_rate stays above this "
+        "for agents.llm.fallback_rounds rounds in a row (1: never stop)")
+    fallback_rounds: int = Field(3, ge=1, description="rounds in a row above agents.llm.fallback_limit before the run stops")
     gpu_memory_utilization: float = Field(0.2, gt=0, le=1, description="vllm engine memory share")
     price_in: float = Field(0.0, ge=0, description="price per million input tokens (0: not priced)")
     price_out: float = Field(0.0, ge=0, description="price per million output tokens (0: not priced)")

@@ -8,6 +8,7 @@ from agorasim.config import Config, MarketConfig, UserAgentsConfig
 from agorasim.data import synthetic
 from agorasim.env.state import Catalogue, Population
 from agorasim.env.world import World, unit_rows
+from agorasim.errors import UserInputError
 
 
 def _noisy(rng: np.random.Generator, embedding: np.ndarray, noise: float) -> np.ndarray:
@@ -87,6 +88,11 @@ def _amazon_world(config: Config, rng: np.random.Generator) -> World:
     cfg = config.market
     data = amazon.load_amazon(cfg.data_dir)
     n_items = len(data.titles)
+    need = max(config.platform.k, cfg.n_categories * cfg.n_subcategories)
+    if n_items < need:
+        raise UserInputError(f"market.data_dir {data.source}: {n_items} items; a slate of platform.k="
+                             f"{config.platform.k} and {cfg.n_categories}x{cfg.n_subcategories} categories "
+                             f"need at least {need}")
     embedding = amazon.item_embeddings(data, dim=cfg.dim)
     # categories: coarse k-means, then k-means within each coarse cluster's residuals
     seed = int(rng.integers(2**31))

@@ -195,6 +195,19 @@ class InteractionLog:
         assert set(columns) == set(self.COLUMNS), sorted(columns)
         self.chunks.append({k: np.asarray(v) for k, v in columns.items()})
 
+    def segment(self, start: int) -> dict[str, np.ndarray]:
+        """Chunks ``start:`` as one set of columns plus ``lengths`` (for writing them to disk)."""
+        chunks = self.chunks[start:]
+        lengths = np.array([len(c["round"]) for c in chunks], np.int64)
+        columns = {k: (np.concatenate([c[k] for c in chunks]) if chunks else np.zeros(0)) for k in self.COLUMNS}
+        return {**columns, "lengths": lengths}
+
+    def extend_from_segment(self, segment: dict[str, np.ndarray]) -> None:
+        """Append the chunks a ``segment`` holds (the inverse of ``segment``)."""
+        bounds = np.concatenate([[0], np.cumsum(segment["lengths"])])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            self.chunks.append({k: segment[k][a:b] for k in self.COLUMNS})
+
     def arrays(self, since_round: int = 0) -> dict[str, np.ndarray]:
         chunks = [c for c in self.chunks if len(c["round"]) and c["round"][0] >= since_round]
         if not chunks:

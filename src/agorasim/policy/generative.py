@@ -153,6 +153,7 @@ class GenerativePolicy(Policy):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["oracle"] = None  # the market re-binds itself after loading
+        state["tokenizer"] = None  # reloaded from `pretrained` when next needed (a checkpoint holds no Rust objects)
         return state
 
     def recommend(self, request: RecommendRequest, rng: np.random.Generator):
@@ -250,6 +251,7 @@ class GenerativePolicy(Policy):
         """Title tokens of newly known items (``title_tokens`` per item, -1 padded)."""
         if not self.title_tokens:
             return
+        self.load_tokenizer()  # after a checkpoint the tokenizer is reloaded here
         encoded = self.tokenizer(list(titles), add_special_tokens=False, truncation=True,
                                  max_length=self.title_tokens)["input_ids"]
         block = np.full((len(encoded), self.title_tokens), -1, np.int64)

@@ -15,7 +15,6 @@ EXPERIMENT_DIR`` rebuilds the comparison from whatever has finished.
 
 from __future__ import annotations
 
-import re
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -24,14 +23,14 @@ import yaml
 
 from agorasim.config import Config, load_yaml
 from agorasim.errors import UserInputError
+from agorasim.run.runner import safe_part
 
 PLAN = "plan.yaml"
 
 
 def arm_name(config: Config) -> str:
     """``<label>__<seed>`` with characters that are unsafe in a folder name replaced."""
-    label = re.sub(r"[^A-Za-z0-9_.+=@-]+", "-", config.label).strip("-.") or "arm"
-    return f"{label}__{config.run.seed}"
+    return f"{safe_part(config.label, 'arm')}__{config.run.seed}"
 
 
 def is_experiment(path: Path) -> bool:
@@ -41,7 +40,7 @@ def is_experiment(path: Path) -> bool:
 def new_experiment(out: Path, scenario: str, base: dict, overrides: list[str]) -> Path:
     """A fresh experiment folder holding the plan."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    safe = re.sub(r"[^A-Za-z0-9_.+=@-]+", "-", scenario).strip("-.") or "custom"
+    safe = safe_part(scenario, "custom")
     path, n = Path(out) / f"{safe}__experiment__{stamp}", 1
     while path.exists():
         path, n = Path(out) / f"{safe}__experiment__{stamp}-{n}", n + 1
@@ -57,6 +56,20 @@ def read_plan(path: Path) -> tuple[dict, list[str]]:
         return plan["base"], list(plan["overrides"])
     except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
         raise UserInputError(f"--resume {path}: {PLAN} is unreadable ({type(error).__name__})") from None
+
+
+def set_rounds(path: Path, rounds: int) -> list[str]:
+    """Record ``run.rounds=<rounds>`` in the plan (``--resume EXPERIMENT --rounds N``); returns the
+    new overrides. Arms that already ran more rounds than that are refused, not cut."""
+    base, overrides = read_plan(path)
+    for arm in (Path(path) / "arms").glob("*"):
+        if _rounds_written(arm) > rounds:
+            raise UserInputError(f"--rounds {rounds}: arm {arm.name} already has {_rounds_written(arm)} rounds")
+    overrides = [o for o in overrides if not o.replace(" ", "").startswith("run.rounds=")] + [f"run.rounds={rounds}"]
+    tmp = Path(path) / (PLAN + ".tmp")
+    tmp.write_text(yaml.safe_dump({"base": base, "overrides": overrides}, sort_keys=False))
+    tmp.replace(Path(path) / PLAN)
+    return overrides
 
 
 def arm_state(run_dir: Path, rounds: int) -> str:
@@ -95,7 +108,7 @@ def run_experiment(path: Path, configs: list[Config], x_key: str | None, progres
         state = arm_state(run_dir, config.run.rounds)
         progress_note(f"arm {name}: {'finished, kept' if state == 'done' else state}")
         if state == "resume":
-            market, recorder = load_run(run_dir)
+            market, recorder = load_run(run_dir, config.run.rounds)
             run_market(market, recorder, progress=config.run.progress)
             finish_run(run_dir)
         elif state == "start":

@@ -630,8 +630,11 @@ def evaluate(data_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_O
     Raises:
         UserInputError: a bad data folder or setting (one line).
     """
+    from agorasim.run.preflight import check_output
+
     started = time.perf_counter()
     config = make_config(seed, quick, sft_epochs=sft_epochs, grpo_steps=grpo_steps, beams=beams, **overrides)
+    check_output(out_dir, "--out")  # before hours of training, not after
 
     def log(message: str) -> None:
         if progress:
@@ -644,6 +647,9 @@ def evaluate(data_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_O
 def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig, log: Callable[[str], None],
               started: float) -> dict[str, float]:
     data = load_amazon(data_dir)
+    if data.n_items < max(KS):
+        raise UserInputError(f"--data {data.source}: {data.n_items} items; HR@K and NDCG@K up to K={max(KS)} "
+                             f"need at least {max(KS)}")
     # one stream per part; every method replays the same stream (same prompt batches, same draws),
     # so the methods differ only in what they do with them
     streams = np.random.SeedSequence(config.seed).spawn(6)

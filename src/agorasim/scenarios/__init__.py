@@ -18,8 +18,15 @@ def scenario_names() -> list[str]:
 def load_scenario(name_or_path: str) -> dict:
     """The scenario dict for a packaged name or a path to a YAML file."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        text = path.read_text()
+    if path.suffix in (".yaml", ".yml") and name_or_path not in scenario_names():
+        if not path.is_file():
+            raise UserInputError(f"--scenario {name_or_path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserInputError(f"--scenario {name_or_path}: not a text (UTF-8) YAML file") from None
+        except OSError as error:
+            raise UserInputError(f"--scenario {name_or_path}: cannot read it ({error.strerror})") from None
     elif name_or_path in scenario_names():
         text = resources.files(__name__).joinpath(f"{name_or_path}.yaml").read_text()
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, Message, Meter
@@ -28,6 +27,17 @@ def build_engine(kind: str, llm_cfg) -> Engine:
     raise ValueError(f"unknown engine {kind!r}; expected one of {ENGINES}")
 
 
+class EngineFactory:
+    """Builds the engine of ``kind`` on first use (a plain class, so a checkpoint holding it can be
+    read back by the allow-list unpickler, which refuses ``functools.partial``)."""
+
+    def __init__(self, kind: str, llm_cfg):
+        self.kind, self.llm_cfg = kind, llm_cfg
+
+    def __call__(self) -> Engine:
+        return build_engine(self.kind, self.llm_cfg)
+
+
 class Engines:
     """One cached engine per kind, shared by every role that uses it (one model in memory).
 
@@ -45,7 +55,7 @@ class Engines:
         if kind not in self._engines:
             # the cache key names what changes the answers: hf's weights dtype is part of the model
             model = f"{self.llm_cfg.model}:{self.llm_cfg.dtype}" if kind == "hf" else self.llm_cfg.model
-            self._engines[kind] = CachedEngine(partial(build_engine, kind, self.llm_cfg), kind, model,
+            self._engines[kind] = CachedEngine(EngineFactory(kind, self.llm_cfg), kind, model,
                                                self.cache_cfg.mode, self.cache_path)
         return self._engines[kind]
 

@@ -63,6 +63,16 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def check_model(name: str) -> None:
+    """One line unless ``name`` is the embedded model (installed) or a local model directory; cheap
+    (nothing is converted or loaded), for the checks before a run starts."""
+    if name == "smollm2":
+        smollm2_gguf()
+    elif not (Path(name).expanduser() / "config.json").exists():
+        raise UserInputError(f"agents.llm.model {name!r} is neither 'smollm2' nor a local model "
+                             "directory with a config.json (nothing is downloaded at run time)")
+
+
 def model_dir(name: str) -> Path:
     """A local transformers directory for ``name`` (converting the embedded GGUF once)."""
     if name != "smollm2":
