@@ -12,7 +12,6 @@ from agorasim.errors import UserInputError
 from agorasim.run.offline import (
     KS,
     METRICS,
-    PUBLISHED_NOTE,
     Rows,
     build_generative,
     evaluate,
@@ -181,7 +180,7 @@ def test_quick_evaluate_writes_the_report(tmp_path):
     report = (tmp_path / "offline.md").read_text()
     for figure in ("0.0806", "0.0908", "0.1082", "0.1167", "0.1088", "0.1321", "0.1586"):
         assert figure in report
-    assert PUBLISHED_NOTE in report
+    assert "published, trained on the full training split" in report
     assert metrics["info/data/test_rows"] == quick_config().test_rows
 
 
@@ -217,3 +216,17 @@ def test_every_method_runs_offline_and_reports_list_exposure(tmp_path):
     # each method starts from the same SFT model, so an untrained method equals SFT exactly
     zero = evaluate(out_dir=tmp_path / "zero", quick=True, progress=False, methods=["flower"], grpo_steps=0)
     assert zero["sft+flower/test/ndcg@10"] == zero["sft/test/ndcg@10"]
+
+
+def test_published_figures_belong_to_their_data_folder(tmp_path):
+    from agorasim.run.offline import _markdown_table, published_figures
+
+    vendored = published_figures(load_amazon().source)
+    assert vendored[1]["MiniOneRec"] == {"ndcg@10": 0.1167, "hr@10": 0.1586}
+    assert published_figures(tmp_path) == ("", {})  # another data folder: nothing published
+    results = {"sft": {m: 0.5 for m in METRICS}}
+    assert "MiniOneRec" not in _markdown_table(results, 10, ["sft"], published_figures(tmp_path))
+    assert "| MiniOneRec |" in _markdown_table(results, 10, ["sft"], vendored)
+    (tmp_path / "published.yaml").write_text("models: [1, 2]\n")
+    with pytest.raises(UserInputError, match="published.yaml"):
+        published_figures(tmp_path)

@@ -249,3 +249,36 @@ def test_comparison_report_skips_runs_without_metrics(tmp_path):
     text = write_comparison_report(run_dirs + [empty], tmp_path / "report").read_text()
     assert "skipped (no metrics.csv): `../runs/crashed`" in text
     assert "4 runs in 2 labels" in text
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_not_pooled():
+    """Two seeds of one setting pool; a run with the same label but another config is its own
+    group, named by what differs (issue: a 2-round fairness-weight-4 run appeared as a seed)."""
+    from agorasim.run.report import _Run, group_runs
+
+    def run(seed, rounds=5, weight=1.0):
+        config = {"scenario": "s", "run": {"seed": seed, "rounds": rounds, "label": "pop", "out": f"o{seed}"},
+                  "platform": {"fairness_weight": weight}, "meta": {"created": str(seed)}}
+        return _Run(path=Path(f"r{seed}{rounds}"), scenario="s", label="pop", seed=seed, config=config)
+
+    groups = group_runs([run(0), run(1), run(0, rounds=2, weight=4.0)])
+    assert [(label, [r.seed for r in members]) for label, members in groups] == [
+        ("pop [fairness_weight=1.0, rounds=5]", [0, 1]), ("pop [fairness_weight=4.0, rounds=2]", [0])]
+    assert [label for label, _ in group_runs([run(0), run(1)])] == ["pop"]
+
+
+def test_short_runs_get_whole_round_ticks(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from agorasim.run.report import _save
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2], [0.1, 0.2, 0.3])
+    ax.set_xlabel("round")
+    assert any(t != int(t) for t in ax.get_xticks())  # matplotlib alone puts ticks at 0.25, 0.5, ...
+    _save(fig, tmp_path / "p.png")
+    assert all(t == int(t) for t in ax.get_xticks())
+    plt.close(fig)

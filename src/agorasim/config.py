@@ -443,6 +443,16 @@ def build_config(base: dict, overrides: list[str] | None = None) -> Config:
     return validate(data)
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (config dicts compared key by key)."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def dump_config(config: Config, extra: dict | None = None) -> str:
     """Resolved config as YAML (with provenance in ``meta``)."""
     data = config.model_dump(mode="json")

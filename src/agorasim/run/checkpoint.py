@@ -85,7 +85,7 @@ def _safe_rebuild_from_type_v2(func, new_type, args, state):
 def _REBUILD_FUNCTIONS():  # noqa: N802 - a constant built lazily (torch is imported on demand)
     import torch._utils
 
-    return {torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter}
+    return {torch._utils._rebuild_tensor_v2, torch._utils._rebuild_parameter, torch._utils._rebuild_parameter_with_state}
 
 
 def _restricted_getattr(obj, name):
@@ -109,6 +109,7 @@ SAFE_FUNCTIONS = {
     ("numpy.core.multiarray", "scalar"): None,
     ("torch._utils", "_rebuild_tensor_v2"): None,
     ("torch._utils", "_rebuild_parameter"): None,
+    ("torch._utils", "_rebuild_parameter_with_state"): None,
     ("torch._tensor", "_rebuild_from_type_v2"): _safe_rebuild_from_type_v2,
     ("torch.storage", "_load_from_bytes"): _safe_load_from_bytes,
     ("builtins", "getattr"): _restricted_getattr,

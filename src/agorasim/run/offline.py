@@ -61,15 +61,29 @@ BASE_MODELS = ("sasrec", "sft")
 METRICS = tuple(f"{name}@{k}" for name in ("hr", "ndcg") for k in KS)
 EXPOSURE_METRICS = ("coverage@10", "gini@10", "dgu@10", "mgu@10")
 DEFAULT_OUT = Path("runs") / "offline"
-PUBLISHED_NOTE = "published, trained on the full training split (larger than ours)"
-# Test-split figures of the data README (ReRe / MiniOneRec papers), 50-beam constrained decoding
-# for the generative models; a missing entry is not reported there.
-PUBLISHED: dict[str, dict[str, float]] = {
-    "SASRec": {"ndcg@10": 0.0806, "hr@10": 0.1088},
-    "TIGER": {"ndcg@10": 0.0908, "hr@10": 0.1321},
-    "D3": {"ndcg@10": 0.1082},
-    "MiniOneRec": {"ndcg@10": 0.1167, "hr@10": 0.1586},
-}
+PUBLISHED_FILE = "published.yaml"  # beside info.txt: figures published for that data set
+
+
+def published_figures(source: Path) -> tuple[str, dict[str, dict[str, float]]]:
+    """(note, model -> metric -> value) from ``published.yaml`` in the data folder; ("", {}) when
+    the folder has none, so published figures are only ever shown beside the data they belong to.
+
+    Raises:
+        UserInputError: the file exists but is not a mapping of models to metric values.
+    """
+    import yaml
+
+    path = Path(source) / PUBLISHED_FILE
+    if not path.is_file():
+        return "", {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        models = {str(m): {str(k): float(v) for k, v in figures.items()} for m, figures in data["models"].items()}
+        return str(data.get("note", "published")), models
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UserInputError(f"{path}: expected 'models: {{name: {{ndcg@10: value, ...}}}}' ({type(error).__name__})") from None
+
+
 _SELECT_ON = "ndcg@10"  # validation metric that picks epochs and steps
 
 
@@ -476,8 +490,9 @@ def _label(model: str) -> str:
     return f"SFT+{model.split('+', 1)[1].upper()} (generative)"
 
 
-def _markdown_table(results: dict[str, dict[str, float]], train_pairs: int, models) -> str:
-    """Test-split table: our models, then the published figures (``-``: not reported)."""
+def _markdown_table(results: dict[str, dict[str, float]], train_pairs: int, models,
+                    published: tuple[str, dict[str, dict[str, float]]] = ("", {})) -> str:
+    """Test-split table: our models, then the data's published figures (``-``: not reported)."""
     header = "| model | trained on | " + " | ".join(
         m.replace("hr", "HR").replace("ndcg", "NDCG") for m in METRICS) + " |"
     lines = [header, "|" + "---|" * (len(METRICS) + 2)]
@@ -485,9 +500,10 @@ def _markdown_table(results: dict[str, dict[str, float]], train_pairs: int, mode
     for model in models:
         cells = " | ".join(f"{results[model][m]:.4f}" for m in METRICS)
         lines.append(f"| {_label(model)} | {ours} | {cells} |")
-    for model, figures in PUBLISHED.items():
+    note, figures_by_model = published
+    for model, figures in figures_by_model.items():
         cells = " | ".join(f"{figures[m]:.4f}" if m in figures else "-" for m in METRICS)
-        lines.append(f"| {model} | {PUBLISHED_NOTE} | {cells} |")
+        lines.append(f"| {model} | {note} | {cells} |")
     return "\n".join(lines)
 
 
@@ -521,7 +537,8 @@ def write_report(out_dir: Path, results: dict[str, dict[str, dict[str, float]]],
                 for metric in METRICS + EXPOSURE_METRICS:
                     writer.writerow([model, split, metric, f"{by_model[model][metric]:.6f}"])
     test = results["test"]
-    table = _markdown_table(test, int(info["data/train_pairs"]), models)
+    published = published_figures(source)
+    table = _markdown_table(test, int(info["data/train_pairs"]), models, published)
     trained = []
     for method in config.methods:
         key = f"sft+{method}"
@@ -543,8 +560,9 @@ def write_report(out_dir: Path, results: dict[str, dict[str, dict[str, float]]],
         table,
         "",
         f"Ours: trained on {info['data/train_pairs']:,.0f} next-item pairs from the histories of valid.csv "
-        "(no validation or test target is trained on); the published models were trained on the full "
-        "training split, which is not shipped and is much larger.",
+        "(no validation or test target is trained on)"
+        + ("; the published models were trained on the full training split, which is not shipped and is much "
+           "larger." if published[1] else f". No published figures for this data (no {PUBLISHED_FILE} in it)."),
         "",
         "Exposure of the recommended top-10 lists (test): coverage of the catalogue, Gini of the items' "
         "recommendation counts (zero-count items included), and Flower's group gaps over 8 equal-count "

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from agorasim.config import flatten
+
 __all__ = [
     "read_metrics",
     "read_lorenz",
@@ -454,9 +456,15 @@ def _figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (7.0, 4.
 
 
 def _save(fig, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    # No "Software" stamp: the same data gives the same PNG bytes across matplotlib patch versions.
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    for ax in fig.axes:
+        if ax.get_xlabel() == "round" or ax.get_ylabel() == "round":  # rounds are whole numbers
+            (ax.xaxis if ax.get_xlabel() == "round" else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
+    # No "Software" stamp: the same data gives the same PNG bytes across matplotlib patch versions;
+    # a tight box keeps point labels and legends that reach past the axes inside the image.
+    fig.savefig(path, dpi=DPI, metadata={"Software": None}, bbox_inches="tight", pad_inches=0.1)
 
 
 def _have_matplotlib() -> bool:
@@ -876,6 +884,43 @@ def _plot_tradeoff(groups: list[_Group], colours: dict[str, Any], out: Path, x_k
     return True
 
 
+# What may differ between the seeds of one group: the seed and where or how the run was written.
+SEED_ONLY = ("run.seed", "run.out", "run.progress", "run.label", "experiment.", "meta.", "description")
+
+
+def _setting(config: dict) -> tuple:
+    flat = flatten(config)
+    return tuple(sorted((k, repr(v)) for k, v in flat.items() if not k.startswith(SEED_ONLY)))
+
+
+def group_runs(runs: list) -> list[tuple[str, list]]:
+    """Runs grouped as seeds of one setting: same label *and* same resolved config except the seed.
+
+    Runs that share a label but not a config are separate groups, each labelled by the keys that
+    differ (``"popularity+trirec [rounds=2, fairness_weight=inf]"``), so no interval pools
+    different settings. Runs without a config.yaml group by label alone.
+    """
+    by_key: dict[tuple, list] = {}
+    for run in runs:
+        by_key.setdefault((run.label, _setting(run.config)), []).append(run)
+    labels = [label for label, _ in by_key]
+    named = []
+    for (label, setting), members in by_key.items():
+        if labels.count(label) > 1:
+            rivals = [dict(s) for (other, s) in by_key if other == label]
+            mine = dict(setting)
+            differ = sorted({k for r in rivals for k in set(r) | set(mine) if r.get(k) != mine.get(k)})
+            shown = ", ".join(f"{k.split('.')[-1]}={_shown(mine.get(k))}" for k in differ[:3])
+            label = f"{label} [{shown}{', ...' if len(differ) > 3 else ''}]"
+        named.append((label, members))
+    return sorted(named, key=lambda pair: pair[0])
+
+
+def _shown(value: str | None) -> str:
+    """A config value as the repr stored by ``_setting``, shown without quotes."""
+    return "-" if value is None else value.strip("'")
+
+
 def write_comparison_report(
     run_dirs: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -912,11 +957,8 @@ def write_comparison_report(
     runs.sort(key=lambda r: r.sort_key)
 
     groups: list[_Group] = []
-    for run in runs:
-        if not groups or groups[-1].label != run.label:
-            groups.append(_Group(run.label, [], []))
-        groups[-1].runs.append(run)
-        groups[-1].finals.append(final_values(run.metrics, tail_fraction))
+    for label, members in group_runs(runs):
+        groups.append(_Group(label, members, [final_values(r.metrics, tail_fraction) for r in members]))
 
     plots: list[tuple[str, str]] = []
     plot_note = None

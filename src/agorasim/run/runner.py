@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from agorasim.config import Config, dump_config, load_yaml, validate
+from agorasim.config import Config, dump_config, flatten, load_yaml, validate
 from agorasim.errors import UserInputError
 from agorasim.metrics import exposure
 from agorasim.run import checkpoint as ckpt
@@ -191,15 +191,6 @@ def _truncate_lines(path: Path, keep: int) -> None:
     os.replace(tmp, path)
 
 
-def _flat(data, prefix: str = "") -> dict:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out = {}
-    for key, value in data.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def read_run_config(run_dir: Path) -> tuple[Config, dict]:
     """(config, meta) of a run folder's ``config.yaml``; one line if it is unreadable or invalid."""
     path = Path(run_dir) / "config.yaml"
@@ -258,8 +249,8 @@ def load_run(run_dir: Path, rounds: int | None = None, note=None):
     market = payload["market"]
     ran = market.config.model_dump(mode="json")
     ran["run"]["label"] = ran["run"]["label"] or file_config.run.label  # resolved at start
-    stated = _flat(file_config.model_dump(mode="json"))
-    for key, value in _flat(ran).items():
+    stated = flatten(file_config.model_dump(mode="json"))
+    for key, value in flatten(ran).items():
         if key not in RESUMABLE_KEYS and stated.get(key) != value:
             raise UserInputError(
                 f"{run_dir / 'config.yaml'}: {key} is {stated.get(key)!r} but the run's checkpoint has {value!r}; "
