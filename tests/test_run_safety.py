@@ -335,3 +335,16 @@ def test_eval_checks_out_and_data_before_training(tmp_path, capsys):
     assert main(["eval", "--quick", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "3 items" in err and "need at least 10" in err and err.count("\n") == 1
+
+
+def test_an_experiment_can_be_extended_but_not_cut(tmp_path, small_overrides, capsys):
+    out = tmp_path / "runs"
+    assert main(["run", "--out", str(out), "--seeds", "0,1"] + POP + sets(small_overrides + ["run.rounds=2"])) == 0
+    (folder,) = out.iterdir()
+    assert main(["run", "--resume", str(folder), "--rounds", "3", "--no-progress"]) == 0
+    arms = sorted((folder / "arms").iterdir())
+    assert [len((a / "metrics.csv").read_text().splitlines()) - 1 for a in arms] == [3, 3]
+    assert yaml.safe_load((folder / "plan.yaml").read_text())["overrides"][-1] == "run.rounds=3"
+    capsys.readouterr()
+    assert main(["run", "--resume", str(folder), "--rounds", "2"]) == 2
+    assert "already has 3 rounds" in capsys.readouterr().err
