@@ -335,6 +335,12 @@ def test_eval_checks_out_and_data_before_training(tmp_path, capsys):
     assert main(["eval", "--quick", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "3 items" in err and "need at least 10" in err and err.count("\n") == 1
+    # the same data as a market world: a slate of 10 cannot be filled from 3 items
+    assert main(["run", "--scenario", "amazon-industrial", "--out", str(tmp_path / "runs"),
+                 "--set", f"market.data_dir={data}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "3 items" in err and "need at least" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()
 
 
 def test_an_experiment_can_be_extended_but_not_cut(tmp_path, small_overrides, capsys):
