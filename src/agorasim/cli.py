@@ -127,13 +127,7 @@ def cmd_run(argv: list[str]) -> int:
     if len(configs) > 1:
         path = experiment.new_experiment(Path(config.run.out), config.scenario, base, overrides)
         print(f"experiment folder: {path}  (continue it with --resume {path})", flush=True)
-        try:
-            summary = experiment.run_experiment(path, configs, config.experiment.sweep_key,
-                                                lambda line: print(line, flush=True))
-        except (Interrupted, RunStopped) as stop:
-            return _interrupted(stop, path)
-        print(f"comparison: {summary}")
-        return 0
+        return _run_experiment(path, configs, config.experiment.sweep_key)
     market, recorder, run_dir = start_run(configs[0])
     print(f"run folder: {run_dir}", flush=True)
     try:
@@ -142,6 +136,19 @@ def cmd_run(argv: list[str]) -> int:
         return _interrupted(stop, run_dir)
     finish_run(run_dir)
     print(f"run folder: {run_dir}\nsummary:    {run_dir / 'summary.md'}")
+    return 0
+
+
+def _run_experiment(folder: Path, configs: list[Config], sweep_key: str | None) -> int:
+    """Run or finish every arm of an experiment folder, then print where its comparison is."""
+    from agorasim.run import experiment
+    from agorasim.run.runner import Interrupted, RunStopped
+
+    try:
+        summary = experiment.run_experiment(folder, configs, sweep_key, lambda line: print(line, flush=True))
+    except (Interrupted, RunStopped) as stop:
+        return _interrupted(stop, folder)
+    print(f"comparison: {summary}")
     return 0
 
 
@@ -177,13 +184,7 @@ def _resume(args) -> int:
         configs = expand(base, overrides, config)
         for variant in configs:
             check_config(variant)
-        try:
-            summary = experiment.run_experiment(folder, configs, config.experiment.sweep_key,
-                                                lambda line: print(line, flush=True))
-        except (Interrupted, RunStopped) as stop:
-            return _interrupted(stop, folder)
-        print(f"comparison: {summary}")
-        return 0
+        return _run_experiment(folder, configs, config.experiment.sweep_key)
     market, recorder = load_run(folder, args.rounds)
     print(f"run folder: {folder} (resuming at round {market.world.round} of {market.config.run.rounds})", flush=True)
     try:
