@@ -154,10 +154,13 @@ def _run_experiment(folder: Path, configs: list[Config], sweep_key: str | None) 
 
 def _interrupted(stop, folder: Path) -> int:
     """The message and exit status of a run stopped by a signal (130) or by ``RunStopped`` (1)."""
-    what = f"stopped: {stop.reason}" if hasattr(stop, "reason") else "interrupted"
+    from agorasim.run.runner import RunStopped
+
+    stopped = isinstance(stop, RunStopped)
+    what = f"stopped: {stop.reason}" if stopped else "interrupted"
     print(f"agorasim: {what}; after round {stop.rounds_done}, checkpoint written in {stop.run_dir}\n"
           f"continue with: agorasim run --resume {folder}", file=sys.stderr)
-    return 1 if hasattr(stop, "reason") else 130
+    return 1 if stopped else 130
 
 
 def _resume(args) -> int:

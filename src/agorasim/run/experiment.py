@@ -23,6 +23,7 @@ import yaml
 
 from agorasim.config import Config, load_yaml
 from agorasim.errors import UserInputError
+from agorasim.run.checkpoint import write_atomic
 from agorasim.run.runner import safe_part
 
 PLAN = "plan.yaml"
@@ -66,9 +67,7 @@ def set_rounds(path: Path, rounds: int) -> list[str]:
         if _rounds_written(arm) > rounds:
             raise UserInputError(f"--rounds {rounds}: arm {arm.name} already has {_rounds_written(arm)} rounds")
     overrides = [o for o in overrides if not o.replace(" ", "").startswith("run.rounds=")] + [f"run.rounds={rounds}"]
-    tmp = Path(path) / (PLAN + ".tmp")
-    tmp.write_text(yaml.safe_dump({"base": base, "overrides": overrides}, sort_keys=False))
-    tmp.replace(Path(path) / PLAN)
+    write_atomic(Path(path) / PLAN, yaml.safe_dump({"base": base, "overrides": overrides}, sort_keys=False))
     return overrides
 
 

@@ -697,7 +697,9 @@ def write_run_report(run_dir: str | os.PathLike, tail_fraction: float = TAIL_FRA
         )
     else:
         lines.append(f"Run folder `{run_dir.name}`: metrics.csv has no rounds yet.")
-    saved = sorted((run_dir / "checkpoints").glob("round_*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
+    from agorasim.run.runner import checkpoints
+
+    saved = checkpoints(run_dir)
     if saved:
         lines += ["", f"Latest checkpoint: `{saved[-1].name}`, {saved[-1].stat().st_size / 2**20:.2f} MiB "
                       f"({len(saved)} kept, {sum(p.stat().st_size for p in saved) / 2**20:.2f} MiB in all)."]

@@ -14,7 +14,6 @@ checkpoint and continues, giving the same ``metrics.csv`` as an uninterrupted ru
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -186,9 +185,7 @@ def _truncate_lines(path: Path, keep: int) -> None:
         return
     with open(path) as f:
         lines = f.readlines()[:keep]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
+    ckpt.write_atomic(path, "".join(lines))
 
 
 def read_run_config(run_dir: Path) -> tuple[Config, dict]:
@@ -265,7 +262,7 @@ def load_run(run_dir: Path, rounds: int | None = None, note=None):
     meta = dict(meta)
     meta["resumed"] = list(meta.get("resumed") or []) + [
         {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_round": done, "rounds": target}]
-    _write_atomic(run_dir / "config.yaml", dump_config(market.config, meta))
+    ckpt.write_atomic(run_dir / "config.yaml", dump_config(market.config, meta))
     # files may hold rounds written after the checkpoint: rewrite them from the checkpoint
     for name in ("metrics.csv", "train.csv", "timings.csv", "lorenz.csv"):
         (run_dir / name).unlink(missing_ok=True)
@@ -280,12 +277,6 @@ def load_run(run_dir: Path, rounds: int | None = None, note=None):
     market.recorder = recorder
     market.engines.set_default_path(run_dir / "llm_cache.jsonl")
     return market, recorder
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Interrupted(KeyboardInterrupt):
