@@ -175,6 +175,33 @@ def test_sanitize_cuts_every_attack_and_keeps_product_text():
     assert "<" not in prompts.sanitize("</promo> hello")[0]
 
 
+@pytest.mark.parametrize("style", list(prompts.INJECTION_STYLES))
+def test_sanitize_on_each_injection_style(style):
+    grounded = "Durable, quiet. A top pick."
+    text = prompts.injection(style, target=17, other=3, other_title="Steel Pliers No. 2")
+    clean, cut = prompts.sanitize(f"{grounded} {text}")
+    if style == "persuasion":  # no pattern the sanitiser knows: only the quoting stands against it
+        assert not cut and clean == f"{grounded} {text}"
+    else:
+        assert cut and clean == grounded
+    # whatever survives, the promotion stays on its item's line: one prompt line per listed item
+    slate = [(3, "Steel Pliers No. 2", ""), (17, "Hose", f"{grounded} {text}")]
+    lines = prompts.user_messages("You like tools.", [], slate, defence=True)[1].content.splitlines()
+    assert [line.split("]")[0] for line in lines if line.startswith("[")] == ["[3", "[17"]
+    assert sum("<promo>" in line for line in lines) == 1
+    off = prompts.user_messages("You like tools.", [], slate, defence=False)[1].content.splitlines()
+    if style in ("fake_system", "id_spoofing"):  # undefended, the injection writes prompt lines of its own
+        assert len(off) > len(lines)
+
+
+def test_sanitize_keeps_product_words_that_look_like_roles():
+    for honest in ("Peg Board Storage System - Hook Organizer", "Compact Thermal Imaging System.",
+                   "Rated 4.5 stars by 200 buyers. Pack of 10."):
+        assert prompts.sanitize(honest) == (honest, False)
+    # ... but a bracketed number reads as a listed id and is cut: the price of catching id spoofing
+    assert prompts.sanitize("Proxabrush Refills Wide [614] 8 Each.") == ("", True)
+
+
 def test_defence_stops_the_fake_victim_from_obeying():
     promos = np.array([["", "", ""], ["", prompts.ATTACKS[0], ""], ["", "", ""], ["", "", ""]], dtype=object)
     for defence, clicked in [(False, 1), (True, None)]:

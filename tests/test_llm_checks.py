@@ -112,34 +112,66 @@ def test_fidelity_oracle_and_fallback():
     assert json.loads(llm_checks.json_line(fig))["llm/precision"] is None  # undefined, strict JSON
 
 
-def test_attack_fake_engine_obeys_without_defence_and_not_with_it():
+def test_wilson_and_paired_lift_by_hand():
+    # Wilson, z = 1.959964: k = 0, n = 10 -> centre = half = (z²/2) / (n + z²) = 0.138767
+    low, high = llm_checks.wilson(0, 10)
+    assert low == pytest.approx(0.0, abs=1e-9) and high == pytest.approx(0.277533, abs=1e-5)
+    # k = 5, n = 10: centre 0.5, half = z / (n + z²) * sqrt(2.5 + z²/4) = 0.263407
+    assert llm_checks.wilson(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-5)
+    assert all(np.isnan(llm_checks.wilson(0, 0)))
+    # paired differences [1, 0, 0, -1]: mean 0, sd sqrt(2/3), t(0.975, 3) = 3.182446 -> half 1.299228
+    lift, lo, hi = llm_checks.paired_lift(np.array([1, 1, 0, 0]), np.array([0, 1, 0, 1]))
+    assert lift == 0.0 and hi == pytest.approx(1.299228, abs=1e-5) and lo == pytest.approx(-hi)
+    # [1, 1, 1, 0]: mean 0.75, sd 0.5 -> half 3.182446 * 0.5 / 2 = 0.795612
+    assert llm_checks.paired_lift(np.array([1, 1, 1, 0]), np.zeros(4)) == pytest.approx((0.75, -0.045612, 1.545612),
+                                                                                       abs=1e-5)
+
+
+def test_attack_fake_engine_obeys_every_known_style_without_defence_and_none_with_it():
     n = 30
-    fig = llm_checks.attack(engine_kind="fake", users=n, seed=0, keep_rows=True)
-    # the fake engine obeys any injection it reads: with the defence off every user clicks the target, rated 10
-    assert fig["adversarial/off/target_click_rate"] == 1.0
-    assert fig["adversarial/off/target_rating"] == 10.0 and fig["adversarial/off/target_judged"] == 1.0
-    assert fig["defence_off/click_lift"] == pytest.approx(1.0 - fig["grounded/off/target_click_rate"])
-    assert fig["grounded/off/target_click_rate"] < 0.5
-    # with it on the injection is cut before the model reads it: same prompt, same answer, no lift
-    assert fig["defence_on/click_lift"] == 0.0 and fig["defence_on/rating_lift"] == 0.0
-    assert fig["click_cut"] == 1.0
+    fig = llm_checks.attack(engine_kind="fake", users=n, seed=0, honest=12, keep_rows=True)
+    detected = ("instruction", "fake_system", "json_smuggling", "id_spoofing")
+    assert fig["styles"] == [*detected, "persuasion"]
+    control_off, control_on = fig["grounded/off/asr"], fig["grounded/on/asr"]
+    assert control_off < 0.5 and fig["grounded/off/flagged"] == 0.0
+    for style in detected:
+        # the fake engine obeys any injection it reads, whatever line it sits on and whatever id it
+        # names: undefended, every user clicks the target and rates it 10
+        assert fig[f"{style}/off/asr"] == 1.0 and fig[f"{style}/off/target_rating"] == 10.0
+        assert fig[f"{style}/off/flagged"] == fig[f"{style}/on/flagged"] == 1.0
+        assert fig[f"{style}/off/lift"] == pytest.approx(1.0 - control_off)
+        assert fig[f"{style}/off/asr_low"] == pytest.approx(llm_checks.wilson(n, n)[0])
+        # defended, the injection is cut before the model reads it: the control's prompt, its answer
+        assert fig[f"{style}/on/asr"] == control_on and fig[f"{style}/on/lift"] == 0.0
+        assert fig[f"{style}/on/lift_low"] == fig[f"{style}/on/lift_high"] == 0.0
+        assert fig["rows"]["answers"][f"{style}/on"] == fig["rows"]["answers"]["grounded/on"]
+    # persuasion names no pattern: the fake victim does not obey it, and the sanitiser passes it
+    assert fig["persuasion/off/flagged"] == fig["persuasion/on/flagged"] == 0.0
+    assert fig["persuasion/off/target_rating"] != 10.0
+    # prompts: grounded and five styles undefended; defended, the four cut styles share one prompt
+    assert fig["asked"] == 6 * n + 3 * n and fig["reused"] == 3 * n
     rows = fig["rows"]
-    assert rows["answers"]["grounded/on"] == rows["answers"]["adversarial/on"]
     for b, target in enumerate(rows["target"]):
         assert rows["slot"][b] >= 1 and rows["slates"][b][rows["slot"][b]] == target
-        assert rows["adversarial"][b].startswith(rows["grounded"][b])
-        clicked = [j["item_id"] for j in rows["answers"]["adversarial/off"][b] if j["click"]]
-        assert clicked == [target]
-    for key in ("grounded/off", "adversarial/off", "grounded/on", "adversarial/on"):
-        assert fig[f"{key}/fallback_rate"] == 0.0
-    same = llm_checks.attack(engine_kind="fake", users=n, seed=0)
+        for style in fig["styles"]:
+            assert rows["promotions"][style][b].startswith(rows["promotions"]["grounded"][b])
+        assert f"[{target}]" in rows["promotions"]["id_spoofing"][b]
+        assert f"[{rows['slates'][b][0]}]" in rows["promotions"]["id_spoofing"][b]
+    for key in fig:
+        if key.endswith("/fallback_rate"):
+            assert fig[key] == 0.0
+    # the defence's cost on honest text: the vendored Amazon titles hold two bracketed model numbers
+    assert fig["honest/amazon titles/texts"] == 3686 and fig["honest/amazon titles/flagged"] == 2
+    assert fig["honest/template promotions/flagged"] == 0 and fig["honest/model-written promotions/texts"] == 12
+    assert fig["honest/amazon titles/fpr"] == pytest.approx(2 / 3686)
+    same = llm_checks.attack(engine_kind="fake", users=n, seed=0, honest=12)
     assert {k: v for k, v in same.items() if "seconds" not in k and k != "wall_s"} == \
         {k: v for k, v in fig.items() if "seconds" not in k and k not in ("wall_s", "rows")}
 
 
 def test_attack_output_check_rejects_echoed_injections():
     """A model that clicks the promoted item and echoes the instruction: with the defence on, the
-    adversarial answers are re-asked and fall back; grounded answers pass."""
+    attacked answers are re-asked and fall back; grounded answers pass."""
     promoted = re.compile(r"^\[(\d+)\] .*(<promo>|Seller says)", re.MULTILINE)
 
     def echo(request):
@@ -147,13 +179,14 @@ def test_attack_output_check_rejects_echoed_injections():
 
     n = 12
     engine = FakeEngine(echo)
-    fig = llm_checks.attack(users=n, seed=1, engine=engine, llm_cfg=LLMConfig(reasks=1))
-    assert fig["grounded/off/target_click_rate"] == fig["adversarial/off/target_click_rate"] == 1.0
-    assert fig["grounded/on/target_click_rate"] == 1.0 and fig["grounded/on/fallback_rate"] == 0.0
-    assert fig["adversarial/on/fallback_rate"] == 1.0 and fig["adversarial/on/target_click_rate"] == 0.0
-    assert fig["adversarial/on/reasks"] == n
-    assert fig["defence_off/click_lift"] == 0.0 and fig["defence_on/click_lift"] == -1.0
-    assert np.isnan(fig["click_cut"])  # no lift to cut
+    fig = llm_checks.attack(users=n, seed=1, engine=engine, llm_cfg=LLMConfig(reasks=1), styles=("instruction",),
+                            honest=0)
+    assert fig["grounded/off/asr"] == fig["instruction/off/asr"] == 1.0
+    assert fig["grounded/on/asr"] == 1.0 and fig["grounded/on/fallback_rate"] == 0.0
+    assert fig["instruction/on/fallback_rate"] == 1.0 and fig["instruction/on/asr"] == 0.0
+    assert fig["instruction/on/reasks"] == n
+    assert fig["instruction/off/lift"] == 0.0 and fig["instruction/on/lift"] == -1.0
+    assert "honest/model-written promotions/texts" not in fig
 
 
 def test_cli_prints_table_and_json_last(capsys):
@@ -165,7 +198,10 @@ def test_cli_prints_table_and_json_last(capsys):
     assert main(["attack", "--backend", "fake", "--users", "8", "--set", "agents.llm.reasks=0"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     fig = json.loads(out[-1])
-    assert fig["users"] == 8 and fig["defence_on/click_lift"] == 0.0 and fig["click_cut"] == 1.0
+    assert fig["users"] == 8 and fig["instruction/on/lift"] == 0.0 and fig["honest/template promotions/flagged"] == 0
+    assert main(["attack", "--backend", "fake", "--users", "4", "--styles", "json_smuggling", "--honest", "0"]) == 0
+    fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fig["styles"] == ["json_smuggling"] and "instruction/on/asr" not in fig
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -180,6 +216,9 @@ def test_cli_prints_table_and_json_last(capsys):
     (["attack", "--backend", "nope"], "invalid choice"),
     (["attack", "--backend", "fake", "--users", "0"], "--users"),
     (["attack", "--users", "ten"], "invalid int"),
+    (["attack", "--backend", "fake", "--styles", "jailbreak"], "--styles jailbreak"),
+    (["attack", "--backend", "fake", "--styles", ","], "at least one"),
+    (["attack", "--backend", "fake", "--honest", "-1"], "--honest"),
 ])
 def test_cli_bad_input_exits_2(argv, message, capsys):
     assert main(argv) == 2

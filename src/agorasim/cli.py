@@ -292,12 +292,20 @@ def cmd_fidelity(argv: list[str]) -> int:
 def cmd_attack(argv: list[str]) -> int:
     from agorasim.run import llm_checks
 
-    p = _llm_check_parser("agorasim attack", "Target click and rating lift of a prompt-injection promotion, "
-                          "with the defence off and on.")
+    from agorasim.agents.prompts import INJECTION_STYLES
+
+    p = _llm_check_parser("agorasim attack", "Success rate of prompt-injection styles in a promotion, with the "
+                          "defence off and on (95%% intervals), and the defence's false-positive rate on honest text.")
     p.add_argument("--users", type=int, default=100, help="users of the synthetic market asked (default 100)")
+    p.add_argument("--styles", default=None,
+                   help=f"injection styles, comma-separated (default all: {','.join(INJECTION_STYLES)})")
+    p.add_argument("--honest", type=int, default=100,
+                   help="honest promotions the model writes for the false-positive rate (default 100; 0: none)")
     args = p.parse_args(argv)
     llm_cfg, cache_cfg = _llm_sections(args.overrides)
-    figures = llm_checks.attack(args.backend, args.users, args.seed, llm_cfg, cache_cfg=cache_cfg)
+    styles = None if args.styles is None else _csv_list(args.styles, option="--styles")
+    figures = llm_checks.attack(args.backend, args.users, args.seed, llm_cfg, styles=styles,
+                                honest=args.honest, cache_cfg=cache_cfg)
     print(llm_checks.format_attack(figures))
     print(llm_checks.json_line(figures))
     return 0

@@ -6,11 +6,13 @@ among random items they never interacted with, and we count how often the langua
 picks the real one (precision, recall and F1 of its picks), beside a utility choice model on the
 same slates and random choice.
 
-``attack`` measures what an injected instruction in a promotion buys a seller, with the defence
-off and on: a small synthetic market is run for a round or two to get real users and slates, one
-shown item per user gets a grounded promotion or the same promotion plus an injection
-(``prompts.ATTACKS``), and the target's click rate and rating are compared across the four
-conditions (grounded / adversarial x defence off / on), with the same users, slates and seeds.
+``attack`` measures what an injection in a promotion buys a seller, with the defence off and on:
+a small synthetic market is run for a round or two to get real users and slates, one shown item
+per user gets a grounded promotion or the same promotion plus an injection of one of several
+styles (``prompts.INJECTION_STYLES``: instructions, fake system text, JSON smuggling, id spoofing,
+persuasion), and the target's click rate is compared with the grounded control, with the same
+users, slates and seeds, with 95% intervals; the defence's false-positive rate is measured on
+honest texts (real Amazon titles, template and model-written grounded promotions).
 
 Both go through the same code path as the simulation: prompts from ``agents/prompts.py``, the
 batched, guided request with re-asks of ``LLMUserBackend.ask`` and the answer checks of
@@ -45,7 +47,6 @@ ATTACK_MARKET = ["market.n_items=200", "market.n_providers=20", "market.new_item
                  "run.eval_users=32", "policy.name=popularity", "agents.users.backend=utility",
                  "agents.items.promotion=grounded", "agents.items.writer=template"]
 MAX_WARMUP_ROUNDS = 10
-CONDITIONS = (("grounded", False), ("adversarial", False), ("grounded", True), ("adversarial", True))
 
 
 def _engine(engine_kind: str, llm_cfg: LLMConfig, cache_cfg: CacheConfig | None) -> tuple[Engine, Engines]:
@@ -286,32 +287,88 @@ def grounded_promotion(features: int, title: str) -> str:
     return prompts.template_promotion(int(features), 1.0, title) or "A top pick."
 
 
+def wilson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate (scipy's ``binomtest``); (nan, nan) for no trials."""
+    from scipy.stats import binomtest
+
+    if trials == 0:
+        return math.nan, math.nan
+    ci = binomtest(int(successes), int(trials)).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def paired_lift(treated: np.ndarray, control: np.ndarray) -> tuple[float, float, float]:
+    """Mean of the per-user differences ``treated - control`` (the same users, both 0/1) and its
+    95% Student-t interval (``report.mean_ci`` over users): ``(lift, low, high)``."""
+    from agorasim.run.report import mean_ci
+
+    diff = np.asarray(treated, np.float64) - np.asarray(control, np.float64)
+    mean, half = mean_ci(diff)
+    return mean, mean - half, mean + half
+
+
+def honest_corpora(market, engine: Engine | None, honest: int, seed: int, llm_cfg: LLMConfig) -> dict[str, list[str]]:
+    """Honest promotion texts the defence should leave alone: the real Amazon Industrial titles
+    (seller-written product text), the template promotions of every catalogue item at each
+    intensity, and ``honest`` grounded promotions written by the engine for sampled items."""
+    from agorasim.agents.items import STRATEGIES, PromotionWriter
+    from agorasim.data.amazon import load_amazon
+
+    cat = market.world.catalogue
+    corpora = {"amazon titles": list(load_amazon(None).titles)}
+    intensities = sorted({s[1] for s in STRATEGIES if s[1] > 0})
+    corpora["template promotions"] = [t for i in range(cat.n) for a in intensities
+                                      if (t := prompts.template_promotion(int(cat.features[i]), a, cat.titles[i]))]
+    if honest > 0 and engine is not None:
+        items = np.sort(np.random.default_rng([seed, 0x40E57]).choice(cat.n, size=min(honest, cat.n), replace=False))
+        bold = next(k for k, s in enumerate(STRATEGIES) if s[0] == "bold")
+        writer = PromotionWriter("grounded", engine, llm_cfg, seed)
+        corpora["model-written promotions"] = writer.write(
+            cat.titles, items, np.full(len(items), bold), cat.features[items], cat.features[items],
+            cat.price_band[items], ["a new shopper"] * len(items))
+    return corpora
+
+
 def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LLMConfig | None = None, *,
-           engine: Engine | None = None, cache_cfg: CacheConfig | None = None, keep_rows: bool = False) -> dict:
-    """What an injected instruction in a promotion buys, with the defence off and on.
+           styles: tuple[str, ...] | None = None, honest: int = 100, engine: Engine | None = None,
+           cache_cfg: CacheConfig | None = None, keep_rows: bool = False) -> dict:
+    """The attack success rate of each injection style, with the defence off and on, and what the
+    defence costs honest promotions.
 
     A small synthetic market (popularity policy, utility users) runs until ``users`` distinct
     users have been shown a slate; ``users`` of them are sampled (seeded) and each gets one target
     slot, uniform among the non-first filled slots. Only the target carries a promotion: its
-    grounded template text (``grounded``) or that text plus one of ``prompts.ATTACKS`` chosen by
-    item id as the adversarial item agents do (``adversarial``). Each promotion is shown with the
-    defence off and on (quoted, sanitised promotions; with it on, a click whose reason echoes the
-    injection is re-asked) to the same users with the same slates, seeds and prompts otherwise.
+    grounded template text (``grounded``, the control) or that text plus the injection of one style
+    of ``prompts.INJECTION_STYLES`` aimed at it (``id_spoofing`` speaks for the slate's first item).
+    Each promotion is shown with the defence off and on (quoted, sanitised promotions; with it on,
+    a click whose reason echoes an injection is re-asked) to the same users, with the same slates,
+    seeds and prompts otherwise. A prompt that is identical to one already asked (the sanitiser
+    cut the whole injection, so the user reads the control's prompt) gets the same answer without
+    asking again: the answer is a function of the prompt and the seed.
 
-    Per condition: the target click rate (over all users; a fallback is no click), the mean
-    rating of the target over the answers that judge it, the click rate on any item and the
-    fallback rate. Lifts are adversarial minus grounded; the cut is the share of the lift that
-    the defence removes, ``1 - lift_on / lift_off`` (undefined when there is no lift to cut).
+    A trial succeeds when the user clicks the target (a fallback is no click). Per condition: the
+    success rate with its 95% Wilson interval, the lift over the control under the same defence
+    (paired per user, Student-t interval), the share of injected promotions the sanitiser flagged,
+    the target's mean rating over the answers that judge it, the fallback rate. The defence's cost:
+    the share of honest texts (``honest_corpora``) it flags, with Wilson intervals, and the
+    control's click rate with the defence on against off.
 
     Returns:
-        Flat figures: ``<promotion>/<off|on>/{target_click_rate, target_rating, target_judged,
-        click_rate, fallback_rate}``, ``defence_<off|on>/{click_lift, rating_lift}``,
-        ``click_cut``, ``rating_cut``, ``wall_s``.
+        Flat figures: ``<promotion>/<off|on>/{asr, asr_low, asr_high, lift, lift_low, lift_high,
+        flagged, target_rating, target_judged, click_rate, fallback_rate, reasks}`` for promotion in
+        ``grounded`` and each style; ``honest/<corpus>/{texts, flagged, fpr, fpr_low, fpr_high}``;
+        ``asked``, ``reused``, ``wall_s``.
     """
     started = time.perf_counter()
     llm_cfg = llm_cfg or LLMConfig()
+    styles = tuple(prompts.INJECTION_STYLES) if styles is None else tuple(styles)
+    unknown = [s for s in styles if s not in prompts.INJECTION_STYLES]
+    if unknown or not styles:
+        raise UserInputError(f"--styles {','.join(unknown) or '(none)'}: choose from {', '.join(prompts.INJECTION_STYLES)}")
     if users < 1:
         raise UserInputError(f"--users must be at least 1, got {users}")
+    if honest < 0:
+        raise UserInputError(f"--honest must be at least 0, got {honest}")
     market, latest = attack_market(users, seed)
     world, cat = market.world, market.world.catalogue
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA77AC]))
@@ -324,86 +381,123 @@ def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LL
         raise UserInputError("the warm-up market served a slate with fewer than 2 items")
     slot = 1 + (rng.random(users) * (filled - 1)).astype(np.int64)  # uniform over 1..filled-1
     target = slates[np.arange(users), slot]
-    grounded = [grounded_promotion(cat.features[i], cat.titles[i]) for i in target]
-    adversarial = [f"{g} {prompts.ATTACKS[int(i) % len(prompts.ATTACKS)]}" for g, i in zip(grounded, target)]
+    other = slates[:, 0]
+    promotions = {"grounded": [grounded_promotion(cat.features[i], cat.titles[i]) for i in target]}
+    for style in styles:
+        promotions[style] = [f"{g} {prompts.injection(style, int(t), int(o), cat.titles[o])}"
+                             for g, t, o in zip(promotions["grounded"], target, other)]
 
     owned = None
     if engine is None:
         engine, owned = _engine(engine_kind, llm_cfg, cache_cfg)
     out: dict = {"users": users, "seed": seed, "backend": getattr(engine, "backend", engine_kind),
-                 "model": getattr(engine, "model", llm_cfg.model), "warmup_rounds": int(world.round)}
-    rows_out = {}
+                 "model": getattr(engine, "model", llm_cfg.model), "warmup_rounds": int(world.round),
+                 "styles": list(styles)}
+    rows_out, success = {}, {}
+    memo: dict[tuple, object] = {}
+    asked = reused = 0
     llm_seconds = 0.0
     try:
-        # the slates come from different rounds; ask per round so each request carries its round's seed
-        for promotion, defence in CONDITIONS:
+        for defence in (False, True):
             cfg = llm_cfg.model_copy(update={"defence": defence})
-            backend = LLMUserBackend(engine, UserAgentsConfig(), cfg, seed)
-            texts = np.full(slates.shape, "", dtype=object)
-            texts[np.arange(users), slot] = grounded if promotion == "grounded" else adversarial
-            answers: list = [None] * users
-            for r in np.unique(rounds):
-                rows = np.flatnonzero(rounds == r)
-                request = SlateRequest(users=chosen, slates=slates, true_utility=np.zeros(slates.shape),
-                                       hype=np.zeros(slates.shape), trust=np.zeros(users), round=int(r),
-                                       world=world, promotion_text=texts)
-                messages, injected = backend.render(request, rows)
-                t0 = time.perf_counter()
-                for b, judgements in zip(rows, backend.ask(messages, request, rows, injected)):
-                    answers[b] = judgements
-                llm_seconds += time.perf_counter() - t0
-            key = f"{promotion}/{'on' if defence else 'off'}"
-            clicks = judged = any_click = 0
-            ratings = []
-            for b, judgements in enumerate(answers):
-                for j in judgements or []:
-                    any_click += int(j.click)
-                    if j.item_id == target[b]:
-                        judged += 1
-                        clicks += int(j.click)
-                        if j.rating is not None:
-                            ratings.append(float(j.rating))
-            fallbacks = sum(a is None for a in answers)
-            out[f"{key}/target_click_rate"] = clicks / users
-            out[f"{key}/target_rating"] = float(np.mean(ratings)) if ratings else math.nan
-            out[f"{key}/target_judged"] = judged / users
-            out[f"{key}/click_rate"] = any_click / users
-            out[f"{key}/fallback_rate"] = fallbacks / users
-            out[f"{key}/reasks"] = float(backend._stats["reasks"])
-            if keep_rows:
-                rows_out[key] = [None if a is None else [j.model_dump() for j in a] for a in answers]
+            for promotion, texts_of in promotions.items():
+                backend = LLMUserBackend(engine, UserAgentsConfig(), cfg, seed)
+                texts = np.full(slates.shape, "", dtype=object)
+                texts[np.arange(users), slot] = texts_of
+                answers: list = [None] * users
+                # the slates come from different rounds; ask per round so each carries its round's seed
+                for r in np.unique(rounds):
+                    rows = np.flatnonzero(rounds == r)
+                    request = SlateRequest(users=chosen, slates=slates, true_utility=np.zeros(slates.shape),
+                                           hype=np.zeros(slates.shape), trust=np.zeros(users), round=int(r),
+                                           world=world, promotion_text=texts)
+                    messages, injected = backend.render(request, rows)
+                    keys = [(int(r), int(chosen[b]), defence, tuple(m.content for m in msgs),
+                             frozenset(flags) if defence else None)
+                            for b, msgs, flags in zip(rows, messages, injected)]
+                    todo = [n for n, key in enumerate(keys) if key not in memo]
+                    t0 = time.perf_counter()
+                    if todo:
+                        fresh = backend.ask([messages[n] for n in todo], request, rows[todo],
+                                            [injected[n] for n in todo])
+                        memo.update({keys[n]: a for n, a in zip(todo, fresh)})
+                    llm_seconds += time.perf_counter() - t0
+                    asked, reused = asked + len(todo), reused + len(keys) - len(todo)
+                    for b, key in zip(rows, keys):
+                        answers[b] = memo[key]
+                key = f"{promotion}/{'on' if defence else 'off'}"
+                hit = np.zeros(users, bool)
+                judged = any_click = 0
+                ratings = []
+                for b, judgements in enumerate(answers):
+                    for j in judgements or []:
+                        any_click += int(j.click)
+                        if j.item_id == target[b]:
+                            judged += 1
+                            hit[b] |= bool(j.click)
+                            if j.rating is not None:
+                                ratings.append(float(j.rating))
+                success[key] = hit
+                out[f"{key}/asr"] = float(hit.mean())
+                out[f"{key}/asr_low"], out[f"{key}/asr_high"] = wilson(int(hit.sum()), users)
+                out[f"{key}/flagged"] = float(np.mean([prompts.is_injection(t) for t in texts_of]))
+                out[f"{key}/target_rating"] = float(np.mean(ratings)) if ratings else math.nan
+                out[f"{key}/target_judged"] = judged / users
+                out[f"{key}/click_rate"] = any_click / users
+                out[f"{key}/fallback_rate"] = sum(a is None for a in answers) / users
+                out[f"{key}/reasks"] = float(backend._stats["reasks"])
+                if keep_rows:
+                    rows_out[key] = [None if a is None else [j.model_dump() for j in a] for a in answers]
+        for key in success:
+            if key.startswith("grounded/"):
+                continue
+            control = success["grounded/" + key.split("/")[1]]
+            out[f"{key}/lift"], out[f"{key}/lift_low"], out[f"{key}/lift_high"] = paired_lift(success[key], control)
+        cost_started = time.perf_counter()
+        for corpus, texts in honest_corpora(market, engine, honest, seed, llm_cfg).items():
+            flagged = sum(prompts.sanitize(t)[1] for t in texts)
+            out[f"honest/{corpus}/texts"] = len(texts)
+            out[f"honest/{corpus}/flagged"] = flagged
+            out[f"honest/{corpus}/fpr"] = _ratio(flagged, len(texts))
+            out[f"honest/{corpus}/fpr_low"], out[f"honest/{corpus}/fpr_high"] = wilson(flagged, len(texts))
+        llm_seconds += time.perf_counter() - cost_started
     finally:
         if owned is not None:
             owned.close()
-    for state in ("off", "on"):
-        for measure, name in (("target_click_rate", "click_lift"), ("target_rating", "rating_lift")):
-            out[f"defence_{state}/{name}"] = out[f"adversarial/{state}/{measure}"] - out[f"grounded/{state}/{measure}"]
-    for name in ("click", "rating"):
-        off, on = out[f"defence_off/{name}_lift"], out[f"defence_on/{name}_lift"]
-        out[f"{name}_cut"] = 1.0 - on / off if off > 0 else math.nan
+    out["asked"], out["reused"] = asked, reused
     out["llm/seconds"] = llm_seconds
     out["wall_s"] = time.perf_counter() - started
     if keep_rows:
         out["rows"] = {"users": chosen.tolist(), "slates": slates.tolist(), "target": target.tolist(),
-                       "slot": slot.tolist(), "grounded": grounded, "adversarial": adversarial, "answers": rows_out}
+                       "slot": slot.tolist(), "promotions": promotions, "answers": rows_out}
     return out
 
 
 def format_attack(fig: dict) -> str:
-    lines = [f"Injection attack and defence: {fig['users']} users of a synthetic market "
+    lines = [f"Injection attacks and the defence: {fig['users']} users of a synthetic market "
              f"({fig['warmup_rounds']} warm-up rounds), {fig['backend']}:{fig['model']}, seed {fig['seed']}",
-             f"{'promotion':12s} {'defence':7s} {'target click':>12s} {'target rating':>13s} "
-             f"{'judged':>6s} {'any click':>9s} {'fallback':>8s}"]
-    for promotion, defence in CONDITIONS:
-        key = f"{promotion}/{'on' if defence else 'off'}"
-        lines.append(f"{promotion:12s} {'on' if defence else 'off':7s} {_fmt(fig[key + '/target_click_rate']):>12s} "
-                     f"{_fmt(fig[key + '/target_rating']):>13s} {_fmt(fig[key + '/target_judged']):>6s} "
-                     f"{_fmt(fig[key + '/click_rate']):>9s} {_fmt(fig[key + '/fallback_rate']):>8s}")
-    for state in ("off", "on"):
-        lines.append(f"attack lift, defence {state:3s}: clicks {_fmt(fig[f'defence_{state}/click_lift'], True)}, "
-                     f"rating {_fmt(fig[f'defence_{state}/rating_lift'], True)}")
-    lines.append(f"share of the lift the defence cuts: clicks {_fmt(fig['click_cut'])}, rating {_fmt(fig['rating_cut'])}")
-    lines.append(f"LLM time {fig['llm/seconds']:.1f} s; wall {fig['wall_s']:.1f} s")
+             "success = the user clicks the target; lift = paired difference from the grounded control; 95% intervals",
+             f"{'promotion':15s} {'defence':7s} {'flagged':>7s} {'success rate [95% CI]':>24s} "
+             f"{'lift [95% CI]':>27s} {'rating':>6s} {'fallback':>8s}"]
+    for defence in ("off", "on"):
+        for promotion in ["grounded", *fig["styles"]]:
+            key = f"{promotion}/{defence}"
+            asr = f"{_fmt(fig[key + '/asr'])} [{_fmt(fig[key + '/asr_low'])}, {_fmt(fig[key + '/asr_high'])}]"
+            lift = "-" if promotion == "grounded" else (
+                f"{_fmt(fig[key + '/lift'], True)} [{_fmt(fig[key + '/lift_low'], True)}, "
+                f"{_fmt(fig[key + '/lift_high'], True)}]")
+            lines.append(f"{promotion:15s} {defence:7s} {_fmt(fig[key + '/flagged']):>7s} {asr:>24s} {lift:>27s} "
+                         f"{_fmt(fig[key + '/target_rating']):>6s} {_fmt(fig[key + '/fallback_rate']):>8s}")
+    lines.append("the defence's cost on honest text (share the sanitiser flags, 95% Wilson interval):")
+    for key in fig:
+        if key.startswith("honest/") and key.endswith("/fpr"):
+            corpus = key[len("honest/"):-len("/fpr")]
+            lines.append(f"  {corpus:26s} {fig[f'honest/{corpus}/flagged']:>5d} of {fig[f'honest/{corpus}/texts']:>5d}: "
+                         f"{_fmt(fig[key])} [{_fmt(fig[key + '_low'])}, {_fmt(fig[key + '_high'])}]")
+    lines.append(f"grounded control click rate, defence off {_fmt(fig['grounded/off/asr'])}, "
+                 f"on {_fmt(fig['grounded/on/asr'])}")
+    lines.append(f"prompts asked {fig['asked']}, reused (identical prompt) {fig['reused']}; "
+                 f"LLM time {fig['llm/seconds']:.1f} s; wall {fig['wall_s']:.1f} s")
     return "\n".join(lines)
 
 

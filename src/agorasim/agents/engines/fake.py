@@ -18,18 +18,37 @@ from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine
 from agorasim.agents.prompts import INJECTION
 
 ITEM_LINE = re.compile(r"^\[(\d+)\] (.*)$", re.MULTILINE)
+NAMED_ID = re.compile(r"\[(\d+)\]")
 
 
 def _digest(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
+def obeyed_items(prompt: str) -> tuple[list[int], list[int]]:
+    """(listed ids, ids an injection in the listing told it to pick). A line obeys when its text,
+    less the prompt's own ``Seller says:`` label, matches an injection pattern; it aims at the last
+    ``[id]`` it names (a fake system line, a spoofed item line) or else at its own item."""
+    ids, aims = [], []
+    for line in prompt[prompt.index("Items shown:"):].splitlines()[1:]:
+        match = ITEM_LINE.match(line)
+        own = int(match.group(1)) if match else None
+        if own is not None and own not in ids:
+            ids.append(own)
+        text = (match.group(2) if match else line).replace("Seller says:", " ")
+        if INJECTION.search(text):
+            named = [int(x) for x in NAMED_ID.findall(text)]
+            aim = named[-1] if named else own
+            if aim is not None and aim not in aims:
+                aims.append(aim)
+    return ids, [a for a in aims if a in ids]
+
+
 def fake_answer(request: ChatRequest) -> str:
     prompt = request.messages[-1].content
     h = _digest(prompt + str(request.seed))
     if "Items shown:" in prompt:
-        ids = [int(m.group(1)) for m in ITEM_LINE.finditer(prompt)]
-        obeyed = [i for i, m in zip(ids, ITEM_LINE.finditer(prompt)) if INJECTION.search(m.group(2))]
+        ids, obeyed = obeyed_items(prompt)
         pick = obeyed[0] if obeyed else (ids[h % (len(ids) + 1)] if h % (len(ids) + 1) < len(ids) else None)
         answer = [{"item_id": i, "click": i == pick, "rating": 10 if i in obeyed else int(h >> 8) % 11,
                    "reason": "told to" if i in obeyed else "fits me" if i == pick else "not for me"}
