@@ -13,6 +13,19 @@ def test_packaged_scenarios_validate():
         assert config.scenario == name
 
 
+def test_large_market_is_a_million_users_with_approximate_retrieval(small_overrides):
+    config = build_config(load_scenario("large-market"))
+    assert (config.market.n_users, config.market.n_items) == (1_000_000, 100_000)
+    assert config.env.retrieval.index == "ivf" and config.platform.reranker == "trirec"
+    assert config.policy.name == "popularity"
+    from agorasim.env.market import Market  # the same wiring, shrunk: it runs, through the ivf index
+
+    market = Market(build_config(load_scenario("large-market"), small_overrides))
+    for _ in range(2):
+        market.step()
+    assert market.retriever.kind == "ivf" and market.rows[-1]["users/visits"] > 0
+
+
 def test_cold_start_defaults():
     config = build_config(load_scenario("cold-start"))
     assert config.run.rounds == 200

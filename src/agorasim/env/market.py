@@ -15,13 +15,14 @@ from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
 from agorasim.agents import prompts
 from agorasim.agents.engines import Engines
 from agorasim.agents.grounding import append_unpromoted, build_grounder
-from agorasim.agents.items import ItemAgents, PromotionWriter, Promotions, audit_claims, factuality, STRATEGIES
+from agorasim.agents.items import ItemAgents, PromotionWriter, Promotions, audit_claims, STRATEGIES
 from agorasim.agents.users import UserAgents
 from agorasim.config import Config
 from agorasim.data import worlds
 from agorasim.env.retrieval import Retriever
 from agorasim.env.round_graph import build_round_graph
 from agorasim.metrics import accuracy, exposure
+from agorasim.metrics.round import RoundArrays, round_row
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker
 from agorasim.policy import RecommendRequest, make_policy, policy_params
 from agorasim.policy.base import ExposureState
@@ -81,18 +82,19 @@ class Market(mesa.Model):
         self.policy.bind(self)
         self.reranker = make_reranker(config.platform.reranker, **reranker_params(config))
         self.ledger = ExposureLedger(config.platform.ledger_window)
-        self.retriever = Retriever()
+        self.retriever = Retriever(config.env.retrieval)
         self.cumulative_exposure = np.zeros(0)
+        self.leaving = np.zeros(0, np.int64)  # providers leaving after this round (delisted next round)
+        self.last_round: dict = {}  # the last round's row and arrays, for the run folder's writer
         self.rows: list[dict] = []  # metrics rows so far (also kept in checkpoints)
         self.train_rows: list[dict] = []  # policy training rows (train/* and time/*)
-        self.recorder = None  # run-folder writer attached by the runner
         self._graph = None
 
-    # -- pickling: the compiled graph and the recorder are rebuilt/reattached after loading --
+    # -- pickling: the compiled graph is rebuilt after loading --
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_graph"] = None
-        state["recorder"] = None
+        state["last_round"] = {}
         return state
 
     def __setstate__(self, state):
@@ -112,9 +114,14 @@ class Market(mesa.Model):
 
     # -- nodes -----------------------------------------------------------------------------
     def world_phase(self) -> np.ndarray:
-        """Arrivals, activity draw and social state; returns the active users (sorted ids)."""
+        """Last round's provider exits, arrivals, activity draw and social state; returns the
+        active users (sorted ids)."""
         w, cfg = self.world, self.config.market
         rng = self.rngs["arrivals"]
+        if len(self.leaving):  # providers that decided to leave last round delist their items
+            leaving = set(self.leaving.tolist())
+            self.agents.select(lambda a: a.provider_id in leaving).do("exit")
+            self.leaving = np.zeros(0, np.int64)
         if w.round > 0:
             new_providers = worlds.add_items(w, cfg, rng, cfg.new_items_per_round, np.flatnonzero(self.items.active))
             for provider in new_providers:
@@ -181,7 +188,6 @@ class Market(mesa.Model):
         shown = promotions.take(columns)
         text = self.promotion_text(users, slates, shown)
         feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"], text)
-        self._log_impressions(users, slates, feedback)
         return feedback, utility, shown
 
     def promotion_text(self, users: np.ndarray, slates: np.ndarray, shown: Promotions) -> np.ndarray | None:
@@ -207,7 +213,7 @@ class Market(mesa.Model):
             shown.accuracy[rows, slots] = accuracy
         return out
 
-    def _log_impressions(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch) -> None:
+    def log(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch) -> None:
         """Append the round's impressions to the log and count clicks as popularity, before the
         policy learns, so it learns from this round's feedback too."""
         w, cat = self.world, self.world.catalogue
@@ -219,7 +225,7 @@ class Market(mesa.Model):
         cat.interactions[: cat.n] += np.bincount(slates[rows, slots][clicked], minlength=cat.n)
 
     def empty_round(self) -> dict:
-        """State of a round in which nobody visits (so ``record`` sees empty batches)."""
+        """State of a round in which nobody visits (the update phases see empty batches)."""
         k = self.config.platform.k
         none = np.zeros((0, k), np.int64)
         return {"slates": none, "utility": np.zeros((0, k)),
@@ -230,72 +236,61 @@ class Market(mesa.Model):
         w = self.world
         return self.policy.update(w.log, w.catalogue, w.round, self.rngs["policy"])
 
-    def record(self, state: dict) -> dict[str, float]:
-        """Log impressions, update users, providers, ledger; compute the round's metrics."""
-        w, cfg = self.world, self.config
-        users, slates, feedback, utility, shown = (state[k] for k in ("users", "slates", "feedback", "utility", "shown"))
-        cat = w.catalogue
-        k = slates.shape[1]
-        valid = slates >= 0
-        rows, slots = np.nonzero(valid)
+    def update_users(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch,
+                     shown: Promotions) -> np.ndarray:
+        """The users' own update (trust, drift, fatigue, churn); returns who churned."""
+        return self.users.update(self.world, users, slates, feedback, shown.accuracy)
+
+    def update_ledger(self, slates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The platform's exposure bookkeeping: the round's exposure into the ledger and the
+        cumulative count, first exposures stamped. Returns (item exposure, ids first seen)."""
+        w, cat = self.world, self.world.catalogue
+        item_exp = exposure.item_exposure(slates, cat.n)
+        newly_seen = np.flatnonzero((item_exp > 0) & (cat.view("first_exposure") < 0))
+        cat.first_exposure[newly_seen] = w.round
+        self.ledger.record(w.round, item_exp)
+        self.cumulative_exposure = np.pad(self.cumulative_exposure, (0, cat.n - len(self.cumulative_exposure))) + item_exp
+        return item_exp, newly_seen
+
+    def update_providers(self, slates: np.ndarray, feedback: FeedbackBatch, item_exp: np.ndarray) -> np.ndarray:
+        """The item agents' update: each provider's bandit learns its reward (rating-weighted clicks
+        per impression), and providers kept under the exposure threshold decide to leave. Their
+        items are delisted at the start of the next round (``world_phase``). Returns who leaves."""
+        cat = self.world.catalogue
+        rows, slots = np.nonzero(slates >= 0)
         clicked = feedback.choice[rows] == slots
         stars = np.where(clicked, feedback.stars[rows], np.nan)
-        # -- users: trust, drift, fatigue, churn ------------------------------------------------
-        churned = self.users.update(w, users, slates, feedback, shown.accuracy)
-        # -- providers: bandit reward = rating-weighted clicks per impression --------------------
         providers = cat.provider[slates[rows, slots]]
         gain = np.where(clicked, (np.nan_to_num(stars) - 1) / 4, 0.0)
         impressions = np.bincount(providers, minlength=self.items.n)
         reward = np.bincount(providers, weights=gain, minlength=self.items.n)
         seen = np.flatnonzero(impressions)
         self.items.learn(seen, reward[seen] / impressions[seen])
-        # -- exposure --------------------------------------------------------------------------
-        item_exp = exposure.item_exposure(slates, cat.n)
-        newly_seen = np.flatnonzero((item_exp > 0) & (cat.view("first_exposure") < 0))
-        cat.first_exposure[newly_seen] = w.round
-        self.ledger.record(w.round, item_exp)
-        self.cumulative_exposure = np.pad(self.cumulative_exposure, (0, cat.n - len(self.cumulative_exposure))) + item_exp
         alive = cat.alive_ids()
-        window = self.ledger.item_totals(cat.n)
-        row: dict[str, float] = {"round": w.round}
-        row.update(exposure.exposure_summary(window[alive], w.popularity()[alive], cfg.platform.n_groups,
-                                             cfg.platform.target, cat.quality[alive]))
-        row["exposure/gini_round"] = exposure.gini(item_exp[alive])
-        row["exposure/gini_cumulative"] = exposure.gini(self.cumulative_exposure[alive])
-        is_new = w.is_new()[alive]
-        total = window[alive].sum()
-        row["items/new_share"] = float(window[alive][is_new].sum() / total) if total > 0 else 0.0
-        row["items/new_supply"] = float(is_new.mean()) if len(alive) else 0.0
-        fresh = newly_seen[cat.born[newly_seen] > 0]
-        row["items/time_to_first_exposure"] = float(np.mean(w.round - cat.born[fresh])) if len(fresh) else float("nan")
-        row["items/alive"] = float(len(alive))
-        # -- promotions --------------------------------------------------------------------------
-        row["promotions/unsupported_share"] = factuality(shown, valid)
-        row["promotions/hype"] = float(shown.hype[valid].mean()) if valid.any() else 0.0
-        # -- users -----------------------------------------------------------------------------
-        weights = exposure.position_weights(k)
-        slate_utility = (np.where(valid, utility, 0.0) * weights).sum(1) / (valid * weights).sum(1).clip(1e-12)
-        any_click = feedback.choice >= 0
-        row["users/utility"] = float(slate_utility.mean()) if len(users) else float("nan")
-        delivered = np.where(any_click, utility[np.arange(len(users)), np.maximum(feedback.choice, 0)],
-                             cfg.agents.users.outside_utility)
-        row["users/delivered"] = float(delivered.mean()) if len(users) else float("nan")
-        row["users/click_rate"] = float(any_click.mean()) if len(users) else 0.0
-        row["users/rating"] = float(np.nanmean(feedback.stars)) if any_click.any() else float("nan")
-        row["users/trust"] = float(w.population.view("trust")[w.population.view("active")].mean())
-        row["users/visits"] = float(len(users))
-        row["users/churned"] = float(len(churned))
-        row["users/active"] = float(w.population.view("active").sum())
-        row.update(self._accuracy(users, slates))
-        # -- provider exits (take effect next round) ---------------------------------------------
         prov_exp = np.bincount(cat.provider[alive], weights=item_exp[alive], minlength=self.items.n)
         prov_items = np.bincount(cat.provider[alive], minlength=self.items.n)
-        leaving = self.items.exits(prov_exp, prov_items)
-        if len(leaving):
-            self.agents.select(lambda a: a.provider_id in set(leaving.tolist())).do("exit")
-        row["providers/exits"] = float(len(leaving))
-        row["providers/active"] = float(self.items.active.sum())
-        row["platform/fairness_weight"] = float(getattr(self.reranker, "fairness_weight", float("nan")))
+        self.leaving = self.items.exits(prov_exp, prov_items)
+        return self.leaving
+
+    def measure(self, state: dict) -> dict[str, float]:
+        """The round's metrics row (``metrics.round_row`` over the round's arrays), with the
+        language-model meters and the policy's training figures; the re-ranker observes it."""
+        w, cfg = self.world, self.config
+        users, slates, feedback, utility, shown = (state[k] for k in ("users", "slates", "feedback", "utility", "shown"))
+        cat, pop = w.catalogue, w.population
+        alive = cat.alive_ids()
+        eval_rows, eval_top = self._probe(users)
+        row = round_row(RoundArrays(
+            round=w.round, slates=slates, utility=utility, choice=feedback.choice, stars=feedback.stars,
+            hype=shown.hype, claimed=shown.claimed, unsupported=shown.unsupported,
+            item_exposure=state["item_exposure"], window=self.ledger.item_totals(cat.n),
+            cumulative=self.cumulative_exposure, popularity=w.popularity(), quality=cat.quality[: cat.n],
+            is_new=w.is_new(), born=cat.born[: cat.n], newly_seen=state["newly_seen"], alive=alive,
+            trust=pop.view("trust")[pop.view("active")], churned=len(state["churned"]),
+            eval_slates=slates[eval_rows, :10], eval_top=eval_top, n_groups=cfg.platform.n_groups,
+            target=cfg.platform.target, outside_utility=cfg.agents.users.outside_utility,
+            exits=len(state["leaving"]), providers_active=int(self.items.active.sum()),
+            fairness_weight=float(getattr(self.reranker, "fairness_weight", float("nan")))))
         # -- language-model agents: calls, tokens, price, fallbacks (latency goes to timings.csv) --
         self.last_timings = {}
         for part in (p for p in (self.users.backend, self.writer, self.grounder) if p is not None):
@@ -308,8 +303,9 @@ class Market(mesa.Model):
         row.update({k: v for k, v in train.items() if not k.startswith("time/")})
         self.reranker.end_round(row)
         self.rows.append(row)
-        if self.recorder is not None:
-            self.recorder.on_round(self, row, users, slates, feedback, alive, window)
+        # what the run folder's writer reads after the step (no graph node writes to disk)
+        self.last_round = {"row": row, "users": users, "slates": slates, "feedback": feedback, "alive": alive,
+                           "window": self.ledger.item_totals(cat.n)}
         return row
 
     # -- the feedback oracle the policy may query (counterfactual, noiseless, no rng) ----------
@@ -349,20 +345,16 @@ class Market(mesa.Model):
         return exposure.target_shares(self.config.platform.target, groups[alive], self.config.platform.n_groups,
                                       cat.quality[alive])
 
-    def _accuracy(self, users: np.ndarray, slates: np.ndarray) -> dict[str, float]:
-        """NDCG@10 and recall@10 of the slates against a sample of users' true top-10 items."""
+    def _probe(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The accuracy probe: a sample of the round's users (rows into ``users``) and each one's
+        true top-10 alive items by the users' own utility."""
         if len(users) == 0:
-            return {"accuracy/ndcg@10": float("nan"), "accuracy/recall@10": float("nan")}
+            return np.zeros(0, np.int64), np.zeros((0, 10), np.int64)
         n_eval = min(self.config.run.eval_users, len(users))
         rows = np.sort(self.rngs["eval"].choice(len(users), n_eval, replace=False))
         alive = self.world.catalogue.alive_ids()
         utility = self.users.utility_matrix(self.world, users[rows], alive)
-        top = alive[accuracy.true_top_items(utility, 10)]
-        shown = slates[rows, :10]
-        gains = (shown[:, :, None] == top[:, None, :]).any(2).astype(np.float64)
-        ideal = np.ones((n_eval, top.shape[1]))
-        return {"accuracy/ndcg@10": accuracy.ndcg_at_k(gains, ideal, 10),
-                "accuracy/recall@10": accuracy.recall_at_k(shown, top, 10)}
+        return rows, alive[accuracy.true_top_items(utility, 10)]
 
 
 def _columns_of(ranked: np.ndarray, slates: np.ndarray) -> np.ndarray:

@@ -6,32 +6,139 @@ proportion to 1 + its popularity: cold users lean toward popular items without a
 sharing one list (at round 0, when nothing is popular yet, the seeds are uniform). A share ``explore`` of
 each pool is drawn uniformly from alive items, so new and unpopular items can enter the loop.
 Top-k comes from faiss (never from a full score matrix: DESIGN section 11).
+
+The index (``env.retrieval``): ``flat`` is exact and rebuilt whenever the catalogue changes;
+``ivf`` (inverted lists) and ``hnsw`` (a navigable graph) are approximate and follow the
+catalogue incrementally: arriving items are added, departed ones removed (ivf) or filtered out at
+search time and dropped at the next rebuild (hnsw). A row the approximate index leaves short (an
+ivf probe that found fewer items than asked, say) is searched again exactly, so every pool is
+full and distinct. The approximate indexes are saved in checkpoints (``faiss.serialize_index``),
+so a resumed run searches the very index the uninterrupted one does; the flat one is rebuilt.
+HNSW inserts run on one thread: faiss's parallel insert builds a different graph each time.
 """
 
 from __future__ import annotations
 
+import math
+
 import faiss
 import numpy as np
 
+from agorasim.config import RetrievalConfig
+
 
 class Retriever:
-    """Flat inner-product index over alive items, rebuilt only when the catalogue changes."""
+    """Inner-product search over alive items with the index ``env.retrieval`` names."""
 
-    def __init__(self):
+    def __init__(self, cfg: RetrievalConfig | None = None):
+        self.cfg = cfg or RetrievalConfig()
+        self.kind: str | None = None  # the index in use: flat | ivf | hnsw
         self._index = None
-        self._ids = np.zeros(0, np.int64)
+        self._ids = np.zeros(0, np.int64)  # flat, hnsw: the item id of each index row
+        self._indexed = np.zeros(0, bool)  # ivf, hnsw: alive item ids the index holds
+        self._dead = 0  # hnsw: indexed rows whose item has left
+        self._trained_on = 0  # ivf: items the quantiser was trained on
         self._key = None
 
-    def __getstate__(self):  # faiss indexes do not pickle; rebuilt from the catalogue on demand
-        return {"_index": None, "_ids": np.zeros(0, np.int64), "_key": None}
+    def __getstate__(self):  # faiss indexes do not pickle: the approximate ones travel serialised
+        state = self.__dict__.copy()
+        keep = self.kind in ("ivf", "hnsw") and self._index is not None
+        state["_index"] = faiss.serialize_index(self._index) if keep else None
+        if not keep:
+            state.update(kind=None, _ids=np.zeros(0, np.int64), _indexed=np.zeros(0, bool), _key=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._index is not None:
+            self._index = faiss.deserialize_index(self._index)
+
+    # -- the index ------------------------------------------------------------------------------
+
+    def _wanted(self, n_alive: int) -> str:
+        kind = self.cfg.index
+        if kind == "auto":
+            return "flat" if n_alive < self.cfg.exact_below else "ivf"
+        return kind
 
     def _refresh(self, content: np.ndarray, alive_ids: np.ndarray) -> None:
         key = (len(content), len(alive_ids), int(alive_ids.sum()))
         if key == self._key:
             return
-        index = faiss.IndexFlatIP(content.shape[1])
-        index.add(np.ascontiguousarray(content[alive_ids], dtype=np.float32))
-        self._index, self._ids, self._key = index, alive_ids, key
+        kind = self._wanted(len(alive_ids))
+        if kind == "flat":
+            index = faiss.IndexFlatIP(content.shape[1])
+            index.add(np.ascontiguousarray(content[alive_ids], dtype=np.float32))
+            self._index, self._ids = index, alive_ids
+        elif kind != self.kind or self._index is None:
+            self._build(kind, content, alive_ids)
+        else:
+            self._update(content, alive_ids)
+        self.kind, self._key = kind, key
+
+    def _build(self, kind: str, content: np.ndarray, alive_ids: np.ndarray) -> None:
+        d, cfg = content.shape[1], self.cfg
+        vectors = np.ascontiguousarray(content[alive_ids], dtype=np.float32)
+        if kind == "ivf":
+            n = len(alive_ids)
+            nlist = max(1, min(cfg.nlist or int(4 * math.sqrt(n)), n // 39))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(vectors)
+            index.add_with_ids(vectors, alive_ids.astype(np.int64))
+            self._trained_on = n
+        else:
+            index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = cfg.ef_construction
+            _single_threaded(index.add, vectors)
+            self._ids, self._dead = alive_ids.astype(np.int64), 0
+        self._index = index
+        self._indexed = np.zeros(len(content), bool)
+        self._indexed[alive_ids] = True
+
+    def _update(self, content: np.ndarray, alive_ids: np.ndarray) -> None:
+        alive = np.zeros(len(content), bool)
+        alive[alive_ids] = True
+        indexed = np.zeros(len(content), bool)
+        indexed[: len(self._indexed)] = self._indexed
+        arrived, left = np.flatnonzero(alive & ~indexed), np.flatnonzero(indexed & ~alive)
+        if self.kind == "ivf":
+            if len(alive_ids) >= self.cfg.retrain_growth * self._trained_on:
+                return self._build("ivf", content, alive_ids)
+            if len(left):
+                self._index.remove_ids(faiss.IDSelectorBatch(left.astype(np.int64)))
+            if len(arrived):
+                self._index.add_with_ids(np.ascontiguousarray(content[arrived], dtype=np.float32), arrived)
+        else:
+            self._dead += len(left)
+            if self._dead >= self.cfg.rebuild_dead * (len(self._ids) + len(arrived)):
+                return self._build("hnsw", content, alive_ids)
+            if len(arrived):
+                _single_threaded(self._index.add, np.ascontiguousarray(content[arrived], dtype=np.float32))
+                self._ids = np.concatenate([self._ids, arrived])
+        indexed[left], indexed[arrived] = False, True
+        self._indexed = indexed
+
+    def search(self, queries: np.ndarray, n: int, content: np.ndarray, alive_ids: np.ndarray) -> np.ndarray:
+        """(B, n) alive item ids nearest each query by inner product (n <= alive items)."""
+        self._refresh(content, alive_ids)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.kind == "flat":
+            return self._ids[self._index.search(queries, n)[1]]
+        if self.kind == "ivf":
+            self._index.nprobe = self.cfg.nprobe
+            found = self._index.search(queries, n)[1]
+        else:
+            bitmap = np.packbits(self._indexed[self._ids], bitorder="little")  # rows whose item is alive
+            selector = faiss.IDSelectorBitmap(len(self._ids), faiss.swig_ptr(bitmap))
+            params = faiss.SearchParametersHNSW(efSearch=max(self.cfg.ef_search, n), sel=selector)
+            rows = self._index.search(queries, n, params=params)[1]
+            found = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        short = np.flatnonzero((found < 0).any(1))
+        if len(short):  # the approximate index found too few: exact search for those rows
+            scores = queries[short] @ np.asarray(content[alive_ids], np.float32).T
+            top = np.argsort(-scores, 1, kind="stable")[:, :n]
+            found[short] = alive_ids[top]
+        return found
 
     def candidates(self, queries: np.ndarray, has_history: np.ndarray, content: np.ndarray,
                    alive_ids: np.ndarray, popularity: np.ndarray, pool: int, explore: float,
@@ -55,7 +162,6 @@ class Retriever:
         out = np.full((b, pool), -1, np.int64)
         if pool_eff == 0 or b == 0:
             return out
-        self._refresh(content, alive_ids)
         queries = np.array(queries, dtype=np.float32)
         cold = np.flatnonzero(~has_history)
         if len(cold):
@@ -63,7 +169,7 @@ class Retriever:
             seeds = alive_ids[rng.choice(n_alive, len(cold), p=weight / weight.sum())]
             queries[cold] = content[seeds]
         if n_search:
-            searched = self._ids[self._index.search(queries, n_search)[1]]
+            searched = self.search(queries, n_search, content, alive_ids)
         else:
             searched = np.zeros((b, 0), np.int64)
         position = np.full(content.shape[0], -1, np.int64)
@@ -72,6 +178,16 @@ class Retriever:
         out[:, :n_search] = searched
         out[:, n_search:pool_eff] = alive_ids[drawn]
         return out
+
+
+def _single_threaded(fn, *args) -> None:
+    """Call ``fn`` with faiss on one thread (a deterministic HNSW insert), then restore."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def _draw_excluding(rng: np.random.Generator, n: int, exclude: np.ndarray, count: int) -> np.ndarray:

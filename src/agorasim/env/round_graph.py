@@ -1,13 +1,21 @@
 """The round, wired in one place: a compiled LangGraph ``StateGraph`` over batched nodes.
 
-    world -> retrieve -> recommend -> promote -> rerank -> respond -> learn -> record
+    world -> retrieve -> recommend -> promote -> rerank -> respond -> log
+          -> learn -> users -> ledger -> providers -> measure
+
+One line per phase, and each role owns its update: the world (provider exits decided last round,
+arrivals, who visits), retrieval, the policy (``recommend``, and ``learn`` from the log), the
+item agents (``promote``, and ``providers``: bandit rewards and exit decisions), the platform
+(``rerank``, and the exposure ``ledger``), the users (``respond``, and ``users``: trust, drift,
+fatigue, churn), then ``measure``: the round's metrics row, a pure function of the round's arrays
+(``metrics/round.py``). No node writes to disk: the runner writes the run folder after the step.
 
 With ``agents.grounding.enabled`` (MGFRec, ``agents/grounding.py``) a ``ground`` node runs between
 ``rerank`` and ``respond``: its own compiled subgraph puts grounded items at the top of a share of
 the language-model users' slates. Off, the graph is the one above.
 Each node calls one batched method of the market (``env/market.py``) for all active users at once;
 the state holds arrays, never per-user dicts. A round with no visiting user skips straight from
-``world`` to ``record`` (a conditional edge, not an ``if`` inside the nodes).
+``world`` to ``learn`` with empty batches (a conditional edge, not an ``if`` inside the nodes).
 """
 
 from __future__ import annotations
@@ -32,6 +40,10 @@ class RoundState(TypedDict, total=False):
     utility: np.ndarray  # (B, K) true utility of shown items
     shown: Any  # Promotions of the shown items
     train: dict  # policy training metrics
+    churned: np.ndarray  # users who churned this round
+    item_exposure: np.ndarray  # (n_items,) position-weighted exposure this round
+    newly_seen: np.ndarray  # items shown for the first time this round
+    leaving: np.ndarray  # providers that leave after this round
     metrics: dict  # the round's metrics row
 
 
@@ -65,19 +77,34 @@ def build_round_graph(market) -> Any:
         feedback, utility, shown = market.respond(state["users"], state["slates"], state["ranked"], state["promotions"])
         return {"feedback": feedback, "utility": utility, "shown": shown}
 
+    def log(state: RoundState) -> RoundState:
+        market.log(state["users"], state["slates"], state["feedback"])
+        return {}
+
     def learn(state: RoundState) -> RoundState:
         return {"train": market.learn()}
 
-    def record(state: RoundState) -> RoundState:
-        return {"metrics": market.record(state)}
+    def users(state: RoundState) -> RoundState:
+        return {"churned": market.update_users(state["users"], state["slates"], state["feedback"], state["shown"])}
+
+    def ledger(state: RoundState) -> RoundState:
+        item_exposure, newly_seen = market.update_ledger(state["slates"])
+        return {"item_exposure": item_exposure, "newly_seen": newly_seen}
+
+    def providers(state: RoundState) -> RoundState:
+        return {"leaving": market.update_providers(state["slates"], state["feedback"], state["item_exposure"])}
+
+    def measure(state: RoundState) -> RoundState:
+        return {"metrics": market.measure(state)}
 
     def anyone_visits(state: RoundState) -> str:
         return "retrieve" if len(state["users"]) else "empty"
 
     graph = StateGraph(RoundState)
-    for name, node in [("world", world), ("retrieve", retrieve), ("recommend", recommend),
-                       ("promote", promote), ("rerank", rerank), ("respond", respond),
-                       ("learn", learn), ("record", record)]:
+    phases = [("world", world), ("retrieve", retrieve), ("recommend", recommend), ("promote", promote),
+              ("rerank", rerank), ("respond", respond), ("log", log), ("learn", learn), ("users", users),
+              ("ledger", ledger), ("providers", providers), ("measure", measure)]
+    for name, node in phases:
         graph.add_node(name, node)
     graph.add_edge(START, "world")
     graph.add_conditional_edges("world", anyone_visits, {"retrieve": "retrieve", "empty": "empty_round"})
@@ -88,6 +115,7 @@ def build_round_graph(market) -> Any:
         graph.add_node("ground", ground)
         shown = [("rerank", "ground"), ("ground", "respond")]
     for a, b in [("retrieve", "recommend"), ("recommend", "promote"), ("promote", "rerank"), *shown,
-                 ("respond", "learn"), ("learn", "record"), ("record", END)]:
+                 ("respond", "log"), ("log", "learn"), ("learn", "users"), ("users", "ledger"),
+                 ("ledger", "providers"), ("providers", "measure"), ("measure", END)]:
         graph.add_edge(a, b)
     return graph.compile()

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-MAGIC = b"AGORASIM-CHECKPOINT 1\n"
+MAGIC = b"AGORASIM-CHECKPOINT 2\n"  # 2: the round as phases (pending provider exits, faiss indexes)
+FAMILY = b"AGORASIM-CHECKPOINT "
 DIGEST_HEX = 64
 
 
@@ -205,6 +206,10 @@ def loads(raw: bytes, trusted: tuple[str, ...] = ()):
     if not raw:
         raise CheckpointError("empty file")
     if not raw.startswith(MAGIC):
+        if raw.startswith(FAMILY):
+            version = raw[len(FAMILY):raw.find(b"\n")].decode("ascii", "replace")[:10]
+            raise CheckpointError(f"written by another agorasim version (checkpoint format {version}; this one "
+                                  f"reads format {MAGIC[len(FAMILY):-1].decode()})")
         raise CheckpointError("not an agorasim checkpoint (no header)")
     head = len(MAGIC) + DIGEST_HEX + 1
     digest, data = raw[len(MAGIC):head - 1], raw[head:]

@@ -125,11 +125,19 @@ class Recorder:
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         self._round_started = time.perf_counter()
 
-    def start_round(self) -> None:
+    def run_round(self, market) -> None:
+        """One round of the market, then its rows and files into the run folder."""
         self._round_started = time.perf_counter()
+        market.step()
+        self.on_round(market)
 
-    def on_round(self, market, row, users, slates, feedback, alive, window) -> None:
+    def on_round(self, market) -> None:
+        """Write the round the market just ran (``market.last_round``): metrics, training rows,
+        Lorenz points, events and timings."""
         cfg = self.config.run
+        last = market.last_round
+        row, users, slates, feedback = last["row"], last["users"], last["slates"], last["feedback"]
+        alive, window = last["alive"], last["window"]
         rnd = int(row["round"])
         self.metrics.sync(market.rows)
         self.train.sync(market.train_rows)
@@ -342,8 +350,7 @@ def run_market(market, recorder: Recorder, progress: bool = True) -> None:
     streak = 0  # rounds in a row with llm/fallback_rate above the limit
     with _StopRequests() as stop:
         while market.world.round < total:
-            recorder.start_round()
-            market.step()
+            recorder.run_round(market)
             done = market.world.round
             row = market.rows[-1]
             rate = row.get("llm/fallback_rate")
@@ -377,7 +384,6 @@ def start_run(config: Config, run_dir: Path | None = None):
         run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(dump_config(config, _provenance()))
     recorder = Recorder(run_dir, config)
-    market.recorder = recorder
     market.engines.set_default_path(run_dir / "llm_cache.jsonl")
     return market, recorder, run_dir
 
