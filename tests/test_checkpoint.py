@@ -116,3 +116,14 @@ def test_nested_torch_bytes_load_without_code(tmp_path):
     with pytest.raises(CheckpointError):
         checkpoint.loads(_signed(data))
     assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_by_name():
+    import hashlib
+    import pickle
+
+    data = pickle.dumps({"market": None})
+    old = b"AGORASIM-CHECKPOINT 1\n" + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+    with pytest.raises(CheckpointError, match="another agorasim version .checkpoint format 1; this one reads format 2"):
+        checkpoint.loads(old)
+    assert checkpoint.loads(checkpoint.dumps({"market": None})) == {"market": None}

@@ -317,3 +317,48 @@ def test_novelty():
     expected = (math.log2(7 / 4) + math.log2(7) + math.log2(7 / 2)) / 3
     assert novelty(slates, popularity) == pytest.approx(expected)
     assert novelty(np.array([[-1, -1]]), popularity) == 0.0
+
+
+# -- the round's metrics row: one pure function over the round's arrays -----------------------------
+
+def test_round_row_by_hand():
+    import json
+
+    from agorasim.metrics import exposure
+    from agorasim.metrics.round import RoundArrays, round_row
+
+    nan = float("nan")
+    arrays = RoundArrays(
+        round=5, slates=np.array([[0, 1], [2, -1]]), utility=np.array([[1.0, 2.0], [3.0, 0.0]]),
+        choice=np.array([1, -1]), stars=np.array([4.0, nan]),
+        hype=np.array([[0.5, 0.25], [1.0, 9.9]]),  # the padded slot's 9.9 is not shown
+        claimed=np.array([[0b11, 0b1], [0b100, 0b1111]]), unsupported=np.array([[0b1, 0], [0b100, 0b1111]]),
+        item_exposure=np.array([1.0, 0.0, 1.0, 7.0]), window=np.array([2.0, 1.0, 1.0, 5.0]),
+        cumulative=np.array([3.0, 1.0, 1.0, 0.0]), popularity=np.array([5.0, 1.0, 0.0, 9.0]),
+        quality=np.zeros(4), is_new=np.array([False, False, True, True]), born=np.array([0, 0, 3, 3]),
+        newly_seen=np.array([2]), alive=np.array([0, 1, 2]),  # item 3 has left: never counted
+        trust=np.array([0.2, 0.4, 0.9]), churned=1,
+        eval_slates=np.array([[0, 1]]), eval_top=np.array([[1, 2]]), n_groups=2, target="uniform",
+        outside_utility=0.5, exits=2, providers_active=7, fairness_weight=nan)
+    row = round_row(arrays)
+    assert row["round"] == 5 and list(row)[0] == "round"
+    # Gini of [1, 0, 1] sorted [0, 1, 1]: (-2*0 + 0*1 + 2*1) / (3 * 2) = 1/3
+    assert row["exposure/gini_round"] == pytest.approx(1 / 3)
+    assert row["exposure/gini_cumulative"] == pytest.approx(exposure.gini(np.array([3.0, 1.0, 1.0])))
+    assert row["items/new_share"] == pytest.approx(1 / 4)  # window [2, 1, 1], the new item holds 1
+    assert row["items/new_supply"] == pytest.approx(1 / 3) and row["items/alive"] == 3.0
+    assert row["items/time_to_first_exposure"] == 2.0  # born at 3, first shown at 5
+    assert row["promotions/unsupported_share"] == pytest.approx(2 / 4)  # claims 2 + 1 + 1, false 1 + 0 + 1
+    assert row["promotions/hype"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
+    w1 = 1 / np.log2(3)  # the second slot's DCG weight
+    assert row["users/utility"] == pytest.approx(((1 + 2 * w1) / (1 + w1) + 3.0) / 2)
+    assert row["users/delivered"] == pytest.approx((2.0 + 0.5) / 2)  # the clicked 2.0, or the outside 0.5
+    assert row["users/click_rate"] == 0.5 and row["users/rating"] == 4.0
+    assert row["users/trust"] == pytest.approx(0.5) and row["users/active"] == 3.0
+    assert row["users/visits"] == 2.0 and row["users/churned"] == 1.0
+    # probe: slate [0, 1] against the top [1, 2]: DCG w1 over IDCG 1 + w1; recall 1/2
+    assert row["accuracy/ndcg@10"] == pytest.approx(w1 / (1 + w1)) and row["accuracy/recall@10"] == 0.5
+    assert row["providers/exits"] == 2.0 and row["providers/active"] == 7.0
+    assert np.isnan(row["platform/fairness_weight"])
+    again = round_row(arrays)  # pure: the same arrays, the same row, nothing changed
+    assert json.dumps(again) == json.dumps(row) and arrays.item_exposure[3] == 7.0

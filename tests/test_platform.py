@@ -297,3 +297,14 @@ def test_make_reranker_checks_names_and_params():
         make_reranker("none", k=3)
     for name, cls in RERANKERS.items():
         assert cls.name == name
+
+
+def test_platform_estimates_by_hand():
+    from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
+
+    eiu = expected_item_utility(np.array([[1.0, 0.0]]), np.array([[[1.0, 0.0], [0.0, 1.0]]]), np.array([[0.0, 0.5]]))
+    assert eiu == pytest.approx(np.array([[1 / (1 + np.exp(-3.0)), 1 / (1 + np.exp(-0.5))]]))  # 0.9526, 0.6225
+    # item 1 has left: it is not ranked among the alive and sits in group 0
+    groups = popularity_groups(np.array([9.0, 100.0, 1.0, 5.0]), np.array([0, 2, 3]), 2)
+    assert groups[1] == 0 and groups[0] == 0 and groups[2] == 1
+    assert group_targets("uniform", groups, np.array([0, 2, 3]), 2, np.zeros(4)).sum() == pytest.approx(1.0)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from agorasim.agents.backends import SlateRequest, UserBackend
-from agorasim.agents.feedback import FeedbackBatch
+from agorasim.agents.backends.utility import stars_from_utility
+from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
 from agorasim.config import UserAgentsConfig
 from agorasim.env.world import World, unit_rows
 
@@ -72,6 +73,19 @@ class UserAgents:
                 + pop.conformity[users, None] * np.log1p(cat.interactions[items], dtype=np.float32)
                 + pop.novelty[users, None] * world.freshness(items).astype(np.float32)
                 + pop.social[users, None] * social)
+
+    def judge(self, world: World, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        """The users' judgement of items each shown alone, with no noise and no random draw: the
+        counterfactual query an in-loop reward asks. ``rating`` is the expected 0-10 rating (the
+        stars of ``stars_from_utility`` before rounding), ``click`` the logit probability of
+        clicking the item over the outside option; 0 for padding (-1)."""
+        cfg = self.cfg
+        utility = self.true_utility(world, users, items)
+        stars = stars_from_utility(utility, cfg.rating_center, 0.0, rounded=False)
+        logit = np.clip((utility - cfg.outside_utility) / cfg.temperature, -50, 50)
+        valid = items >= 0
+        return {"rating": np.where(valid, stars_to_rating(stars), 0.0),
+                "click": np.where(valid, 1.0 / (1.0 + np.exp(-logit)), 0.0)}
 
     def respond(self, world: World, users: np.ndarray, slates: np.ndarray, hype: np.ndarray,
                 rng: np.random.Generator, promotion_text: np.ndarray | None = None) -> tuple[FeedbackBatch, np.ndarray]:

@@ -11,7 +11,7 @@ import mesa
 import numpy as np
 
 from agorasim.agents.backends import make_backend
-from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
+from agorasim.agents.feedback import FeedbackBatch
 from agorasim.agents import prompts
 from agorasim.agents.engines import Engines
 from agorasim.agents.grounding import append_unpromoted, build_grounder
@@ -24,6 +24,7 @@ from agorasim.env.round_graph import build_round_graph
 from agorasim.metrics import accuracy, exposure
 from agorasim.metrics.round import RoundArrays, round_row
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker
+from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
 from agorasim.policy import RecommendRequest, make_policy, policy_params
 from agorasim.policy.base import ExposureState
 
@@ -158,9 +159,7 @@ class Market(mesa.Model):
         promotions = self.items.promote(cat.provider[safe], cat.features[safe], ranked >= 0, self.rngs["items"])
         if not self.reranker.uses_item_utility:
             return promotions, np.ones(ranked.shape)
-        match = np.einsum("bd,bkd->bk", profiles, cat.content[safe])
-        eiu = 1.0 / (1.0 + np.exp(-(3.0 * match + promotions.hype)))
-        return promotions, eiu
+        return promotions, expected_item_utility(profiles, cat.content[safe], promotions.hype)
 
     def rerank(self, ranked: np.ndarray, scores: np.ndarray, eiu: np.ndarray) -> np.ndarray:
         w, cfg = self.world, self.config.platform
@@ -310,14 +309,9 @@ class Market(mesa.Model):
 
     # -- the feedback oracle the policy may query (counterfactual, noiseless, no rng) ----------
     def judge(self, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        """Expected rating (0-10) and click probability of each item shown alone to its user."""
-        cfg = self.config.agents.users
-        utility = self.users.true_utility(self.world, users, items)
-        stars = np.clip(3.0 + 2.0 * (utility - cfg.rating_center), 1.0, 5.0)
-        logit = np.clip((utility - cfg.outside_utility) / cfg.temperature, -50, 50)
-        valid = items >= 0
-        return {"rating": np.where(valid, stars_to_rating(stars), 0.0),
-                "click": np.where(valid, 1.0 / (1.0 + np.exp(-logit)), 0.0)}
+        """Expected rating (0-10) and click probability of each item shown alone to its user
+        (the users' own judgement, ``UserAgents.judge``)."""
+        return self.users.judge(self.world, users, items)
 
     def exposure_state(self) -> ExposureState:
         """What the platform knows of exposure: groups, ledger shares and targets, counts."""
@@ -332,18 +326,13 @@ class Market(mesa.Model):
 
     # -- helpers -----------------------------------------------------------------------------
     def _groups(self) -> np.ndarray:
-        """Popularity group of every item (computed over alive items; dead items: group 0)."""
-        cat = self.world.catalogue
-        groups = np.zeros(cat.n, np.int64)
-        alive = cat.alive_ids()
-        groups[alive] = exposure.popularity_groups(self.world.popularity()[alive], self.config.platform.n_groups)
-        return groups
+        """Popularity group of every item (``platform/estimates.py``)."""
+        w = self.world
+        return popularity_groups(w.popularity(), w.catalogue.alive_ids(), self.config.platform.n_groups)
 
     def _target(self, groups: np.ndarray) -> np.ndarray:
-        cat = self.world.catalogue
-        alive = cat.alive_ids()
-        return exposure.target_shares(self.config.platform.target, groups[alive], self.config.platform.n_groups,
-                                      cat.quality[alive])
+        cat, p = self.world.catalogue, self.config.platform
+        return group_targets(p.target, groups, cat.alive_ids(), p.n_groups, cat.quality)
 
     def _probe(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The accuracy probe: a sample of the round's users (rows into ``users``) and each one's

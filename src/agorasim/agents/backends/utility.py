@@ -27,13 +27,15 @@ def choice_probabilities(perceived: np.ndarray, outside: float, temperature: flo
     return p / p.sum(1, keepdims=True)
 
 
-def stars_from_utility(utility: np.ndarray, center: float, noise: np.ndarray) -> np.ndarray:
-    """1-5 stars from *true* utility: ``3 + 2 (U - center + noise)``, rounded and clipped.
+def stars_from_utility(utility: np.ndarray, center: float, noise, rounded: bool = True) -> np.ndarray:
+    """1-5 stars from *true* utility: ``3 + 2 (U - center + noise)``, rounded and clipped
+    (``rounded=False``: the expected stars, clipped only).
 
     Ratings read the delivered utility, not the perceived one, so an item clicked on an
     inflated promise earns fewer stars than its click suggested.
     """
-    return np.clip(np.rint(3.0 + 2.0 * (utility - center + noise)), 1, 5)
+    stars = 3.0 + 2.0 * (utility - center + noise)
+    return np.clip(np.rint(stars) if rounded else stars, 1, 5)
 
 
 class UtilityBackend(UserBackend):
