@@ -63,12 +63,18 @@ def main() -> None:
     steps = np.asarray(step_seconds)
     seconds_at = {r: float(np.median(steps[max(r - 1 - WINDOW, 0): r + WINDOW])) for r in at}
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # the world grows with its arrivals: say how big it was, so growth is not read as a leak
+    size_at = {r: {k: int(market.rows[r - 1][f"{k}"]) for k in ("items/alive", "users/active", "users/visits")}
+               for r in at}
     for r in at:
-        print(f"round {r:5d}: {seconds_at[r]:.4f} s per round (median of the rounds around it)")
+        size = size_at[r]
+        print(f"round {r:5d}: {seconds_at[r]:.4f} s per round (median of the rounds around it); "
+              f"{size['items/alive']} items alive, {size['users/active']} users active, {size['users/visits']} visits")
     print(f"{args.rounds} rounds in {total:.1f} s; checkpoints {np.sum(checkpoint_seconds):.1f} s in all, "
           f"the last {checkpoint_mib:.1f} MiB (+ {log_mib:.1f} MiB of log segments); peak memory {peak_gib:.2f} GiB")
     print(json.dumps({"benchmark": "horizon", "scenario": args.scenario, "policy": args.policy, "rounds": args.rounds,
                       "seconds_at": {str(r): round(s, 5) for r, s in seconds_at.items()},
+                      "size_at": {str(r): v for r, v in size_at.items()},
                       "slowdown": round(seconds_at[at[-1]] / seconds_at[at[0]], 3), "total_seconds": round(total, 2),
                       "checkpoint_seconds": round(float(np.sum(checkpoint_seconds)), 2),
                       "checkpoint_mib": round(checkpoint_mib, 2), "log_mib": round(log_mib, 2),

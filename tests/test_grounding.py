@@ -20,8 +20,8 @@ from agorasim.errors import UserInputError
 from agorasim.run import checkpoint
 from agorasim.scenarios import load_scenario
 
-PLAIN_NODES = ["__start__", "world", "retrieve", "recommend", "promote", "rerank", "respond", "learn",
-               "record", "empty_round", "__end__"]
+PLAIN_NODES = ["__start__", "world", "retrieve", "recommend", "promote", "rerank", "respond", "log", "learn",
+               "users", "ledger", "providers", "measure", "empty_round", "__end__"]
 
 
 def bag_of_words(texts, cache=False):

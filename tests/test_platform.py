@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from agorasim.platform import (
+    take_columns,
     RERANKERS,
     ControllerReranker,
     ExposureLedger,
@@ -57,19 +58,19 @@ def test_rows_are_independent_of_the_batch(name):
     # vectorised over users: re-ranking a row alone gives the same slate as inside the batch
     reranker = make_reranker(name)
     request = random_request(seed=1)
-    batch = reranker.rerank(request)
+    batch = reranker.slates(request)
     for row in range(batch.shape[0]):
         alone = RerankRequest(**{**request.__dict__,
                                  "candidates": request.candidates[row:row + 1],
                                  "relevance": request.relevance[row:row + 1],
                                  "item_utility": request.item_utility[row:row + 1]})
-        np.testing.assert_array_equal(reranker.rerank(alone)[0], batch[row])
+        np.testing.assert_array_equal(reranker.slates(alone)[0], batch[row])
 
 
 @pytest.mark.parametrize("name", sorted(RERANKERS))
 def test_fewer_candidates_than_k_pads_with_minus_one(name):
     request = make_request([[4, 2, 7]], [[3.0, 2.0, 1.0]], groups=np.zeros(8, dtype=int), k=5)
-    slate = make_reranker(name).rerank(request)
+    slate = make_reranker(name).slates(request)
     assert slate.shape == (1, 5)
     assert sorted(slate[0, :3]) == [2, 4, 7]
     assert list(slate[0, 3:]) == [-1, -1]
@@ -78,24 +79,37 @@ def test_fewer_candidates_than_k_pads_with_minus_one(name):
 def test_conformance_catches_a_broken_reranker():
     class Duplicates(NoRerank):
         def rerank(self, request):
-            slate = super().rerank(request)
-            slate[:, 1] = slate[:, 0]
-            return slate
+            columns = super().rerank(request)
+            columns[:, 1] = columns[:, 0]
+            return columns
 
     class Mutates(NoRerank):
         def rerank(self, request):
             request.relevance[:] = 0.0
             return super().rerank(request)
 
+    class ItemIds(NoRerank):  # the old contract: item ids instead of columns
+        def rerank(self, request):
+            return take_columns(request.candidates, super().rerank(request))
+
     with pytest.raises(AssertionError, match="repeats"):
         check_reranker(Duplicates())
     with pytest.raises(AssertionError, match="mutated request.relevance"):
         check_reranker(Mutates())
+    with pytest.raises(AssertionError, match="columns must be -1 or in"):
+        check_reranker(ItemIds())
+
+
+def test_rerankers_return_columns_of_the_candidates():
+    request = make_request([[5, 3, 9, -1]], [[0.1, 0.9, 0.5, -np.inf]], k=4)
+    columns = NewItemBoost(boost=0.0).rerank(request)
+    np.testing.assert_array_equal(columns, [[1, 2, 0, -1]])  # by relevance 0.9, 0.5, 0.1; one slot short
+    np.testing.assert_array_equal(take_columns(request.candidates, columns), [[3, 9, 5, -1]])
 
 
 def test_no_rerank_keeps_policy_order():
     request = make_request([[5, 3, 9, -1]], [[0.1, 0.9, 0.5, -np.inf]], k=3)
-    np.testing.assert_array_equal(NoRerank().rerank(request), [[5, 3, 9]])
+    np.testing.assert_array_equal(NoRerank().slates(request), [[5, 3, 9]])
 
 
 # ----------------------------------------------------------------------------- TriRec
@@ -138,9 +152,9 @@ def test_trirec_strong_fairness_weight_picks_the_under_exposed_group():
     #   a = 0.70474: score(11) = 0.70474, score(12) = 0.29526 * fairness_weight,
     #   so 12 wins once fairness_weight > 0.70474 / 0.29526 = 2.387.
     request = make_request([[10, 11, 12]], [[3.0, 2.0, 1.0]], groups=GROUPS, k=2)
-    np.testing.assert_array_equal(TriRecReranker(fairness_weight=1.0).rerank(request), [[10, 11]])
-    np.testing.assert_array_equal(TriRecReranker(fairness_weight=2.3).rerank(request), [[10, 11]])
-    np.testing.assert_array_equal(TriRecReranker(fairness_weight=2.5).rerank(request), [[10, 12]])
+    np.testing.assert_array_equal(TriRecReranker(fairness_weight=1.0).slates(request), [[10, 11]])
+    np.testing.assert_array_equal(TriRecReranker(fairness_weight=2.3).slates(request), [[10, 11]])
+    np.testing.assert_array_equal(TriRecReranker(fairness_weight=2.5).slates(request), [[10, 12]])
 
 
 def test_trirec_fairness_at_the_top_position():
@@ -152,9 +166,9 @@ def test_trirec_fairness_at_the_top_position():
     #   fairness terms are constant (-> 0) and relevance decides: 10.
     request = make_request([[10, 11, 12]], [[3.0, 2.0, 1.0]], groups=GROUPS, k=2)
     np.testing.assert_array_equal(
-        TriRecReranker(a_min=0.5, a_max=0.5, fairness_weight=0.5).rerank(request), [[10, 11]])
+        TriRecReranker(a_min=0.5, a_max=0.5, fairness_weight=0.5).slates(request), [[10, 11]])
     np.testing.assert_array_equal(
-        TriRecReranker(a_min=0.5, a_max=0.5, fairness_weight=2.0).rerank(request), [[12, 10]])
+        TriRecReranker(a_min=0.5, a_max=0.5, fairness_weight=2.0).slates(request), [[12, 10]])
 
 
 def test_trirec_pure_relevance_orders_by_relevance_times_item_utility():
@@ -165,19 +179,19 @@ def test_trirec_pure_relevance_orders_by_relevance_times_item_utility():
     request = make_request([[10, 11, 12]], [[3.0, 2.0, 1.0]], groups=GROUPS,
                            item_utility=[[1.0, 4.0, 2.5]], k=3)
     pure = dict(a_min=1.0, a_max=1.0, fairness_weight=5.0)
-    np.testing.assert_array_equal(TriRecReranker(l_item=1.0, **pure).rerank(request),
+    np.testing.assert_array_equal(TriRecReranker(l_item=1.0, **pure).slates(request),
                                   [[11, 10, 12]])
     # l_item = 0 ignores item utility: the policy's order
-    np.testing.assert_array_equal(TriRecReranker(l_item=0.0, **pure).rerank(request),
+    np.testing.assert_array_equal(TriRecReranker(l_item=0.0, **pure).slates(request),
                                   [[10, 11, 12]])
 
 
 def test_trirec_zero_fairness_weight_equals_pure_relevance():
     request = random_request(seed=5, n_users=20, n_candidates=30, k=10, n_groups=8)
-    no_fairness = TriRecReranker(fairness_weight=0.0).rerank(request)
-    pure = TriRecReranker(a_min=1.0, a_max=1.0).rerank(request)
+    no_fairness = TriRecReranker(fairness_weight=0.0).slates(request)
+    pure = TriRecReranker(a_min=1.0, a_max=1.0).slates(request)
     np.testing.assert_array_equal(no_fairness, pure)
-    assert not np.array_equal(TriRecReranker(fairness_weight=4.0).rerank(request), pure)
+    assert not np.array_equal(TriRecReranker(fairness_weight=4.0).slates(request), pure)
 
 
 def test_trirec_rejects_bad_parameters():
@@ -215,11 +229,11 @@ def test_controller_weight_changes_the_slate():
     # the strong-fairness hand case: weight 1 keeps 11, weight 2.5 picks 12 (see above)
     request = make_request([[10, 11, 12]], [[3.0, 2.0, 1.0]], groups=GROUPS, k=2)
     controller = ControllerReranker(target_gini=0.5, gain=1.5, initial_weight=1.0)
-    np.testing.assert_array_equal(controller.rerank(request), [[10, 11]])
+    np.testing.assert_array_equal(controller.slates(request), [[10, 11]])
     controller.end_round({"exposure/gini": 1.0})  # 1 + 1.5 * 0.5 = 1.75
     controller.end_round({"exposure/gini": 1.0})  # 1.75 + 0.75 = 2.5
     assert controller.fairness_weight == pytest.approx(2.5)
-    np.testing.assert_array_equal(controller.rerank(request), [[10, 12]])
+    np.testing.assert_array_equal(controller.slates(request), [[10, 12]])
 
 
 # ----------------------------------------------------------------------------- MMR, boost
@@ -233,9 +247,9 @@ def test_mmr_by_hand():
     embedding = np.zeros((13, 2))
     embedding[10], embedding[11], embedding[12] = [1.0, 0.0], [0.9, 0.1], [0.0, 1.0]
     request = make_request([[10, 11, 12]], [[3.0, 2.0, 1.0]], embedding=embedding, k=3)
-    np.testing.assert_array_equal(MMRReranker(lambda_=0.5).rerank(request), [[10, 12, 11]])
-    np.testing.assert_array_equal(MMRReranker(lambda_=0.7).rerank(request), [[10, 11, 12]])
-    np.testing.assert_array_equal(MMRReranker(lambda_=1.0).rerank(request), [[10, 11, 12]])
+    np.testing.assert_array_equal(MMRReranker(lambda_=0.5).slates(request), [[10, 12, 11]])
+    np.testing.assert_array_equal(MMRReranker(lambda_=0.7).slates(request), [[10, 11, 12]])
+    np.testing.assert_array_equal(MMRReranker(lambda_=1.0).slates(request), [[10, 11, 12]])
 
 
 def test_new_item_boost_by_hand():
@@ -245,10 +259,10 @@ def test_new_item_boost_by_hand():
     is_new = np.zeros(13, dtype=bool)
     is_new[12] = True
     request = make_request([[10, 11, 12]], [[3.0, 2.0, 1.0]], is_new=is_new, k=3)
-    np.testing.assert_array_equal(NewItemBoost(boost=0.6).rerank(request), [[10, 12, 11]])
-    np.testing.assert_array_equal(NewItemBoost(boost=1.0).rerank(request), [[10, 12, 11]])
-    np.testing.assert_array_equal(NewItemBoost(boost=1.5).rerank(request), [[12, 10, 11]])
-    np.testing.assert_array_equal(NewItemBoost(boost=0.0).rerank(request), [[10, 11, 12]])
+    np.testing.assert_array_equal(NewItemBoost(boost=0.6).slates(request), [[10, 12, 11]])
+    np.testing.assert_array_equal(NewItemBoost(boost=1.0).slates(request), [[10, 12, 11]])
+    np.testing.assert_array_equal(NewItemBoost(boost=1.5).slates(request), [[12, 10, 11]])
+    np.testing.assert_array_equal(NewItemBoost(boost=0.0).slates(request), [[10, 11, 12]])
 
 
 # ----------------------------------------------------------------------------- ledger

@@ -23,7 +23,7 @@ from agorasim.env.retrieval import Retriever
 from agorasim.env.round_graph import build_round_graph
 from agorasim.metrics import accuracy, exposure
 from agorasim.metrics.round import RoundArrays, round_row
-from agorasim.platform import ExposureLedger, RerankRequest, make_reranker
+from agorasim.platform import ExposureLedger, RerankRequest, make_reranker, take_columns
 from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
 from agorasim.policy import RecommendRequest, make_policy, policy_params
 from agorasim.policy.base import ExposureState
@@ -161,7 +161,8 @@ class Market(mesa.Model):
             return promotions, np.ones(ranked.shape)
         return promotions, expected_item_utility(profiles, cat.content[safe], promotions.hype)
 
-    def rerank(self, ranked: np.ndarray, scores: np.ndarray, eiu: np.ndarray) -> np.ndarray:
+    def rerank(self, ranked: np.ndarray, scores: np.ndarray, eiu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The platform's slates: (slates, their columns in ``ranked``)."""
         w, cfg = self.world, self.config.platform
         groups = self._groups()
         cat = w.catalogue
@@ -169,21 +170,21 @@ class Market(mesa.Model):
             candidates=ranked, relevance=scores, item_utility=eiu, groups=groups,
             group_exposure=self.ledger.group_exposure(groups, cfg.n_groups),
             target=self._target(groups), is_new=w.is_new(), embedding=cat.content[: cat.n], k=cfg.k)
-        return self.reranker.rerank(request)
+        columns = self.reranker.rerank(request)
+        return take_columns(ranked, columns), columns
 
     def ground(self, users: np.ndarray, slates: np.ndarray, ranked: np.ndarray,
-               promotions: Promotions) -> tuple[np.ndarray, np.ndarray, Promotions]:
+               promotions: Promotions) -> tuple[np.ndarray, np.ndarray, np.ndarray, Promotions]:
         """MGFRec multi-round grounding (``agents/grounding.py``) for the grounded share of the
         language-model users: their best grounded items go to the top of their slates. Returns the
-        new slates, and ``ranked``/``promotions`` extended with the grounded items the policy did
-        not rank (shown without a promotion), so ``respond`` finds every shown item's promotion."""
+        new slates, their columns, and ``ranked``/``promotions`` extended with the grounded items
+        the policy did not rank (shown without a promotion)."""
         slates = self.grounder.ground(self.world, users, slates)
         ranked, promotions = append_unpromoted(ranked, promotions, slates)
-        return slates, ranked, promotions
+        return slates, _columns_of(ranked, slates), ranked, promotions
 
-    def respond(self, users: np.ndarray, slates: np.ndarray, ranked: np.ndarray, promotions: Promotions):
-        # the promotions of the shown items, in slate order
-        columns = _columns_of(ranked, slates)
+    def respond(self, users: np.ndarray, slates: np.ndarray, columns: np.ndarray, promotions: Promotions):
+        """The users' feedback on their slates; ``columns`` find each shown item's promotion."""
         shown = promotions.take(columns)
         text = self.promotion_text(users, slates, shown)
         feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"], text)
@@ -347,7 +348,8 @@ class Market(mesa.Model):
 
 
 def _columns_of(ranked: np.ndarray, slates: np.ndarray) -> np.ndarray:
-    """Column of each slate item within its row of ``ranked`` (-1 for padding)."""
+    """Column of each slate item within its row of ``ranked`` (-1 for padding): grounding
+    rewrites slates by item id, so its slates are looked up again."""
     match = slates[:, :, None] == ranked[:, None, :]
     return np.where(slates >= 0, match.argmax(2), -1)
 

@@ -36,6 +36,7 @@ class RoundState(TypedDict, total=False):
     promotions: Any  # Promotions over the (B, K') ranked items
     eiu: np.ndarray  # (B, K') expected item utility
     slates: np.ndarray  # (B, K) shown slates
+    columns: np.ndarray  # (B, K) the slates' columns in ``ranked`` (-1 for empty slots)
     feedback: Any  # FeedbackBatch
     utility: np.ndarray  # (B, K) true utility of shown items
     shown: Any  # Promotions of the shown items
@@ -66,15 +67,17 @@ def build_round_graph(market) -> Any:
         return {"promotions": promotions, "eiu": eiu}
 
     def rerank(state: RoundState) -> RoundState:
-        return {"slates": market.rerank(state["ranked"], state["scores"], state["eiu"])}
+        slates, columns = market.rerank(state["ranked"], state["scores"], state["eiu"])
+        return {"slates": slates, "columns": columns}
 
     def ground(state: RoundState) -> RoundState:
-        slates, ranked, promotions = market.ground(state["users"], state["slates"], state["ranked"],
-                                                   state["promotions"])
-        return {"slates": slates, "ranked": ranked, "promotions": promotions}
+        slates, columns, ranked, promotions = market.ground(state["users"], state["slates"], state["ranked"],
+                                                            state["promotions"])
+        return {"slates": slates, "columns": columns, "ranked": ranked, "promotions": promotions}
 
     def respond(state: RoundState) -> RoundState:
-        feedback, utility, shown = market.respond(state["users"], state["slates"], state["ranked"], state["promotions"])
+        feedback, utility, shown = market.respond(state["users"], state["slates"], state["columns"],
+                                                  state["promotions"])
         return {"feedback": feedback, "utility": utility, "shown": shown}
 
     def log(state: RoundState) -> RoundState:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 
-from agorasim.platform.base import Reranker, RerankRequest
+from agorasim.platform.base import Reranker, RerankRequest, take_columns
 from agorasim.platform.conformance import check_reranker
 from agorasim.platform.ledger import ExposureLedger
 from agorasim.platform.rerankers import (
@@ -78,5 +78,6 @@ __all__ = [
     "TriRecReranker",
     "check_reranker",
     "make_reranker",
+    "take_columns",
     "reranker_params",
 ]

@@ -1,4 +1,4 @@
-"""The platform agent's contract: build the final slate of K items from the policy's K' candidates.
+"""The platform agent's contract: choose the final slate's K columns of the policy's K' candidates.
 
 Every re-ranker takes the whole batch of active users at once and passes
 ``agorasim.platform.conformance.check_reranker``.
@@ -41,6 +41,12 @@ class RerankRequest:
     k: int
 
 
+def take_columns(block: np.ndarray, columns: np.ndarray, fill=-1) -> np.ndarray:
+    """``block[b, columns[b, j]]`` for every row, ``fill`` where the column is -1."""
+    picked = np.take_along_axis(np.asarray(block), np.maximum(columns, 0), axis=1)
+    return np.where(columns >= 0, picked, fill)
+
+
 class Reranker(ABC):
     """Chooses K of the K' candidates per user, in slate order."""
 
@@ -51,8 +57,12 @@ class Reranker(ABC):
 
     @abstractmethod
     def rerank(self, request: RerankRequest) -> np.ndarray:
-        """Return slates (B, k): distinct item ids taken from each row's candidates, in display
-        order, -1 only where a row has fewer than k real candidates."""
+        """Return (B, k) columns into ``request.candidates``: each row's chosen candidates in
+        display order, distinct real ones, -1 only where a row has fewer than k real candidates."""
+
+    def slates(self, request: RerankRequest) -> np.ndarray:
+        """The (B, k) item ids of ``rerank``'s columns (-1 for empty slots)."""
+        return take_columns(request.candidates, self.rerank(request))
 
     def end_round(self, metrics: dict[str, float]) -> None:
         """Observe the round's metrics (controllers adapt here). Default: nothing."""

@@ -13,7 +13,7 @@ from dataclasses import fields
 
 import numpy as np
 
-from agorasim.platform.base import Reranker, RerankRequest
+from agorasim.platform.base import Reranker, RerankRequest, take_columns
 
 
 def random_request(seed: int = 0, n_users: int = 7, n_candidates: int = 15, k: int = 5,
@@ -53,8 +53,8 @@ def random_request(seed: int = 0, n_users: int = 7, n_candidates: int = 15, k: i
 def check_reranker(reranker: Reranker, request: RerankRequest | None = None) -> None:
     """Assert that ``reranker`` follows the ``Reranker.rerank`` contract on ``request``.
 
-    Checks: a (B, k) integer array; every non -1 entry is one of that row's real candidates;
-    no item twice in a row; the row holds min(k, real candidates) items, -1 only after them;
+    Checks: a (B, k) integer array of columns into the candidates (-1 or in range); every chosen
+    column holds one of that row's real candidates; no item twice in a row; the row holds min(k, real candidates) items, -1 only after them;
     the same request gives the same slates twice; the request's arrays are left unchanged.
 
     Args:
@@ -66,13 +66,17 @@ def check_reranker(reranker: Reranker, request: RerankRequest | None = None) -> 
     before = copy.deepcopy(request)
     name = getattr(reranker, "name", type(reranker).__name__)
 
-    slate = reranker.rerank(request)
+    columns = reranker.rerank(request)
     candidates = np.asarray(request.candidates)
-    n_users = candidates.shape[0]
+    n_users, n_candidates = candidates.shape
     k = request.k
-    assert isinstance(slate, np.ndarray), f"{name}: rerank must return a numpy array, got {type(slate)}"
-    assert slate.shape == (n_users, k), f"{name}: slate shape {slate.shape}, expected {(n_users, k)}"
-    assert np.issubdtype(slate.dtype, np.integer), f"{name}: slate dtype {slate.dtype} is not integer"
+    assert isinstance(columns, np.ndarray), f"{name}: rerank must return a numpy array, got {type(columns)}"
+    assert columns.shape == (n_users, k), f"{name}: columns shape {columns.shape}, expected {(n_users, k)}"
+    assert np.issubdtype(columns.dtype, np.integer), f"{name}: columns dtype {columns.dtype} is not integer"
+    assert np.all((columns >= -1) & (columns < n_candidates)), (
+        f"{name}: columns must be -1 or in [0, {n_candidates}), got {columns[(columns < -1) | (columns >= n_candidates)]}")
+    slate = take_columns(candidates, columns)
+    assert np.array_equal(slate, reranker.slates(request)), f"{name}: slates() disagrees with rerank()'s columns"
 
     for row in range(n_users):
         real_candidates = candidates[row][candidates[row] >= 0]
@@ -90,7 +94,7 @@ def check_reranker(reranker: Reranker, request: RerankRequest | None = None) -> 
             f"{name}: row {row} puts -1 before its real items: {items}")
 
     again = reranker.rerank(request)
-    assert np.array_equal(slate, again), f"{name}: not deterministic, same request gave {slate} then {again}"
+    assert np.array_equal(columns, again), f"{name}: not deterministic, same request gave {columns} then {again}"
 
     for field in fields(RerankRequest):
         old, new = getattr(before, field.name), getattr(request, field.name)

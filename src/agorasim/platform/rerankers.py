@@ -1,8 +1,10 @@
 """Re-rankers: the platform agent's ways of building the K-item slate from the policy's K'.
 
 All of them work on the whole batch of users at once: a loop over the K slate positions, never
-over users. Padding candidates (-1, relevance -inf) are never selected; a row with fewer than K
-real candidates ends in -1.
+over users, and return the chosen *columns* of the candidate block (``Reranker.rerank``), so
+whatever travels with a candidate (its promotion, its score) is found by the same index. Padding
+candidates (-1, relevance -inf) are never selected; a row with fewer than K real candidates ends
+in -1.
 
 * ``NoRerank`` keeps the policy's order (the trivial implementation).
 * ``TriRecReranker`` greedily trades relevance against exposure fairness between popularity
@@ -56,22 +58,22 @@ def _minmax(x: np.ndarray, mask: np.ndarray, constant: float = 0.0) -> np.ndarra
 
 
 def _top_k(candidates: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """Per-row top-k of ``candidates`` by ``scores`` (padding -inf, last); ties keep column order."""
+    """Columns of each row's top-k ``candidates`` by ``scores`` (padding -inf, last; -1 where a
+    row has fewer than k real candidates); ties keep column order."""
     scores = np.where(candidates >= 0, scores, -np.inf)
     k_eff = min(k, candidates.shape[1])
     # stable sort keeps the policy's order among ties, so the result is deterministic
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k_eff]
-    slate = np.take_along_axis(candidates, order, axis=1)
-    slate = np.where(np.isfinite(np.take_along_axis(scores, order, axis=1)), slate, -1)
-    return _pad_slate(slate, k)
+    columns = np.where(np.isfinite(np.take_along_axis(scores, order, axis=1)), order, -1)
+    return _pad_columns(columns, k)
 
 
-def _pad_slate(slate: np.ndarray, k: int) -> np.ndarray:
-    """Pad (B, k') slates with -1 on the right to (B, k), as int64."""
-    slate = slate.astype(np.int64, copy=False)
-    if slate.shape[1] < k:
-        slate = np.pad(slate, ((0, 0), (0, k - slate.shape[1])), constant_values=-1)
-    return slate
+def _pad_columns(columns: np.ndarray, k: int) -> np.ndarray:
+    """Pad (B, k') columns with -1 on the right to (B, k), as int64."""
+    columns = columns.astype(np.int64, copy=False)
+    if columns.shape[1] < k:
+        columns = np.pad(columns, ((0, 0), (0, k - columns.shape[1])), constant_values=-1)
+    return columns
 
 
 def _position_weight(pos: int) -> float:
@@ -154,7 +156,7 @@ class TriRecReranker(Reranker):
         rows = np.arange(n_users)
         remaining = valid.copy()
         slate_exposure = np.zeros((n_users, n_groups))  # this user's slate so far, per group
-        slate = np.full((n_users, request.k), -1, dtype=np.int64)
+        columns = np.full((n_users, request.k), -1, dtype=np.int64)
         for pos in range(min(request.k, n_candidates)):
             w = _position_weight(pos)
             a = self.relevance_weight(pos)
@@ -169,12 +171,12 @@ class TriRecReranker(Reranker):
 
             pick = score.argmax(axis=1)  # first maximum: ties keep the policy's order
             has = remaining[rows, pick]
-            slate[:, pos] = np.where(has, candidates[rows, pick], -1)
+            columns[:, pos] = np.where(has, pick, -1)
             picked_rows, picked_cols = rows[has], pick[has]
             remaining[picked_rows, picked_cols] = False
             # one pick per row, so plain fancy-index += adds exactly once
             slate_exposure[picked_rows, candidate_group[picked_rows, picked_cols]] += w
-        return slate
+        return columns
 
     @staticmethod
     def _fairness_gains(exposure: np.ndarray, target: np.ndarray, candidate_group: np.ndarray,
@@ -298,13 +300,13 @@ class MMRReranker(Reranker):
         n_users, n_candidates = candidates.shape
         # rows in chunks so the (rows, K', d) candidate vectors stay bounded
         chunk = max(1, self._max_chunk_elements // max(1, n_candidates * unit.shape[1]))
-        slates = [self._rerank_rows(candidates[start:start + chunk],
-                                    np.asarray(request.relevance)[start:start + chunk],
-                                    unit, request.k)
-                  for start in range(0, n_users, chunk)]
-        if not slates:
+        columns = [self._rerank_rows(candidates[start:start + chunk],
+                                     np.asarray(request.relevance)[start:start + chunk],
+                                     unit, request.k)
+                   for start in range(0, n_users, chunk)]
+        if not columns:
             return np.full((0, request.k), -1, dtype=np.int64)
-        return np.concatenate(slates, axis=0)
+        return np.concatenate(columns, axis=0)
 
     def _rerank_rows(self, candidates: np.ndarray, relevance: np.ndarray, unit: np.ndarray,
                      k: int) -> np.ndarray:
@@ -318,13 +320,13 @@ class MMRReranker(Reranker):
         rows = np.arange(n_users)
         remaining = valid.copy()
         max_similarity = np.zeros((n_users, n_candidates))
-        slate = np.full((n_users, k), -1, dtype=np.int64)
+        columns = np.full((n_users, k), -1, dtype=np.int64)
         for pos in range(min(k, n_candidates)):
             score = self.lambda_ * relevance - (1.0 - self.lambda_) * max_similarity
             score = np.where(remaining, score, -np.inf)
             pick = score.argmax(axis=1)
             has = remaining[rows, pick]
-            slate[:, pos] = np.where(has, candidates[rows, pick], -1)
+            columns[:, pos] = np.where(has, pick, -1)
             remaining[rows[has], pick[has]] = False
             similarity = np.einsum("bkd,bd->bk", vectors, vectors[rows, pick])
             if pos == 0:
@@ -332,7 +334,7 @@ class MMRReranker(Reranker):
             else:
                 max_similarity = np.where(has[:, None], np.maximum(max_similarity, similarity),
                                           max_similarity)
-        return slate
+        return columns
 
 
 class NewItemBoost(Reranker):
