@@ -9,6 +9,7 @@ from agorasim.policy import POLICIES, BPRPolicy, PopularityPolicy, RecommendRequ
 from agorasim.policy.baselines import valid_candidates
 from agorasim.policy.conformance import add_random_items, check_policy
 from agorasim.policy.sasrec import next_item_windows
+from agorasim.policy.observation import Observation
 
 
 def make_catalogue(n_items: int) -> Catalogue:
@@ -104,7 +105,7 @@ def test_refit_happens_after_every_refit_every_th_round():
     refits = []
     for round in range(7):
         before = policy.counts
-        policy.update(log, catalogue, round, np.random.default_rng(0))
+        policy.update(Observation.of(log, catalogue, round), np.random.default_rng(0))
         refits.append(policy.counts is not before)
     assert refits == [False, False, True, False, False, True, False]
 
@@ -116,16 +117,16 @@ def test_popularity_ranks_by_counts_at_the_last_refit():
     catalogue.interactions[:4] = [5, 1, 3, 0]
     policy, rng, log = PopularityPolicy(refit_every=2), np.random.default_rng(0), InteractionLog()
     req = request([0], [[0, 1, 2, 3]], catalogue.view("alive"), k=4)
-    policy.update(log, catalogue, 1, rng)  # (1 + 1) % 2 == 0: refit
+    policy.update(Observation.of(log, catalogue, 1), rng)  # (1 + 1) % 2 == 0: refit
     items, scores = policy.recommend(req, rng)
     np.testing.assert_array_equal(items, [[0, 2, 1, 3]])
     np.testing.assert_array_equal(scores, [[5, 3, 1, 0]])
 
     catalogue.interactions[:4] = [0, 10, 0, 20]  # the world moves on ...
-    policy.update(log, catalogue, 2, rng)  # ... but round 2 is no refit round
+    policy.update(Observation.of(log, catalogue, 2), rng)  # ... but round 2 is no refit round
     np.testing.assert_array_equal(policy.recommend(req, rng)[0], [[0, 2, 1, 3]])
 
-    policy.update(log, catalogue, 3, rng)  # refit: ties (items 0 and 2) keep candidate order
+    policy.update(Observation.of(log, catalogue, 3), rng)  # refit: ties (items 0 and 2) keep candidate order
     np.testing.assert_array_equal(policy.recommend(req, rng)[0], [[3, 1, 0, 2]])
 
 
@@ -133,7 +134,7 @@ def test_popularity_scores_items_newer_than_the_refit_zero():
     catalogue = make_catalogue(2)
     catalogue.interactions[:2] = [2, 1]
     policy, rng = PopularityPolicy(refit_every=1), np.random.default_rng(0)
-    policy.update(InteractionLog(), catalogue, 0, rng)
+    policy.update(Observation.of(InteractionLog(), catalogue, 0), rng)
     new = add_random_items(catalogue, 1, rng)
     catalogue.interactions[new] = 100
     items, scores = policy.recommend(request([0], [[new[0], 1, 0]], catalogue.view("alive"), k=3), rng)
@@ -160,8 +161,8 @@ def test_bpr_separates_planted_clusters_and_its_loss_falls():
     users, items = planted_clusters()
     catalogue, log = make_catalogue(40), click_log(users, items)
     policy, rng = BPRPolicy(refit_every=1, batch_size=32, epochs=20), np.random.default_rng(0)
-    first = policy.update(log, catalogue, 0, rng)["train/loss"]
-    second = policy.update(log, catalogue, 1, rng)["train/loss"]
+    first = policy.update(Observation.of(log, catalogue, 0), rng)["train/loss"]
+    second = policy.update(Observation.of(log, catalogue, 1), rng)["train/loss"]
     assert second < first
 
     all_users = np.arange(40)
@@ -176,7 +177,7 @@ def test_bpr_unknown_users_score_by_bias_and_tables_grow_warm():
     users, items = planted_clusters(clicks_per_user=3)
     catalogue, log = make_catalogue(40), click_log(users, items)
     policy, rng = BPRPolicy(refit_every=1, epochs=2), np.random.default_rng(0)
-    policy.update(log, catalogue, 0, rng)
+    policy.update(Observation.of(log, catalogue, 0), rng)
     candidates = np.arange(40)[None]
     np.testing.assert_allclose(policy.score(np.array([999]), np.full((1, 1), -1), candidates),
                                policy.item_bias[None, :40], rtol=1e-6)
@@ -216,7 +217,7 @@ def test_sasrec_learns_that_item_i_is_followed_by_i_plus_1():
     catalogue, log = make_catalogue(n_items), successor_log(n_items)
     policy = SASRecPolicy(refit_every=1, max_len=max_len, epochs=25, batch_size=32, lr=5e-3)
     rng = np.random.default_rng(0)
-    policy.update(log, catalogue, 0, rng)
+    policy.update(Observation.of(log, catalogue, 0), rng)
 
     last = np.arange(n_items)
     history = (last[:, None] + np.arange(-4, 1)) % n_items  # 5 clicks ending at `last`
@@ -229,7 +230,7 @@ def test_sasrec_learns_that_item_i_is_followed_by_i_plus_1():
 def test_sasrec_training_step_changes_every_parameter():
     catalogue, log = make_catalogue(30), successor_log(30, n_users=16, length=9)
     policy = SASRecPolicy(refit_every=1, max_len=8, epochs=1)
-    policy.update(log, catalogue, 0, np.random.default_rng(0))  # builds the model
+    policy.update(Observation.of(log, catalogue, 0), np.random.default_rng(0))  # builds the model
     before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
     users, items, _ = log.clicks()
     inputs, targets = (torch.from_numpy(a) for a in next_item_windows(users, items, 8))
@@ -242,7 +243,7 @@ def test_sasrec_training_step_changes_every_parameter():
 def test_sasrec_empty_history_and_unknown_items_score_zero():
     catalogue, log = make_catalogue(30), successor_log(30, n_users=16, length=9)
     policy = SASRecPolicy(refit_every=1, max_len=8, epochs=1)
-    policy.update(log, catalogue, 0, np.random.default_rng(0))
+    policy.update(Observation.of(log, catalogue, 0), np.random.default_rng(0))
     history = np.array([[-1, -1, 3], [-1, -1, -1]])
     scores = policy.score(np.array([0, 1]), history, np.array([[4, 30, -1], [4, 5, 6]]))
     assert scores[0, 0] != 0 and np.all(scores[0, 1:] == 0) and np.all(scores[1] == 0)
@@ -271,3 +272,34 @@ def test_sft_micro_batches_give_the_whole_batch_gradient():
         sft_epoch(p, optimizer, history, targets, 12, torch.Generator().manual_seed(0), micro_batch=micro)
     for a, b in zip(whole.model.parameters(), split.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_policy_observes_the_platform_view_not_the_world(small_overrides):
+    """``Policy.update`` gets an Observation: observable columns, read-only; the true vectors and
+    qualities the users' utility reads are not reachable from it."""
+    from agorasim.config import build_config
+    from agorasim.env.market import Market
+    from agorasim.scenarios import load_scenario
+
+    seen = []
+
+    class Spy(PopularityPolicy):
+        def update(self, obs, rng):
+            seen.append(obs)
+            return super().update(obs, rng)
+
+    market = Market(build_config(load_scenario("cold-start"), small_overrides + ["policy.name=popularity"]))
+    market.policy = Spy(refit_every=1)
+    market.step()
+    obs = seen[-1]
+    cat = market.world.catalogue
+    assert obs.round == 0 and obs.catalogue.n == cat.n
+    for hidden in ("embedding", "quality", "first_exposure"):
+        with pytest.raises(AttributeError, match="not observable"):
+            getattr(obs.catalogue, hidden)
+    assert np.array_equal(obs.catalogue.content, cat.content[: cat.n])
+    with pytest.raises(ValueError, match="read-only"):
+        obs.catalogue.interactions[0] = 1e9
+    assert not hasattr(obs.log, "chunks")
+    users, items, rounds = obs.log.clicks()
+    assert len(items) == int(cat.interactions[: cat.n].sum()) and (rounds == 0).all()

@@ -27,6 +27,7 @@ from agorasim.platform import ExposureLedger, RerankRequest, make_reranker, take
 from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
 from agorasim.policy import RecommendRequest, make_policy, policy_params
 from agorasim.policy.base import ExposureState
+from agorasim.policy.observation import Observation
 
 RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval")
 
@@ -234,7 +235,7 @@ class Market(mesa.Model):
 
     def learn(self) -> dict[str, float]:
         w = self.world
-        return self.policy.update(w.log, w.catalogue, w.round, self.rngs["policy"])
+        return self.policy.update(Observation.of(w.log, w.catalogue, w.round), self.rngs["policy"])
 
     def update_users(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch,
                      shown: Promotions) -> np.ndarray:

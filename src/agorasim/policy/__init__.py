@@ -13,6 +13,7 @@ from agorasim.policy.base import Policy, RecommendRequest, ScoringPolicy, top_k
 from agorasim.policy.baselines import PopularityPolicy, RandomPolicy, RefittingPolicy
 from agorasim.policy.bpr import BPRPolicy
 from agorasim.policy.generative import GenerativePolicy
+from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.sasrec import SASRecPolicy
 
 POLICIES: dict[str, type[Policy]] = {
@@ -51,6 +52,9 @@ def make_policy(name: str, **params) -> Policy:
 
 
 __all__ = [
+    "CatalogueView",
+    "LogView",
+    "Observation",
     "POLICIES", "BPRPolicy", "Policy", "PopularityPolicy", "RandomPolicy", "RecommendRequest",
     "RefittingPolicy", "SASRecPolicy", "ScoringPolicy", "make_policy", "policy_params",
     "register_policy", "top_k",

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from agorasim.env.state import Catalogue, InteractionLog
+from agorasim.policy.observation import Observation
 
 
 @dataclass
@@ -85,9 +85,9 @@ class Policy(ABC):
         """Return (items, scores), both (B, k): distinct alive items per row, best first,
         -1 (score -inf) where fewer than k items are available."""
 
-    def update(self, log: InteractionLog, catalogue: Catalogue, round: int,
-               rng: np.random.Generator) -> dict[str, float]:
-        """Learn from the log after ``round``; return training metrics (may be empty).
+    def update(self, obs: Observation, rng: np.random.Generator) -> dict[str, float]:
+        """Learn from what the platform observed after ``obs.round`` (``Observation``: the
+        observable catalogue and the log); return training metrics (may be empty).
 
         Keys ``train/*`` are deterministic and go to metrics.csv and train.csv; keys ``time/*``
         (wall-clock) go to train.csv only, so metrics.csv stays byte-identical across runs.

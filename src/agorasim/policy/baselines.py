@@ -10,7 +10,7 @@ from abc import abstractmethod
 
 import numpy as np
 
-from agorasim.env.state import Catalogue, InteractionLog
+from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.base import Policy, RecommendRequest, ScoringPolicy, top_k
 
 
@@ -71,14 +71,13 @@ class RefittingPolicy(ScoringPolicy):
     def refit_due(self, round: int) -> bool:
         return (round + 1) % self.refit_every == 0
 
-    def update(self, log: InteractionLog, catalogue: Catalogue, round: int,
-               rng: np.random.Generator) -> dict[str, float]:
-        if not self.refit_due(round):
+    def update(self, obs: Observation, rng: np.random.Generator) -> dict[str, float]:
+        if not self.refit_due(obs.round):
             return {}
-        return self.fit(log, catalogue, rng)
+        return self.fit(obs.log, obs.catalogue, rng)
 
     @abstractmethod
-    def fit(self, log: InteractionLog, catalogue: Catalogue, rng: np.random.Generator) -> dict[str, float]:
+    def fit(self, log: LogView, catalogue: CatalogueView, rng: np.random.Generator) -> dict[str, float]:
         """Learn from the whole log; return training metrics (``train/...``), no wall-clock values."""
 
     def recommend(self, request: RecommendRequest, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +101,7 @@ class PopularityPolicy(RefittingPolicy):
         super().__init__(refit_every)
         self.counts = np.zeros(0, np.float64)  # (n_items at last refit,) clicks
 
-    def fit(self, log: InteractionLog, catalogue: Catalogue, rng: np.random.Generator) -> dict[str, float]:
+    def fit(self, log: LogView, catalogue: CatalogueView, rng: np.random.Generator) -> dict[str, float]:
         # a copy: the catalogue keeps counting, the policy must not see it until the next refit
         self.counts = np.array(catalogue.view("interactions"), dtype=np.float64)
         return {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agorasim.env.state import Catalogue, InteractionLog
+from agorasim.policy.observation import CatalogueView, LogView
 from agorasim.policy.baselines import RefittingPolicy
 
 _SCORE_CHUNK = 4096  # users scored at once; bounds the (B, C, dim) gather to ~50 MB at C=100
@@ -78,7 +78,7 @@ class BPRPolicy(RefittingPolicy):
             self.item_factors = np.concatenate([self.item_factors, new_rows(added)])
             self.item_bias = np.concatenate([self.item_bias, np.zeros(added, np.float32)])
 
-    def fit(self, log: InteractionLog, catalogue: Catalogue, rng: np.random.Generator) -> dict[str, float]:
+    def fit(self, log: LogView, catalogue: CatalogueView, rng: np.random.Generator) -> dict[str, float]:
         # one draw from the policy's stream per refit, whatever the refit consumes
         rng = np.random.default_rng(int(rng.integers(2**31)))
         users, items, _ = log.clicks()

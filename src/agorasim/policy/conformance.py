@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from agorasim.env.state import Catalogue, InteractionLog
+from agorasim.policy.observation import Observation
 from agorasim.policy.base import ExposureState, Policy, RecommendRequest
 from agorasim.run import checkpoint
 
@@ -133,7 +134,7 @@ def _play(policy: Policy, n_items: int, n_users: int, n_rounds: int, seed: int, 
         history[clickers] = np.concatenate([history[clickers, 1:], clicked_items[:, None]], axis=1)
 
         before = {name: catalogue.view(name).copy() for name in ("alive", "interactions")}
-        out = policy.update(log, catalogue, round, update_rng)
+        out = policy.update(Observation.of(log, catalogue, round), update_rng)
         _expect(all(np.array_equal(before[name], catalogue.view(name)) for name in before),
                 f"{type(policy).__name__}.update changed the catalogue")
         _expect(isinstance(out, dict), f"update must return a dict of metrics, got {type(out).__name__}")

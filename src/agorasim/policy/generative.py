@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from agorasim.env.state import Catalogue, InteractionLog
+from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.base import FeedbackOracle, Policy, RecommendRequest
 from agorasim.policy.baselines import PopularityPolicy
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
@@ -173,15 +173,16 @@ class GenerativePolicy(Policy):
             scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
         return items, scores
 
-    def update(self, log: InteractionLog, catalogue: Catalogue, round: int, rng: np.random.Generator):
+    def update(self, obs: Observation, rng: np.random.Generator):
         with torch_threads(self.threads):
-            return self._update(log, catalogue, round, rng)
+            return self._update(obs, rng)
 
-    def _update(self, log: InteractionLog, catalogue: Catalogue, round: int, rng: np.random.Generator):
+    def _update(self, obs: Observation, rng: np.random.Generator):
+        log, catalogue, round = obs.log, obs.catalogue, obs.round
         started = time.perf_counter()
         self._grow(catalogue, rng)
         if not self.ready:
-            self.behaviour.update(log, catalogue, round, rng)
+            self.behaviour.update(obs, rng)
             if round + 1 < self.warmup_rounds:
                 return {}
             metrics = self.sft(log, rng, self.sft_epochs)
@@ -199,7 +200,7 @@ class GenerativePolicy(Policy):
         return {**metrics, **self._train_step(log, catalogue, round, rng)}
 
     # -- catalogue -> semantic ids and trie ------------------------------------------------------
-    def _grow(self, catalogue: Catalogue, rng: np.random.Generator) -> None:
+    def _grow(self, catalogue: CatalogueView, rng: np.random.Generator) -> None:
         """Semantic ids for the catalogue on first sight, for arrivals afterwards (the quantiser and
         the vocabulary stay fixed), and the model on first sight."""
         n = catalogue.n
@@ -371,7 +372,7 @@ class GenerativePolicy(Policy):
         return np.concatenate(items).astype(np.int64), np.concatenate(scores).astype(np.float64)
 
     # -- SFT ----------------------------------------------------------------------------------------
-    def sft(self, log: InteractionLog, rng: np.random.Generator, epochs: int, since_round: int = 0) -> dict[str, float]:
+    def sft(self, log: LogView, rng: np.random.Generator, epochs: int, since_round: int = 0) -> dict[str, float]:
         """Next-item prediction on the clicks of rounds ``>= since_round`` (prompt = the user's
         earlier clicks, from the whole log), ``epochs`` passes of ``rl.sft_epoch``."""
         from agorasim.rl.sft import click_pairs, sft_epoch
@@ -399,7 +400,7 @@ class GenerativePolicy(Policy):
         return -logp.mean()
 
     # -- in-loop training -------------------------------------------------------------------------------
-    def _train_step(self, log: InteractionLog, catalogue: Catalogue, round: int, rng: np.random.Generator):
+    def _train_step(self, log: LogView, catalogue: CatalogueView, round: int, rng: np.random.Generator):
         """One ``rl.Trainer`` step on a sample of this round's visitors (``rl.users_per_step``),
         their targets the items they clicked this round (ReRe's held-out item)."""
         from agorasim.rl.judges import CriticJudge, OracleJudge
@@ -419,7 +420,7 @@ class GenerativePolicy(Policy):
         return self.trainer.step(Prompts(users, history, target, round), judge, generator)
 
     @staticmethod
-    def _clicked(log: InteractionLog, round: int, users: np.ndarray) -> np.ndarray:
+    def _clicked(log: LogView, round: int, users: np.ndarray) -> np.ndarray:
         """The item each user clicked in ``round`` (-1 if none): the ReRe-style target."""
         clicked_users, clicked_items = log.clicked_in_round(round)
         order = np.argsort(clicked_users, kind="stable")

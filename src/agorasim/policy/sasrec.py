@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agorasim.env.state import Catalogue, InteractionLog
+from agorasim.policy.observation import CatalogueView, LogView
 from agorasim.policy.baselines import RefittingPolicy
 from agorasim.policy.threads import torch_threads
 
@@ -213,11 +213,11 @@ class SASRecPolicy(RefittingPolicy):
         optimizer.step()
         return loss.item()
 
-    def fit(self, log: InteractionLog, catalogue: Catalogue, rng: np.random.Generator) -> dict[str, float]:
+    def fit(self, log: LogView, catalogue: CatalogueView, rng: np.random.Generator) -> dict[str, float]:
         with torch_threads(self.threads):
             return self._fit(log, catalogue, rng)
 
-    def _fit(self, log: InteractionLog, catalogue: Catalogue, rng: np.random.Generator) -> dict[str, float]:
+    def _fit(self, log: LogView, catalogue: CatalogueView, rng: np.random.Generator) -> dict[str, float]:
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
         if self.model is None:
             if catalogue.n == 0:
