@@ -354,3 +354,67 @@ def test_an_experiment_can_be_extended_but_not_cut(tmp_path, small_overrides, ca
     capsys.readouterr()
     assert main(["run", "--resume", str(folder), "--rounds", "2"]) == 2
     assert "already has 3 rounds" in capsys.readouterr().err
+
+
+# --- bounded state: the log keeps clicks plus a window of full rounds ------------------------------
+
+
+def test_log_compaction_keeps_clicks_and_the_window_and_resumes_identically(tmp_path, small_overrides, capsys):
+    """With ``run.log_window=10`` the in-memory log of a 16-round run holds every click but the
+    non-clicks of the last 10 rounds only; metrics equal a run that keeps everything, and a run
+    resumed from log segments written before some of their rounds were compacted equals both."""
+    from agorasim.env.market import Market
+    from agorasim.run import runner
+
+    base = small_overrides + ["policy.name=bpr", "policy.refit_every=3", "run.rounds=16"]
+    full = Market(build_config(load_scenario("cold-start"), base + ["run.log_window=null"]))
+    compact = Market(build_config(load_scenario("cold-start"), base + ["run.log_window=10"]))
+    for _ in range(16):
+        full.step()
+        compact.step()
+    import json
+
+    assert json.dumps(full.rows) == json.dumps(compact.rows)
+    a, b = full.world.log.arrays(), compact.world.log.arrays()
+    assert (a["click"] == 0).sum() > (b["click"] == 0).sum() > 0  # non-clicks dropped ...
+    assert np.array_equal(full.world.log.clicks()[1], compact.world.log.clicks()[1])  # ... clicks kept
+    assert set(b["round"][b["click"] == 0]) == set(range(6, 16))  # full impressions: the last 10 rounds
+    assert compact.world.log.compacted_before == 6
+
+    out = tmp_path / "runs"
+    args = ["run", "--out", str(out), "--no-progress"] + sets(base + ["run.log_window=10", "run.checkpoint_every=4"])
+    assert main(args[:] + ["--set", "run.rounds=12"]) == 0
+    run_dir = one_run(out)
+    assert len(list((run_dir / "checkpoints").glob("round_*.ckpt"))) == 2  # run.keep_checkpoints
+    assert main(["run", "--resume", str(run_dir), "--rounds", "16", "--no-progress"]) == 0
+    market, _ = runner.load_run(run_dir, 16)
+    assert market.world.log.compacted_before == 6
+    assert np.array_equal(market.world.log.arrays()["item"], compact.world.log.arrays()["item"])
+    straight = tmp_path / "straight"
+    assert main(["run", "--out", str(straight), "--no-progress"] + sets(base + ["run.log_window=10"])) == 0
+    assert (run_dir / "metrics.csv").read_bytes() == (one_run(straight) / "metrics.csv").read_bytes()
+    capsys.readouterr()
+
+
+def test_compact_by_hand():
+    from agorasim.env.state import InteractionLog
+
+    log = InteractionLog()
+    for r in range(3):
+        log.append(round=np.full(3, r), user=np.array([0, 1, 2]), item=np.array([5, 6, 7]) + r,
+                   position=np.arange(3), click=np.array([1, 0, 0], np.int8), rating=np.array([4, np.nan, np.nan]))
+    log.compact(2)
+    assert [len(c["round"]) for c in log.chunks] == [1, 1, 3]  # rounds 0 and 1: their one click each
+    assert log.clicks()[1].tolist() == [5, 6, 7] and len(log.arrays(since_round=2)["item"]) == 3
+    segment = log.segment(0)
+    log.compact(1)  # behind the pointer: nothing to do
+    assert log.compacted_before == 2
+    fresh = InteractionLog(compacted_before=2)
+    full = InteractionLog()
+    for r in range(3):
+        full.append(round=np.full(3, r), user=np.array([0, 1, 2]), item=np.array([5, 6, 7]) + r,
+                    position=np.arange(3), click=np.array([1, 0, 0], np.int8), rating=np.array([4, np.nan, np.nan]))
+    fresh.extend_from_segment(full.segment(0))
+    fresh.recompact()
+    assert [len(c["round"]) for c in fresh.chunks] == [1, 1, 3]
+    assert np.array_equal(fresh.segment(0)["item"], segment["item"])

@@ -355,6 +355,11 @@ class RunConfig(_Section):
     seed: int = Field(0, ge=0, description="seed of the run's numpy SeedSequence")
     out: str = Field("runs", description="folder that holds run folders")
     checkpoint_every: int = Field(25, ge=1, description="rounds between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept in the run folder (older ones are "
+                                  "deleted; two let a resume fall back past a damaged newest one)")
+    log_window: int | None = Field(50, ge=10, description="rounds of full impressions the in-memory interaction log "
+                                   "keeps; older rounds keep only their clicks (all that refits and social proof "
+                                   "read; at least the served-only critic's 10 rounds). null: keep every impression")
     lorenz_every: int = Field(10, ge=1, description="rounds between Lorenz-curve rows")
     eval_users: int = Field(256, ge=1, description="users sampled for accuracy/* per round")
     events_users: int = Field(8, ge=0, description="users per round whose judgements go to events.jsonl")

@@ -224,6 +224,9 @@ class Market(mesa.Model):
         w.log.append(round=np.full(len(rows), w.round), user=users[rows], item=slates[rows, slots],
                      position=slots, click=clicked.astype(np.int8), rating=stars.astype(np.float32))
         cat.interactions[: cat.n] += np.bincount(slates[rows, slots][clicked], minlength=cat.n)
+        window = self.config.run.log_window
+        if window is not None:
+            w.log.compact(w.round - window + 1)
 
     def empty_round(self) -> dict:
         """State of a round in which nobody visits (the update phases see empty batches)."""

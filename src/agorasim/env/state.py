@@ -188,8 +188,33 @@ class InteractionLog:
     """
 
     chunks: list = field(default_factory=list)
+    compacted_before: int = 0  # rounds before this keep only their clicks (``compact``)
 
     COLUMNS = ("round", "user", "item", "position", "click", "rating")
+
+    def compact(self, before_round: int) -> None:
+        """Drop the non-click impressions of rounds ``< before_round``; their clicks stay (what
+        BPR, SASRec and SFT refit on and social proof counts). Bounds the log's growth to the
+        clicks plus a window of full rounds (``run.log_window``)."""
+        if before_round <= self.compacted_before:
+            return
+        for i, chunk in enumerate(self.chunks):
+            if len(chunk["round"]) == 0 or chunk["round"][0] < self.compacted_before:
+                continue
+            if chunk["round"][0] >= before_round:
+                break
+            keep = chunk["click"] > 0
+            self.chunks[i] = {k: v[keep] for k, v in chunk.items()}
+        self.compacted_before = before_round
+
+    def recompact(self) -> None:
+        """Compact every chunk before ``compacted_before`` again (after chunks were read back
+        from log segments written before they were compacted)."""
+        for i, chunk in enumerate(self.chunks):
+            if len(chunk["round"]) and chunk["round"][0] < self.compacted_before:
+                keep = chunk["click"] > 0
+                if not keep.all():
+                    self.chunks[i] = {k: v[keep] for k, v in chunk.items()}
 
     def append(self, **columns: np.ndarray) -> None:
         assert set(columns) == set(self.COLUMNS), sorted(columns)

@@ -157,7 +157,7 @@ class Recorder:
 
     def checkpoint(self, market) -> Path:
         """Write the market between rounds (and the files' row counts) atomically; keep the
-        last two. The file is named by the number of completed rounds."""
+        newest ``run.keep_checkpoints``. The file is named by the number of completed rounds."""
         folder = self.run_dir / "checkpoints"
         path = folder / f"round_{market.world.round:05d}.ckpt"
         log = market.world.log
@@ -172,7 +172,7 @@ class Recorder:
         finally:
             log.chunks = chunks
         self.log_saved = n_chunks
-        for old in checkpoints(self.run_dir)[:-2]:
+        for old in checkpoints(self.run_dir)[:-self.config.run.keep_checkpoints]:
             old.unlink()
         return path
 
@@ -230,6 +230,7 @@ def _load_checkpoint(run_dir: Path, note) -> dict:
             log = payload["market"].world.log
             for segment in ckpt.read_log(Path(run_dir) / "checkpoints" / "log", payload["log_chunks"]):
                 log.extend_from_segment(segment)
+            log.recompact()  # segments hold rounds as they were when written, some since compacted
         except ckpt.CheckpointError as error:
             problems.append(f"{path.name}: {error}")
             continue
