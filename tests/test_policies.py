@@ -303,3 +303,24 @@ def test_a_policy_observes_the_platform_view_not_the_world(small_overrides):
     assert not hasattr(obs.log, "chunks")
     users, items, rounds = obs.log.clicks()
     assert len(items) == int(cat.interactions[: cat.n].sum()) and (rounds == 0).all()
+
+
+def test_every_policy_documents_its_parameters_in_a_typed_model():
+    """``policy.params`` is checked by each policy's ``Params`` model: one field per constructor
+    argument, the same defaults, a description on every field; bad values are named."""
+    import inspect
+
+    for name, cls in POLICIES.items():
+        model = cls.Params
+        signature = inspect.signature(cls.__init__)
+        ctor = {p.name: p.default for p in list(signature.parameters.values())[1:]
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        assert {f: i.default for f, i in model.model_fields.items()} == ctor, name
+        assert all(info.description for info in model.model_fields.values()), name
+    with pytest.raises(ValueError, match=r"policy 'bpr': dim: Input should be greater than or equal to 1 \(got 0\)"):
+        make_policy("bpr", dim=0)
+    with pytest.raises(ValueError, match="policy 'sasrec': unknown parameter.s. depth; allowed: refit_every"):
+        make_policy("sasrec", depth=3)
+    with pytest.raises(ValueError, match="policy 'generative': arch: Input should be 'qwen2' or 'llama'"):
+        make_policy("generative", arch="gpt2")
+    assert make_policy("bpr", dim="8").dim == 8  # validated and coerced by the model

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 
+from pydantic import ValidationError
+
 from agorasim.policy.base import Policy, RecommendRequest, ScoringPolicy, top_k
 from agorasim.policy.baselines import PopularityPolicy, RandomPolicy, RefittingPolicy
 from agorasim.policy.bpr import BPRPolicy
@@ -33,7 +35,11 @@ def register_policy(name: str, cls: type[Policy]) -> None:
 
 
 def policy_params(name: str) -> dict[str, object]:
-    """Constructor parameters of policy ``name`` and their defaults."""
+    """Parameters of policy ``name`` and their defaults: its ``Params`` model's fields, or (a
+    policy registered without one) its constructor's."""
+    model = getattr(POLICIES[name], "Params", None)
+    if model is not None:
+        return {field: info.default for field, info in model.model_fields.items()}
     signature = inspect.signature(POLICIES[name].__init__)
     return {p.name: p.default for p in list(signature.parameters.values())[1:]
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -48,6 +54,14 @@ def make_policy(name: str, **params) -> Policy:
     if unknown:
         raise ValueError(f"policy {name!r}: unknown parameter(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(allowed) or '(none)'}")
+    model = getattr(POLICIES[name], "Params", None)
+    if model is not None:
+        try:
+            params = model.model_validate(params).model_dump()
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"policy {name!r}: {where}: {first['msg']} (got {first.get('input')!r})") from None
     return POLICIES[name](**params)
 
 

@@ -10,6 +10,7 @@ from abc import abstractmethod
 
 import numpy as np
 
+from agorasim.policy.params import PopularityParams, RandomParams
 from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.base import Policy, RecommendRequest, ScoringPolicy, top_k
 
@@ -46,6 +47,7 @@ class RandomPolicy(Policy):
     """Ranks the candidates by uniform random scores drawn from the round's ``rng``; never learns."""
 
     name = "random"
+    Params = RandomParams
 
     def recommend(self, request: RecommendRequest, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         candidates = valid_candidates(request.candidates, request.alive)
@@ -96,6 +98,7 @@ class PopularityPolicy(RefittingPolicy):
     """
 
     name = "popularity"
+    Params = PopularityParams
 
     def __init__(self, refit_every: int = 5):
         super().__init__(refit_every)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from agorasim.policy.params import BPRParams
 from agorasim.policy.observation import CatalogueView, LogView
 from agorasim.policy.baselines import RefittingPolicy
 
@@ -49,6 +50,7 @@ class BPRPolicy(RefittingPolicy):
     """
 
     name = "bpr"
+    Params = BPRParams
 
     def __init__(self, refit_every: int = 5, dim: int = 32, lr: float = 0.05, reg: float = 1e-3,
                  epochs: int = 10, batch_size: int = 1024, init_std: float = 0.1):

@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from agorasim.policy.params import GenerativeParams
 from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.base import FeedbackOracle, Policy, RecommendRequest
 from agorasim.policy.baselines import PopularityPolicy
@@ -89,6 +90,7 @@ class GenerativePolicy(Policy):
     """
 
     name = "generative"
+    Params = GenerativeParams
 
     def __init__(self, warmup_rounds: int = 10, levels: int = 3, codebook_size: int = 256, hidden: int = 64,
                  layers: int = 2, heads: int = 4, arch: str = "qwen2", prompt_items: int = 10, beams: int = 20,

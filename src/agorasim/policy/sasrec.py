@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agorasim.policy.params import SASRecParams
 from agorasim.policy.observation import CatalogueView, LogView
 from agorasim.policy.baselines import RefittingPolicy
 from agorasim.policy.threads import torch_threads
@@ -177,6 +178,7 @@ class SASRecPolicy(RefittingPolicy):
     """
 
     name = "sasrec"
+    Params = SASRecParams
 
     def __init__(self, refit_every: int = 5, dim: int = 32, n_blocks: int = 2, n_heads: int = 1,
                  max_len: int = 20, dropout: float = 0.1, lr: float = 2e-3, epochs: int = 3,
