@@ -1,6 +1,12 @@
-import numpy as np
+import pickle
 
+import faiss
+import numpy as np
+import pytest
+
+from agorasim.config import RetrievalConfig
 from agorasim.env.retrieval import Retriever, _draw_excluding
+from agorasim.run import checkpoint
 
 
 def unit(x):
@@ -48,15 +54,6 @@ def test_exploration_draws_avoid_excluded_items():
 
 
 # -- approximate indexes (env.retrieval.index) --------------------------------------------------------
-
-import faiss  # noqa: E402
-import pickle  # noqa: E402
-
-import pytest  # noqa: E402
-
-from agorasim.config import RetrievalConfig  # noqa: E402
-from agorasim.run import checkpoint  # noqa: E402
-
 
 def clustered(n, d=16, clusters=20, seed=0):
     """Unit vectors around ``clusters`` centres, as the catalogue's categories make them."""
