@@ -17,6 +17,7 @@ import numpy as np
 from agorasim.agents import prompts
 from agorasim.agents.engines import ChatRequest, Engine, Meter
 from agorasim.config import ItemAgentsConfig
+from agorasim.metrics.round import unsupported_share
 
 # (name, intensity, invented claims). Intensity scales the promotion's pull on perceived utility.
 STRATEGIES = (
@@ -136,9 +137,7 @@ def audit_claims(claimed: np.ndarray, features: np.ndarray) -> tuple[np.ndarray,
 
 def factuality(promotions: Promotions, shown: np.ndarray) -> float:
     """Share of claims in shown promotions that the catalogue does not support."""
-    claimed = np.bitwise_count(promotions.claimed[shown].astype(np.uint64)).sum()
-    false = np.bitwise_count(promotions.unsupported[shown].astype(np.uint64)).sum()
-    return float(false / claimed) if claimed else 0.0
+    return unsupported_share(promotions.claimed[shown], promotions.unsupported[shown])
 
 
 class PromotionWriter:

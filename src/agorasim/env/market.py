@@ -283,11 +283,12 @@ class Market(mesa.Model):
         users, slates, feedback, utility, shown = (state[k] for k in ("users", "slates", "feedback", "utility", "shown"))
         cat, pop = w.catalogue, w.population
         alive = cat.alive_ids()
+        window = self.ledger.item_totals(cat.n)
         eval_rows, eval_top = self._probe(users)
         row = round_row(RoundArrays(
             round=w.round, slates=slates, utility=utility, choice=feedback.choice, stars=feedback.stars,
             hype=shown.hype, claimed=shown.claimed, unsupported=shown.unsupported,
-            item_exposure=state["item_exposure"], window=self.ledger.item_totals(cat.n),
+            item_exposure=state["item_exposure"], window=window,
             cumulative=self.cumulative_exposure, popularity=w.popularity(), quality=cat.quality[: cat.n],
             is_new=w.is_new(), born=cat.born[: cat.n], newly_seen=state["newly_seen"], alive=alive,
             trust=pop.view("trust")[pop.view("active")], churned=len(state["churned"]),
@@ -309,7 +310,7 @@ class Market(mesa.Model):
         self.rows.append(row)
         # what the run folder's writer reads after the step (no graph node writes to disk)
         self.last_round = {"row": row, "users": users, "slates": slates, "feedback": feedback, "alive": alive,
-                           "window": self.ledger.item_totals(cat.n)}
+                           "window": window}
         return row
 
     # -- the feedback oracle the policy may query (counterfactual, noiseless, no rng) ----------

@@ -203,8 +203,7 @@ class InteractionLog:
                 continue
             if chunk["round"][0] >= before_round:
                 break
-            keep = chunk["click"] > 0
-            self.chunks[i] = {k: v[keep] for k, v in chunk.items()}
+            self.chunks[i] = _clicks_only(chunk)
         self.compacted_before = before_round
 
     def recompact(self) -> None:
@@ -212,9 +211,7 @@ class InteractionLog:
         from log segments written before they were compacted)."""
         for i, chunk in enumerate(self.chunks):
             if len(chunk["round"]) and chunk["round"][0] < self.compacted_before:
-                keep = chunk["click"] > 0
-                if not keep.all():
-                    self.chunks[i] = {k: v[keep] for k, v in chunk.items()}
+                self.chunks[i] = _clicks_only(chunk)
 
     def append(self, **columns: np.ndarray) -> None:
         assert set(columns) == set(self.COLUMNS), sorted(columns)
@@ -260,3 +257,9 @@ class InteractionLog:
         a = self.arrays()
         m = a["click"] > 0
         return a["user"][m], a["item"][m], a["round"][m]
+
+
+def _clicks_only(chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A log chunk's click rows (the chunk itself when it holds nothing else)."""
+    keep = chunk["click"] > 0
+    return chunk if keep.all() else {k: v[keep] for k, v in chunk.items()}

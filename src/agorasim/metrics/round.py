@@ -76,6 +76,13 @@ class RoundArrays:
     fairness_weight: float
 
 
+def unsupported_share(claimed: np.ndarray, unsupported: np.ndarray) -> float:
+    """Share of the claimed feature bits (masks) that the catalogue does not support; 0 without claims."""
+    claims = np.bitwise_count(claimed.astype(np.uint64)).sum()
+    false = np.bitwise_count(unsupported.astype(np.uint64)).sum()
+    return float(false / claims) if claims else 0.0
+
+
 def round_row(a: RoundArrays) -> dict[str, float]:
     """The round's metrics: exposure concentration (window, round, cumulative), new items,
     promotions' factuality and pull, users' utility, clicks, ratings and trust, accuracy of the
@@ -93,9 +100,7 @@ def round_row(a: RoundArrays) -> dict[str, float]:
     row["items/time_to_first_exposure"] = float(np.mean(a.round - a.born[fresh])) if len(fresh) else float("nan")
     row["items/alive"] = float(len(alive))
     valid = a.slates >= 0
-    claims = np.bitwise_count(a.claimed[valid].astype(np.uint64)).sum()
-    false = np.bitwise_count(a.unsupported[valid].astype(np.uint64)).sum()
-    row["promotions/unsupported_share"] = float(false / claims) if claims else 0.0
+    row["promotions/unsupported_share"] = unsupported_share(a.claimed[valid], a.unsupported[valid])
     row["promotions/hype"] = float(a.hype[valid].mean()) if valid.any() else 0.0
     b, k = a.slates.shape
     weights = exposure.position_weights(k)

@@ -387,6 +387,9 @@ def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LL
         promotions[style] = [f"{g} {prompts.injection(style, int(t), int(o), cat.titles[o])}"
                              for g, t, o in zip(promotions["grounded"], target, other)]
 
+    # the share of each condition's promotions the sanitiser cuts something from (as for honest text)
+    flagged_share = {name: float(np.mean([prompts.sanitize(t)[1] for t in texts])) for name, texts in promotions.items()}
+
     owned = None
     if engine is None:
         engine, owned = _engine(engine_kind, llm_cfg, cache_cfg)
@@ -440,7 +443,7 @@ def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LL
                 success[key] = hit
                 out[f"{key}/asr"] = float(hit.mean())
                 out[f"{key}/asr_low"], out[f"{key}/asr_high"] = wilson(int(hit.sum()), users)
-                out[f"{key}/flagged"] = float(np.mean([prompts.is_injection(t) for t in texts_of]))
+                out[f"{key}/flagged"] = flagged_share[promotion]
                 out[f"{key}/target_rating"] = float(np.mean(ratings)) if ratings else math.nan
                 out[f"{key}/target_judged"] = judged / users
                 out[f"{key}/click_rate"] = any_click / users
