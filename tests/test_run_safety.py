@@ -194,6 +194,32 @@ def test_interrupt_writes_a_checkpoint_and_resume_is_byte_identical(tmp_path, sm
     assert metrics.read_bytes() == (one_run(tmp_path / "straight") / "metrics.csv").read_bytes()
 
 
+def test_a_signal_late_in_a_round_still_leaves_a_checkpoint_of_the_round_it_stops_at(tmp_path, small_overrides,
+                                                                                   monkeypatch):
+    """The signal lands after the round's checkpoint decision (here: while the progress bar is
+    updated), so the run must go one more round and checkpoint that one, not stop without one."""
+    import tqdm
+
+    from agorasim.run.runner import Interrupted, checkpoints, run_market, start_run
+
+    config = build_config(load_scenario("cold-start"), small_overrides + [
+        "run.rounds=50", "run.checkpoint_every=1000", "policy.name=popularity", f"run.out={tmp_path}"])
+    market, recorder, run_dir = start_run(config)
+    updates = []
+
+    def update(bar, n=1):
+        updates.append(n)
+        if len(updates) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(tqdm.tqdm, "update", update)
+    with pytest.raises(Interrupted) as stopped:
+        run_market(market, recorder, progress=False)
+    assert stopped.value.rounds_done == 4
+    assert [p.name for p in checkpoints(run_dir)] == ["round_00004.ckpt"]
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 4
+
+
 def test_a_run_whose_language_model_is_gone_stops_with_a_checkpoint(tmp_path, small_overrides, capsys):
     """The openai backend at a port nobody listens on, with the server check off: every answer
     falls back, so after fallback_rounds rounds the run stops instead of going on for hours."""

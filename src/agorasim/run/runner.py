@@ -357,7 +357,8 @@ def run_market(market, recorder: Recorder, progress: bool = True) -> None:
             rate = row.get("llm/fallback_rate")
             streak = streak + 1 if rate is not None and np.isfinite(rate) and rate > llm.fallback_limit else 0
             failing = streak >= llm.fallback_rounds and llm.fallback_limit < 1
-            if done % market.config.run.checkpoint_every == 0 or done == total or stop.requested or failing:
+            stopping = stop.requested  # read once: a signal arriving later in this iteration waits a round
+            if done % market.config.run.checkpoint_every == 0 or done == total or stopping or failing:
                 recorder.checkpoint(market)
             bar.set_postfix(gini=f"{row['exposure/gini']:.3f}", utility=f"{row['users/utility']:.3f}", refresh=False)
             bar.update(1)
@@ -366,7 +367,7 @@ def run_market(market, recorder: Recorder, progress: bool = True) -> None:
                 raise RunStopped(recorder.run_dir, done, (
                     f"the language-model agents fell back to the utility model for more than "
                     f"{llm.fallback_limit:.0%} of their answers in {streak} rounds in a row (last: {rate:.0%})"))
-            if stop.requested and done < total:
+            if stopping and done < total:
                 bar.close()
                 raise Interrupted(recorder.run_dir, done)
     bar.close()
