@@ -234,14 +234,10 @@ def test_round_graph_has_a_ground_node_only_when_enabled(small_overrides):
 
 
 def run_market(market, rounds, seen=None):
-    class Spy:
-        def on_round(self, market, row, users, slates, feedback, alive, window):
-            seen.append((slates.copy(), alive.copy()))
-
-    if seen is not None:
-        market.recorder = Spy()
     for _ in range(rounds):
         market.step()
+        if seen is not None:
+            seen.append((market.last_round["slates"].copy(), market.last_round["alive"].copy()))
     return market.rows
 
 
@@ -250,6 +246,7 @@ def check_rows(rows, seen, k):
         assert {"grounding/users", "grounding/iterations", "grounding/satisfied", "llm/grounding/calls"} <= set(row)
     assert sum(r["grounding/users"] for r in rows) > 0
     assert all(0 <= r["grounding/satisfied"] <= 1 for r in rows if r["grounding/users"])
+    assert len(seen) == len(rows)
     for slates, alive in seen:
         assert slates.shape[1] == k and np.isin(slates[slates >= 0], alive).all()
         for row in slates:

@@ -127,14 +127,9 @@ def test_tiny_market_with_vllm_users(engine, small_overrides, monkeypatch):
     market = Market(build_config(load_scenario("cold-start"), small_overrides + [
         "policy.name=popularity", "agents.users.backend=vllm", "agents.users.llm_share=0.1"]))
     seen = []
-
-    class Spy:
-        def on_round(self, market, row, users, slates, feedback, alive, window):
-            seen.append((slates.copy(), feedback))
-
-    market.recorder = Spy()
     for _ in range(2):
         market.step()
+        seen.append((market.last_round["slates"].copy(), market.last_round["feedback"]))
     rows = market.rows
     assert len(rows) == 2
     assert all("llm/fallback_rate" in r for r in rows)
@@ -142,6 +137,7 @@ def test_tiny_market_with_vllm_users(engine, small_overrides, monkeypatch):
     assert all(r["llm/users/errors"] == 0 for r in rows)
     # guided answers always parse: no re-ask, no fallback (a round without LLM users has NaN)
     assert all(r["llm/reasks"] == 0 and (np.isnan(r["llm/fallback_rate"]) or r["llm/fallback_rate"] == 0) for r in rows)
+    assert len(seen) == 2
     for slates, feedback in seen:
         picked = np.flatnonzero(feedback.choice >= 0)
         assert np.all(slates[picked, feedback.choice[picked]] >= 0)  # clicks are on shown items

@@ -108,7 +108,7 @@ def new_run_dir(config: Config) -> Path:
 
 
 class Recorder:
-    """Writes a market's rounds into its run folder (attached as ``market.recorder``)."""
+    """Writes a market's rounds into its run folder, after each step (``run_round``)."""
 
     def __init__(self, run_dir: Path, config: Config, timings: list[dict] | None = None,
                  lorenz: list[dict] | None = None, events_lines: int = 0, log_saved: int = 0):
@@ -283,7 +283,6 @@ def load_run(run_dir: Path, rounds: int | None = None, note=None):
     recorder.lorenz_table.sync(recorder.lorenz)
     _truncate_lines(run_dir / "events.jsonl", recorder.events_lines)
     (run_dir / "summary.md").unlink(missing_ok=True)  # no longer true once the run goes on
-    market.recorder = recorder
     market.engines.set_default_path(run_dir / "llm_cache.jsonl")
     return market, recorder
 
