@@ -212,6 +212,30 @@ def test_token_logprobs_sum_to_beam_scores_and_carry_gradients(qwen):
     qwen.zero_grad()
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-eager", "llama"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_a_group_of_paths_shares_its_prompt_with_the_same_values_and_gradients(kind, depth):
+    """The prompt runs once per group (its KV cache repeated for the group's paths): the
+    log-probs, entropies and every parameter's gradient equal those of N expanded copies."""
+    model = tiny_model(kind).train()
+    input_ids, mask = prompts()
+    paths = torch.from_numpy(catalogue(24, seed=1)[:, :depth] + FIRST + np.arange(depth) * 4)  # 6 paths a prompt
+
+    def run(ids, m):
+        model.zero_grad()
+        logp, entropy = token_logprobs(model, ids, m, paths, return_entropy=True)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().add(entropy.mean()).backward()
+        return logp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]
+
+    shared = run(input_ids, mask)
+    expanded = run(input_ids.repeat_interleave(6, 0), mask.repeat_interleave(6, 0))
+    torch.testing.assert_close(shared[0], expanded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared[1], expanded[1], rtol=1e-5, atol=1e-5)
+    assert any(g.abs().max() > 0 for g in expanded[2])
+    for a, b in zip(shared[2], expanded[2]):  # float32 sums in another order: close to each tensor's scale
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+
+
 # ---------------------------------------------------------------- sampling
 
 def exact_item_probabilities(model, prompt: torch.Tensor, trie: CatalogueTrie, temperature: float):

@@ -115,19 +115,20 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=input_ids.device)
     n, depth = item_tokens.shape
     batch = input_ids.shape[0]
-    if n != batch:
-        if batch == 0 or n % batch:
-            raise ValueError(f"token_logprobs: {n} paths cannot be split evenly over {batch} prompts")
-        input_ids = input_ids.repeat_interleave(n // batch, 0)
-        attention_mask = attention_mask.repeat_interleave(n // batch, 0)
+    if n != batch and (batch == 0 or n % batch):
+        raise ValueError(f"token_logprobs: {n} paths cannot be split evenly over {batch} prompts")
     if (item_tokens < 0).any():
         raise ValueError("token_logprobs: item_tokens must be non-negative token ids (no -1 padding)")
     attention_mask = _check_left_padded(attention_mask)
-    ids = torch.cat([input_ids, item_tokens], 1)
-    mask = torch.nn.functional.pad(attention_mask, (0, depth), value=1)
-    # logits at positions T-1 .. T+L predict the path tokens (the last one, after the path, is unused)
-    logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
-    logp_all = torch.log_softmax(logits[:, -(depth + 1):-1].float(), dim=-1)
+    if n != batch:  # a group of paths per prompt: the prompt is run once, its cache shared
+        logits = _group_logits(model, input_ids, attention_mask, item_tokens, n // batch)
+    else:
+        ids = torch.cat([input_ids, item_tokens], 1)
+        mask = torch.nn.functional.pad(attention_mask, (0, depth), value=1)
+        # logits at positions T-1 .. T+L-2 predict the path tokens (the one after the path is unused)
+        logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
+        logits = logits[:, -(depth + 1):-1]
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, item_tokens[..., None]).squeeze(-1)
     out = [logp]
     if return_entropy:
@@ -135,6 +136,30 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if return_log_softmax:
         out.append(logp_all)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _group_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_tokens: torch.Tensor,
+                  group: int) -> torch.Tensor:
+    """(N, L+1, V) logits that predict each path token, for ``group`` paths per prompt.
+
+    The B prompts go through the model once (with gradients, into a KV cache); the cache is
+    repeated ``group`` times and the N = B*group paths, minus their last token, continue from it.
+    The same numbers as running N copies of prompt+path (up to float rounding), at B*T + N*L
+    tokens of work instead of N*(T+L+1): with GRPO's 16 paths of 4 tokens per 30-token prompt,
+    about 6x less. The gradient reaches the prompt positions through the cache.
+    """
+    positions = _positions(attention_mask)
+    first, cache = _forward(model, input_ids, attention_mask, positions, keep=1)
+    first = first[:, -1:].repeat_interleave(group, 0)  # position T-1 predicts the first path token
+    depth = item_tokens.shape[1]
+    if depth == 1:
+        return first
+    cache.batch_repeat_interleave(group)
+    mask = torch.nn.functional.pad(attention_mask.repeat_interleave(group, 0), (0, depth - 1), value=1)
+    steps = torch.arange(1, depth, device=positions.device)
+    path_positions = positions[:, -1:].repeat_interleave(group, 0) + steps
+    rest, _ = _forward(model, item_tokens[:, :-1], mask, path_positions, cache=cache, keep=depth - 1)
+    return torch.cat([first, rest[:, -(depth - 1):]], 1)
 
 
 class CatalogueTrie:
