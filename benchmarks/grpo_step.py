@@ -10,6 +10,8 @@ model FLOPs utilisation (6 x parameters x tokens per second / peak FLOP/s).
                                    [--device cpu|cuda] [--peak-tflops 989]
 
 Every method's step must stay under 1 s on this CPU for the default policy (DESIGN section 11).
+The baseline in the same run (``loss_pass_*``): the loss's forward and backward on a batch of the
+step's shape with the prompt shared by its group of paths, against the same batch as full copies.
 
 The last line printed is one JSON object.
 """
@@ -25,6 +27,41 @@ import torch
 from agorasim.config import build_config
 from agorasim.env.market import Market
 from agorasim.scenarios import load_scenario
+
+
+def loss_pass(policy, prompts: int, group: int, prompt_tokens: int, depth: int, repeats: int = 3) -> dict:
+    """The baseline in the same run: the loss's teacher-forced forward and backward on a batch of
+    the step's shape (``prompts`` x ``group`` paths), with each prompt run once and its KV cache
+    shared by its group (what the trainer does) against ``prompts * group`` full copies (before).
+    Best of ``repeats``; the two must give the same log-probs up to float rounding."""
+    import time
+
+    from agorasim.policy.threads import torch_threads
+    from agorasim.policy.trie import token_logprobs
+
+    model = policy.model
+    generator = torch.Generator().manual_seed(0)
+    low = int(policy.first_code)
+    ids = torch.randint(low, low + 64, (prompts, prompt_tokens), generator=generator)
+    mask = torch.ones_like(ids)
+    paths = torch.randint(low, low + 64, (prompts * group, depth), generator=generator)
+    seconds, values = {}, {}
+    model.train()
+    with torch_threads(policy.threads):
+        for name, shared in (("shared", True), ("expanded", False)):
+            best = float("inf")
+            for _ in range(repeats):
+                model.zero_grad()
+                started = time.perf_counter()
+                logp = token_logprobs(model, ids, mask, paths, shared_prompt=shared)
+                logp.sum().backward()
+                best = min(best, time.perf_counter() - started)
+            seconds[name], values[name] = best, logp.detach()
+    model.zero_grad()
+    return {"loss_pass_seconds": round(seconds["shared"], 4),
+            "loss_pass_expanded_seconds": round(seconds["expanded"], 4),
+            "loss_pass_speedup": round(seconds["expanded"] / seconds["shared"], 2),
+            "loss_pass_max_logp_diff": float((values["shared"] - values["expanded"]).abs().max())}
 
 
 def main() -> None:
@@ -69,6 +106,7 @@ def main() -> None:
               "share_score": round(float(np.median(phases["score"])) / per_step, 3),
               "share_update": round(float(np.median(phases["update"])) / per_step, 3),
               "update_tokens_per_second": round(tokens_per_second, 1), "parameters": int(n_params)}
+    result.update(loss_pass(policy, rl.users_per_step, group, prompt_tokens, items * depth))
     if args.peak_tflops:
         result["mfu"] = round(6 * n_params * tokens_per_second / (args.peak_tflops * 1e12), 6)
     print(f"{args.method} step: {per_step:.3f} s ({rl.users_per_step} prompts x {group}), "

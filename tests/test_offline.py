@@ -94,6 +94,24 @@ def test_unknown_method_is_a_user_error():
         main(["--method", ","])
 
 
+def test_the_offline_policy_is_the_markets_generative_params_with_offline_defaults():
+    from agorasim.data.amazon import HISTORY_LEN
+    from agorasim.policy.generative import GenerativePolicy
+    from agorasim.run.offline import OfflineConfig
+
+    assert OfflineConfig.model_fields["policy"].annotation is GenerativePolicy.Params
+    config = make_config(policy={"hidden": 64})  # merged into the offline defaults, not replacing them
+    assert (config.policy.hidden, config.policy.codebook_size, config.policy.sft_epochs) == (64, 64, 16)
+    assert config.policy.prompt_items == config.policy.max_len == HISTORY_LEN
+    assert make_config(quick=True, policy={"layers": 2}).policy.hidden == 32  # the quick model, one field changed
+    with pytest.raises(UserInputError, match="unknown setting 'policy.hiden': allowed: warmup_rounds"):
+        make_config(policy={"hiden": 64})
+    with pytest.raises(UserInputError, match=r"policy.heads: must divide policy.hidden \(128\), got 3"):
+        make_config(policy={"heads": 3})
+    with pytest.raises(UserInputError, match="policy.title_tokens: needs policy.pretrained"):
+        make_config(policy={"title_tokens": 8})
+
+
 def test_training_windows_train_each_transition_once():
     # user A: a=10, b=11, c=12 -> pairs [a]->b, [a,b]->c; user B: d=20, e=21 -> [d]->e
     history = np.array([[-1, -1, 10], [-1, 10, 11], [-1, -1, 20]])

