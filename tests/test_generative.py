@@ -8,7 +8,7 @@ import torch
 
 from agorasim.config import build_config
 from agorasim.env.market import Market
-from agorasim.policy.conformance import check_policy
+from agorasim.env.conformance import check_policy
 from agorasim.policy.generative import BOS, PAD, SEP, GenerativePolicy
 from agorasim.run import checkpoint
 from agorasim.scenarios import load_scenario

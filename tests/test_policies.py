@@ -7,7 +7,7 @@ import torch
 from agorasim.env.state import Catalogue, InteractionLog
 from agorasim.policy import POLICIES, BPRPolicy, PopularityPolicy, RecommendRequest, SASRecPolicy, make_policy
 from agorasim.policy.baselines import valid_candidates
-from agorasim.policy.conformance import add_random_items, check_policy
+from agorasim.env.conformance import add_random_items, check_policy
 from agorasim.policy.sasrec import next_item_windows
 from agorasim.policy.observation import Observation
 
@@ -324,3 +324,20 @@ def test_every_policy_documents_its_parameters_in_a_typed_model():
     with pytest.raises(ValueError, match="policy 'generative': arch: Input should be 'qwen2' or 'llama'"):
         make_policy("generative", arch="gpt2")
     assert make_policy("bpr", dim="8").dim == 8  # validated and coerced by the model
+
+
+def test_no_policy_module_imports_the_world():
+    """Policies see an Observation, never the world's true state: nothing in policy/ imports env/."""
+    import ast
+    from pathlib import Path
+
+    import agorasim.policy
+
+    folder = Path(agorasim.policy.__file__).parent
+    offenders = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("agorasim.env")]
+    assert len(list(folder.glob("*.py"))) > 5 and offenders == []

@@ -2,7 +2,7 @@
 
 ``POLICIES`` maps a config name to a policy class; ``make_policy`` builds one from config
 parameters. A new policy registers itself with ``register_policy`` (or by adding to the dict) and
-passes ``agorasim.policy.conformance.check_policy``.
+passes ``agorasim.env.conformance.check_policy``.
 """
 
 from __future__ import annotations

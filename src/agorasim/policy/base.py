@@ -3,7 +3,7 @@
 A policy turns a batch of active users (with their recent histories and a retrieved candidate
 pool) into a ranked list of K' items with scores. It learns from the interaction log: baselines
 refit every ``refit_every`` rounds, the generative policy takes GRPO steps. Every policy passes
-``agorasim.policy.conformance.check_policy``.
+``agorasim.env.conformance.check_policy``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Conformance checks every recommender policy must pass, shipped as a library function.
 
+It lives in ``env/`` because it builds a world (a catalogue and an interaction log) to play the
+policy against; the policy itself only ever sees the ``Observation`` of it.
+
 A new policy's test calls ``check_policy(MyPolicy(...))``. It plays a few rounds of a tiny random
 world (items arriving and leaving, random slates and clicks) through ``update``, then asks for one
 batch of recommendations with padded candidate pools, an unknown user, an empty history and items
