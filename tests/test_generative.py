@@ -140,3 +140,40 @@ def test_critic_by_hand():
     np.testing.assert_allclose(judged["rating"], [[10.0, 0.0, 0.0]])
     np.testing.assert_allclose(judged["click"], [[1.0, 0.0, 0.0]])
     assert critic.served_share == 1.0
+
+
+def test_ugr_reads_its_loss_and_confidence_from_one_pass_with_the_two_pass_values():
+    """UGR's loss runs [prompt, item, <conf_query>, <conf_pos>] once; its value and gradients equal
+    the plain policy-gradient loss plus the confidence loss of a separate confidence pass."""
+    from agorasim.rl.trainer import Method
+    from agorasim.rl.ugr import confidence_loss
+
+    market = tiny_market("rl.method=ugr", "rl.group_size=8")
+    method = None
+    captured = []
+    for _ in range(12):
+        market.step()
+        policy = market.policy
+        if policy.ready and method is None:
+            method = policy.trainer.method
+            plain = method.loss
+            method.loss = lambda *args: captured.append(args[1:3]) or plain(*args)
+        if any(r.extra["hit"].any() for r, _ in captured):
+            break
+    rollout, scored = next((r, s) for r, s in captured if r.extra["hit"].any())  # the case: a group with a hit
+    trainer, model, cfg = policy.trainer, policy.model, policy.rl.ugr
+
+    def value_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one, one_grads = value_and_grads(lambda: type(method).loss(method, trainer, rollout, scored, None, None)[0])
+    two, two_grads = value_and_grads(lambda: Method.loss(method, trainer, rollout, scored, None, None)[0]
+                                     + confidence_loss(method.confidence(policy, rollout), rollout.extra["hit"],
+                                                       rollout.extra["partial"], cfg.lambda_partial, cfg.lambda_wrong))
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+    assert len(one_grads) == len(two_grads) > 0
+    for a, b in zip(one_grads, two_grads):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7

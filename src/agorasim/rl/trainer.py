@@ -152,9 +152,15 @@ class Method:
     def loss(self, trainer: "Trainer", rollout: Rollout, scored: Scored, old_logp, ref_logp
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """The clipped policy-gradient loss of ``rl.loss`` with the KL of ``rl.kl_estimator``."""
-        rl = self.config
         logp, entropy = token_logprobs(trainer.policy.model, rollout.prompt_ids, rollout.prompt_mask,
                                        rollout.completions, return_entropy=True)
+        return self.policy_gradient_loss(rollout, scored, logp, entropy, old_logp, ref_logp)
+
+    def policy_gradient_loss(self, rollout: Rollout, scored: Scored, logp: torch.Tensor, entropy: torch.Tensor,
+                             old_logp, ref_logp) -> tuple[torch.Tensor, dict[str, float]]:
+        """``loss``'s objective given the completions' token log-probs and entropies (N, T_c), for a
+        method that computes them in a pass of its own (UGR reads its confidence from the same one)."""
+        rl = self.config
         advantages = np.asarray(scored.advantages, np.float32)
         # (B, G): one advantage per completion; (B, G, T_c): one per token
         advantages = advantages.reshape(-1) if advantages.ndim == 2 else advantages.reshape(-1, advantages.shape[-1])

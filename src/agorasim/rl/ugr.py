@@ -281,26 +281,40 @@ class UGR(Method):
         return Scored({"ugr": rewards}, rewards, advantages, stats)
 
     def loss(self, trainer, rollout, scored, old_logp, ref_logp):
-        loss, stats = super().loss(trainer, rollout, scored, old_logp, ref_logp)
         cfg = self.config.ugr
         hit, partial = rollout.extra["hit"], rollout.extra["partial"]
-        if hit.any() and (cfg.lambda_partial > 0 or cfg.lambda_wrong > 0):
-            conf = self.confidence(trainer.policy, rollout)
-            conf_loss = confidence_loss(conf, hit, partial, cfg.lambda_partial, cfg.lambda_wrong)
-            loss = loss + conf_loss
-            valid = rollout.items >= 0
-            stats["ugr/conf_loss"] = float(conf_loss.detach())
-            stats["ugr/conf_auc"] = confidence_auc(conf.detach().cpu().numpy()[valid], hit[valid])
-        return loss, stats
+        if not (hit.any() and (cfg.lambda_partial > 0 or cfg.lambda_wrong > 0)):
+            return super().loss(trainer, rollout, scored, old_logp, ref_logp)
+        # one pass over [prompt, item tokens, <conf_query>, <conf_pos>] gives both the item tokens'
+        # log-probs (causal attention: the tail cannot change them) and the confidence
+        depth = rollout.completions.shape[1]
+        logp, entropy, logp_all = self._confidence_pass(trainer.policy, rollout, return_entropy=True)
+        loss, stats = self.policy_gradient_loss(rollout, scored, logp[:, :depth], entropy[:, :depth],
+                                                old_logp, ref_logp)
+        conf = self._confidence_of(trainer.policy, logp_all, rollout)
+        conf_loss = confidence_loss(conf, hit, partial, cfg.lambda_partial, cfg.lambda_wrong)
+        valid = rollout.items >= 0
+        stats["ugr/conf_loss"] = float(conf_loss.detach())
+        stats["ugr/conf_auc"] = confidence_auc(conf.detach().cpu().numpy()[valid], hit[valid])
+        return loss + conf_loss, stats
 
     def confidence(self, policy, rollout) -> torch.Tensor:
         """``(B, G)`` confidence c_k: softmax over (``<conf_neg>``, ``<conf_pos>``) of the logits after
         ``[prompt, item tokens, <conf_query>]``, the ``<conf_pos>`` entry (differentiable)."""
-        neg, pos, query = (policy.special_token(t) for t in self.special_tokens)
+        _, logp_all = self._confidence_pass(policy, rollout)
+        return self._confidence_of(policy, logp_all, rollout)
+
+    def _confidence_pass(self, policy, rollout, return_entropy: bool = False):
+        """token_logprobs of ``[item tokens, <conf_query>, <conf_pos>]`` after each prompt, then the
+        entropies (with ``return_entropy``) and the full log-softmax."""
+        _, pos, query = (policy.special_token(t) for t in self.special_tokens)
         n = rollout.completions.shape[0]
         tail = torch.tensor([query, pos], device=rollout.completions.device).expand(n, 2)
         path = torch.cat([rollout.completions, tail], 1)
-        _, logp_all = token_logprobs(policy.model, rollout.prompt_ids, rollout.prompt_mask, path,
-                                     return_log_softmax=True)
+        return token_logprobs(policy.model, rollout.prompt_ids, rollout.prompt_mask, path,
+                              return_entropy=return_entropy, return_log_softmax=True)
+
+    def _confidence_of(self, policy, logp_all: torch.Tensor, rollout) -> torch.Tensor:
+        neg, pos = policy.special_token(self.special_tokens[0]), policy.special_token(self.special_tokens[1])
         pair = logp_all[:, -1, [neg, pos]]  # the distribution after the query token
         return torch.softmax(pair, dim=-1)[:, 1].reshape(rollout.items.shape)
