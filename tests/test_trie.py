@@ -448,8 +448,9 @@ def check_lists(trie, model, input_ids, mask, item_mask, items, logprobs, tokens
 
 
 @pytest.mark.parametrize("dense_limit", [16, 1 << 20])
-@pytest.mark.parametrize("shared_prompt", [True, False, None])
-def test_sample_list_draws_distinct_allowed_items_scored_after_the_earlier_ones(qwen, dense_limit, shared_prompt):
+@pytest.mark.parametrize("cached, shared_prompt", [(True, None), (False, True), (False, False), (False, None)])
+def test_sample_list_draws_distinct_allowed_items_scored_after_the_earlier_ones(qwen, dense_limit, cached,
+                                                                                shared_prompt):
     codes = catalogue()
     alive = np.random.default_rng(3).random(len(codes)) < 0.8
     trie = CatalogueTrie(codes, SIZES, FIRST, alive, dense_limit=dense_limit)
@@ -458,13 +459,13 @@ def test_sample_list_draws_distinct_allowed_items_scored_after_the_earlier_ones(
     item_mask[1, np.flatnonzero(alive)[20]] = True  # three allowed items, lists of five
     items, logprobs, tokens = trie.sample_list(qwen, input_ids, mask, 5, num_samples=3, temperature=1.3,
                                                generator=torch.Generator().manual_seed(0), item_mask=item_mask,
-                                               shared_prompt=shared_prompt)
+                                               shared_prompt=shared_prompt, cached=cached)
     assert items.shape == logprobs.shape == (4, 3, 5) and tokens.shape == (4, 3, 15)
     assert items.dtype == tokens.dtype == torch.long and logprobs.dtype == torch.float32
     check_lists(trie, qwen, input_ids, mask, item_mask, items, logprobs, tokens)
     assert (items[0] == -1).all() and (items[2] == -1).all() and (items[1, :, 3:] == -1).all()
     items, logprobs, tokens = trie.sample_list(qwen, input_ids, mask, 4, num_samples=2,
-                                               generator=torch.Generator().manual_seed(1))
+                                               generator=torch.Generator().manual_seed(1), cached=cached)
     check_lists(trie, qwen, input_ids, mask, None, items, logprobs, tokens)
 
 
@@ -479,6 +480,9 @@ def test_greedy_sample_list_is_repeated_greedy_decoding(qwen):
     items, logprobs, tokens = trie.sample_list(qwen, input_ids, mask, 4, num_samples=2, generator=generator,
                                                item_mask=item_mask, greedy=True)
     assert torch.equal(generator.get_state(), state)  # greedy draws no noise
+    reference = trie.sample_list(qwen, input_ids, mask, 4, num_samples=2, item_mask=item_mask, greedy=True,
+                                 cached=False)
+    assert torch.equal(items, reference[0]) and torch.equal(tokens, reference[2])
     assert torch.equal(items[:, 0], items[:, 1])
     for b in range(4):
         used = np.zeros(len(codes), bool)
@@ -498,10 +502,13 @@ def test_sample_list_is_reproducible_from_the_generator(qwen):
     trie = CatalogueTrie(catalogue(), SIZES, FIRST)
     input_ids, mask = prompts()
     draw = [trie.sample_list(qwen, input_ids, mask, 3, num_samples=4, temperature=1.5,
-                             generator=torch.Generator().manual_seed(seed), shared_prompt=shared)
-            for seed, shared in ((5, True), (5, True), (5, False), (6, True))]
+                             generator=torch.Generator().manual_seed(seed), shared_prompt=shared, cached=cached)
+            for seed, shared, cached in ((5, None, True), (5, None, True), (5, True, False), (5, False, False),
+                                         (6, None, True))]
     assert all(torch.equal(a, b) for a, b in zip(draw[0], draw[1]))
-    assert torch.equal(draw[0][0], draw[2][0])  # both layouts draw the same noise in the same order
-    assert not torch.equal(draw[0][0], draw[3][0])
+    for other in draw[2:4]:  # every layout draws the same noise in the same order: the same lists
+        assert torch.equal(draw[0][0], other[0]) and torch.equal(draw[0][2], other[2])
+        torch.testing.assert_close(draw[0][1], other[1], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(draw[0][0], draw[4][0])
     with pytest.raises(ValueError, match="length"):
         trie.sample_list(qwen, input_ids, mask, 0)

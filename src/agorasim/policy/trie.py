@@ -424,23 +424,10 @@ class CatalogueTrie:
         parent = torch.zeros(batch, n, dtype=torch.long, device=device)  # all samples start at the prompt
         prefix = torch.zeros(batch * n, dtype=torch.long, device=device)
         for level, table in enumerate(self._levels_on(device)):
-            start = int(self.offsets[level])
-            logp = torch.log_softmax(logits.float(), dim=-1)[:, start:start + table.size]
-            child = table.children(prefix)
-            if allowed is not None:
-                child = _restrict(child, allowed[level], batch)
-            if greedy:
-                key = logp.masked_fill(child < 0, -torch.inf)
-            else:
-                race = torch.empty_like(logp).exponential_(generator=generator)
-                # Gumbel-max: argmax(z - log E), E ~ Exp(1), draws from softmax(z) over the allowed codes
-                key = (logp / temperature - race.log()).masked_fill(child < 0, -torch.inf)
-            # a row with no allowed code (its mask allows nothing) takes code 0, whose child is -1:
-            # it stays dead from here on and comes out as item -1
-            code = key.argmax(dim=1, keepdim=True)
-            total += logp.gather(1, code).squeeze(1)
-            prefix = child.gather(1, code).squeeze(1).long()
-            tokens[:, level] = start + code.squeeze(1)
+            prefix, token, logp = self._draw(logits, level, table, prefix, allowed, batch, greedy, temperature,
+                                             generator)
+            total += logp
+            tokens[:, level] = token
             if level + 1 == self.depth:
                 break
             logits = rows.advance(parent, tokens[:, level].view(batch, n))
@@ -450,22 +437,49 @@ class CatalogueTrie:
         tokens = tokens.masked_fill(items[:, None] < 0, -1)
         return items.view(batch, n), total.view(batch, n), tokens.view(batch, n, -1)
 
+    def _draw(self, logits: torch.Tensor, level: int, table: _Level, prefix: torch.Tensor,
+              allowed: list[torch.Tensor] | None, batch: int, greedy: bool, temperature: float,
+              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One level of constrained ancestral sampling for every row: (child prefix, token, its
+        full-vocabulary log-prob). Rows are prompt-major over ``batch`` prompts."""
+        start = int(self.offsets[level])
+        logp = torch.log_softmax(logits.float(), dim=-1)[:, start:start + table.size]
+        child = table.children(prefix)
+        if allowed is not None:
+            child = _restrict(child, allowed[level], batch)
+        if greedy:
+            key = logp.masked_fill(child < 0, -torch.inf)
+        else:
+            race = torch.empty_like(logp).exponential_(generator=generator)
+            # Gumbel-max: argmax(z - log E), E ~ Exp(1), draws from softmax(z) over the allowed codes
+            key = (logp / temperature - race.log()).masked_fill(child < 0, -torch.inf)
+        # a row with no allowed code (its mask allows nothing) takes code 0, whose child is -1:
+        # it stays dead from here on and comes out as item -1
+        code = key.argmax(dim=1, keepdim=True)
+        return child.gather(1, code).squeeze(1).long(), start + code.squeeze(1), logp.gather(1, code).squeeze(1)
+
     @torch.no_grad()
     def sample_list(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int,
                     num_samples: int = 1, temperature: float = 1.0, generator: torch.Generator | None = None,
                     item_mask: torch.Tensor | None = None, greedy: bool = False,
-                    shared_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    shared_prompt: bool | None = None, cached: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``num_samples`` ordered lists of ``length`` distinct items per prompt, item by item.
 
         Item k of a list is drawn as by ``sample`` after the prompt followed by the token paths of
         the list's items 1..k-1 (appended as they are, no separator), excluding those items. So a
         list's probability is the product of its items' constrained probabilities, and with
-        ``greedy`` a list is greedy decoding repeated with exclusion. One ``sample`` call per
-        position on B x num_samples rows; each call runs the grown prompts afresh (no cache is
-        kept between items).
+        ``greedy`` a list is greedy decoding repeated with exclusion.
+
+        With ``cached`` (the default) the B prompts run once and each of the B x num_samples lists
+        then continues its own KV cache one token at a time, so the work is B*T + B*S*K*(L+1)
+        tokens. ``cached=False`` is the reference: one ``sample`` call per position, each running
+        the grown prompts afresh, sum_k B*S*(T + k*(L+1)) tokens. Both draw the same noise in the
+        same order, so they give the same lists up to float rounding.
 
         Args:
-            model, input_ids, attention_mask, shared_prompt: as in ``beam_search``.
+            model, input_ids, attention_mask, shared_prompt: as in ``beam_search``
+                (``shared_prompt`` applies to ``cached=False`` only).
             length: K, items per list.
             num_samples: S, lists per prompt.
             temperature, generator, greedy: as in ``sample``.
@@ -488,11 +502,17 @@ class CatalogueTrie:
             allowed = torch.ones(rows, len(self.codes), dtype=torch.bool, device=device)
         else:
             allowed = torch.as_tensor(item_mask, device=device).repeat_interleave(n, 0)  # a copy
-        ids, mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         items = torch.full((rows, length), -1, dtype=torch.long, device=device)
         logprobs = torch.full((rows, length), -torch.inf, device=device)
         tokens = torch.full((rows, length, depth), -1, dtype=torch.long, device=device)
         every_row = torch.arange(rows, device=device)
+        if cached:
+            if batch and self.n_alive:
+                self._sample_list_cached(model, input_ids, attention_mask, n, allowed, items, logprobs, tokens,
+                                         temperature, generator, greedy)
+            return (items.view(batch, n, length), logprobs.view(batch, n, length),
+                    tokens.view(batch, n, length * depth))
+        ids, mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
         for k in range(length):
             item, logp, path = self.sample(model, ids, mask, 1, temperature, generator, shared_prompt,
                                            item_mask=allowed, greedy=greedy)
@@ -507,6 +527,43 @@ class CatalogueTrie:
             mask = torch.nn.functional.pad(mask, (0, depth), value=1)
         return (items.view(batch, n, length), logprobs.view(batch, n, length),
                 tokens.view(batch, n, length * depth))
+
+    def _sample_list_cached(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
+                            allowed: torch.Tensor, items: torch.Tensor, logprobs: torch.Tensor,
+                            tokens: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                            greedy: bool) -> None:
+        """``sample_list``'s lists, filled in place: the prompts once, then one token per step
+        for every list row from its own KV cache (``allowed`` (rows, n_items) is consumed)."""
+        rows, length, depth, device = items.shape[0], items.shape[1], self.depth, input_ids.device
+        positions = _positions(attention_mask)
+        logits, cache = _forward(model, input_ids, attention_mask, positions, keep=1)
+        logits = logits[:, -1].repeat_interleave(n, 0)
+        cache.batch_repeat_interleave(n)
+        mask = attention_mask.repeat_interleave(n, 0)
+        position = positions[:, -1:].repeat_interleave(n, 0)
+        every_row = torch.arange(rows, device=device)
+        levels = self._levels_on(device)
+        for k in range(length):
+            tables = self.allowed_children(allowed, rows, device)
+            prefix = torch.zeros(rows, dtype=torch.long, device=device)
+            total = torch.zeros(rows, device=device)
+            for level, table in enumerate(levels):
+                prefix, token, logp = self._draw(logits, level, table, prefix, tables, rows, greedy, temperature,
+                                                 generator)
+                total += logp
+                tokens[:, k, level] = token
+                if k + 1 == length and level + 1 == depth:
+                    break  # the last token of the last item: nothing reads what follows it
+                # feed the token (a list that ran out feeds the in-vocabulary ids it drew; never scored)
+                mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+                position = position + 1
+                out, cache = _forward(model, token[:, None], mask, position, cache=cache)
+                logits = out[:, -1]
+            found = prefix >= 0
+            items[:, k] = prefix
+            logprobs[:, k] = total.masked_fill(~found, -torch.inf)
+            tokens[:, k] = tokens[:, k].masked_fill(~found[:, None], -1)
+            allowed[every_row[found], prefix[found]] = False  # no repeats within a list
 
     def prefix_allowed_tokens_fn(self, prompt_length: int):
         """The trie as a ``prefix_allowed_tokens_fn`` for transformers' ``generate`` (a baseline).
