@@ -230,9 +230,8 @@ def test_a_group_of_paths_shares_its_prompt_with_the_same_values_and_gradients(k
     shared = run(input_ids, mask)
     expanded = run(input_ids.repeat_interleave(6, 0), mask.repeat_interleave(6, 0))
     unshared = run(input_ids, mask, shared_prompt=False)
-    for a, b in zip(unshared, expanded):
-        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
-            assert torch.equal(x, y)  # the reference layout is the expanded copies exactly
+    for x, y in zip([unshared[0], unshared[1], *unshared[2]], [expanded[0], expanded[1], *expanded[2]]):
+        assert torch.equal(x, y)  # the reference layout is the expanded copies exactly
     torch.testing.assert_close(shared[0], expanded[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared[1], expanded[1], rtol=1e-5, atol=1e-5)
     assert any(g.abs().max() > 0 for g in expanded[2])

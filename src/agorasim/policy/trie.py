@@ -505,7 +505,6 @@ class CatalogueTrie:
         items = torch.full((rows, length), -1, dtype=torch.long, device=device)
         logprobs = torch.full((rows, length), -torch.inf, device=device)
         tokens = torch.full((rows, length, depth), -1, dtype=torch.long, device=device)
-        every_row = torch.arange(rows, device=device)
         if cached:
             if batch and self.n_alive:
                 self._sample_list_cached(model, input_ids, attention_mask, n, allowed, items, logprobs, tokens,
@@ -513,6 +512,7 @@ class CatalogueTrie:
             return (items.view(batch, n, length), logprobs.view(batch, n, length),
                     tokens.view(batch, n, length * depth))
         ids, mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        every_row = torch.arange(rows, device=device)
         for k in range(length):
             item, logp, path = self.sample(model, ids, mask, 1, temperature, generator, shared_prompt,
                                            item_mask=allowed, greedy=greedy)

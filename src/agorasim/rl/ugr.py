@@ -300,7 +300,8 @@ class UGR(Method):
 
     def confidence(self, policy, rollout) -> torch.Tensor:
         """``(B, G)`` confidence c_k: softmax over (``<conf_neg>``, ``<conf_pos>``) of the logits after
-        ``[prompt, item tokens, <conf_query>]``, the ``<conf_pos>`` entry (differentiable)."""
+        ``[prompt, item tokens, <conf_query>]``, the ``<conf_pos>`` entry (differentiable). On its
+        own pass; ``loss`` reads the same numbers from the pass it shares with the policy gradient."""
         _, logp_all = self._confidence_pass(policy, rollout)
         return self._confidence_of(policy, logp_all, rollout)
 
