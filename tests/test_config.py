@@ -38,9 +38,10 @@ def test_override_types_are_parsed_as_yaml():
     assert parse_override("platform.fairness_weight=0.5") == ("platform.fairness_weight", 0.5)
     assert parse_override("agents.users.churn=false") == ("agents.users.churn", False)
     assert parse_override("policy.name=bpr") == ("policy.name", "bpr")
-    config = build_config({}, ["market.n_users=500", "agents.users.churn=false", "policy.params={dim: 8}"])
+    config = build_config({}, ["market.n_users=500", "agents.users.churn=false", "policy.name=bpr",
+                                "policy.params={dim: 8}"])
     assert config.market.n_users == 500 and config.agents.users.churn is False
-    assert config.policy.params == {"dim": 8}
+    assert config.policy.params.dim == 8 and type(config.policy.params).__name__ == "BPRParams"
 
 
 def test_on_off_yes_no_stay_strings_as_in_yaml_1_2(tmp_path):
@@ -134,3 +135,64 @@ def test_method_sections_validate_at_the_edge():
                                 ("rl.kl_estimator", "k9", "rl.kl_estimator")]:
         with pytest.raises(UserInputError, match=message):
             build_config({}, [f"{key}={value}"])
+
+
+def test_policy_params_are_the_named_policys_model():
+    """``policy.params`` is a union discriminated by ``policy.name``: validated into that policy's
+    model with the config, shared fields filled from their sections unless given, stored in full."""
+    import yaml
+
+    from agorasim.config import dump_config
+    from agorasim.policy.params import BPRParams, SASRecParams
+
+    config = build_config({}, ["policy.name=sasrec", "market.history_length=30", "policy.refit_every=7"])
+    params = config.policy.params
+    assert type(params) is SASRecParams and (params.max_len, params.refit_every, params.dim) == (30, 7, 32)
+    given = build_config({}, ["policy.name=sasrec", "market.history_length=30", "policy.params={max_len: 12}"])
+    assert given.policy.params.max_len == 12  # given values win over the fills
+    stored = yaml.safe_load(dump_config(config))["policy"]["params"]
+    assert stored == {"refit_every": 7, "dim": 32, "n_blocks": 2, "n_heads": 1, "max_len": 30, "dropout": 0.1,
+                      "lr": 0.002, "epochs": 3, "batch_size": 128, "threads": 1}
+    # the stored config builds the same parameters, even under another history length
+    again = build_config(yaml.safe_load(dump_config(config)), ["market.history_length=50"])
+    assert again.policy.params == params
+    dotted = build_config({}, ["policy.name=bpr", "policy.params.dim=4"]).policy.params
+    assert type(dotted) is BPRParams and dotted.dim == 4 and dotted.lr == 0.05
+    assert build_config({}, ["policy.name=generative"]).policy.params.max_len == 20
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["policy.name=nope"], "config policy.name: unknown policy 'nope': choose one of random, popularity, bpr"),
+    (["policy.params={dim: 8}"], "config policy.params: policy 'popularity': unknown parameter(s) dim; "
+                                 "allowed: refit_every"),
+    (["policy.name=bpr", "policy.params={dim: 0}"],
+     "config policy.params: policy 'bpr': dim: Input should be greater than or equal to 1 (got 0)"),
+    (["policy.name=bpr", "policy.params=8"],
+     "config policy.params: policy 'bpr': params must be a mapping of parameter: value (got 8)"),
+])
+def test_bad_policy_params_are_one_line(sets, message):
+    with pytest.raises(UserInputError) as caught:
+        build_config({}, sets)
+    assert str(caught.value) == message or str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_policy_without_a_params_model_gets_one_from_its_constructor():
+    from agorasim.policy import POLICIES, RandomPolicy, params_model, register_policy
+
+    class Tempered(RandomPolicy):
+        Params = None
+
+        def __init__(self, temperature=0.5, depth=2):
+            super().__init__()
+            self.temperature, self.depth = temperature, depth
+
+    register_policy("tempered-test", Tempered)
+    try:
+        assert set(params_model("tempered-test").model_fields) == {"temperature", "depth"}
+        config = build_config({}, ["policy.name=tempered-test", "policy.params={depth: 3}"])
+        assert (config.policy.params.temperature, config.policy.params.depth) == (0.5, 3)
+        with pytest.raises(UserInputError, match="unknown parameter.s. width; allowed: temperature, depth"):
+            build_config({}, ["policy.name=tempered-test", "policy.params={width: 3}"])
+    finally:
+        del POLICIES["tempered-test"]

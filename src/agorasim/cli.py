@@ -96,6 +96,18 @@ def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
     return configs
 
 
+def describe_policy_params() -> str:
+    """Each policy's ``policy.params``: name, default and description of every field."""
+    from agorasim.policy import POLICIES, params_model
+
+    lines = ["", "policy.params of each policy (--set policy.params={field: value, ...}):"]
+    for name in POLICIES:
+        fields = params_model(name).model_fields
+        lines.append(f"  {name}:" + ("" if fields else " (none)"))
+        lines += [f"    {field} = {info.default!r}: {info.description}" for field, info in fields.items()]
+    return "\n".join(lines)
+
+
 def cmd_run(argv: list[str]) -> int:
     from agorasim.scenarios import describe_scenarios, load_scenario
 
@@ -110,6 +122,7 @@ def cmd_run(argv: list[str]) -> int:
 
         print("policies:   " + ", ".join(POLICIES))
         print("re-rankers: " + ", ".join(RERANKERS))
+        print(describe_policy_params())
         return 0
     from agorasim.run import experiment
     from agorasim.run.runner import Interrupted, RunStopped, finish_run, run_market, start_run

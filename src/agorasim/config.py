@@ -12,13 +12,23 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from agorasim.errors import UserInputError
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # finite values only
+
+
+class ComponentParams(BaseModel):
+    """Base of a component's parameter model (each policy's ``Params``, in ``policy/params.py``):
+    unknown keys and non-finite numbers are refused. ``policy.params`` holds the model of the policy
+    that ``policy.name`` names: a union discriminated by the name, resolved through the policy
+    registry so that a registered policy brings its own model."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class MarketConfig(_Section):
@@ -178,11 +188,31 @@ class PlatformConfig(_Section):
 
 class PolicyConfig(_Section):
     name: str = Field("popularity", description="recommender policy (see --list-policies)")
-    refit_every: int = Field(5, ge=1, description="rounds between refits on the log")
+    refit_every: int = Field(5, ge=1, description="rounds between refits on the log (fills params.refit_every)")
     pool_size: int = Field(100, ge=1, description="candidates retrieved per user (faiss)")
     explore: float = Field(0.2, ge=0, le=1, description="share of the pool drawn at random")
-    params: dict[str, Any] = Field(
-        default_factory=dict, description="constructor arguments of the policy")
+    params: SerializeAsAny[ComponentParams] = Field(
+        default_factory=dict, validate_default=True,
+        description="parameters of the policy named by `name`: the fields of its Params model (policy/params.py; "
+        "`agorasim run --list-policies` prints them); given as a mapping, stored as that model")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from agorasim.policy import POLICIES
+
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy '{name}': choose one of {', '.join(POLICIES)}")
+        return name
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _typed_params(cls, value: Any, info: ValidationInfo) -> ComponentParams:
+        from agorasim.policy import parse_policy_params
+
+        if "name" not in info.data:  # the name itself is wrong: that is the error reported
+            return ComponentParams()
+        return parse_policy_params(info.data["name"], value)
 
 
 class UGRConfig(_Section):
@@ -379,6 +409,19 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
+    @model_validator(mode="after")
+    def _fill_policy_params(self) -> Config:
+        """Parameters the policy shares with other sections, where ``policy.params`` does not set
+        them: ``refit_every`` from ``policy.refit_every``, the history window ``max_len`` from
+        ``market.history_length``. The stored config then says what the policy was built with."""
+        params = self.policy.params
+        fields, given = type(params).model_fields, params.model_fields_set
+        if "refit_every" in fields and "refit_every" not in given:
+            params.refit_every = self.policy.refit_every
+        if "max_len" in fields and "max_len" not in given:
+            params.max_len = self.market.history_length
+        return self
+
     @property
     def label(self) -> str:
         return self.run.label or f"{self.policy.name}+{self.platform.reranker}"
@@ -391,8 +434,8 @@ def _model_at(path: list[str]) -> type[BaseModel] | None:
         if field is None:
             return None
         annotation = field.annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or annotation is ComponentParams:
+            return None  # a plain value, or policy.params (its model depends on policy.name: checked on validation)
         model = annotation
     return model
 
@@ -459,6 +502,8 @@ def validate(data: dict) -> Config:
             raise UserInputError(f"unknown config key '{where}': allowed here: {allowed}") from None
         if first["type"] == "literal_error" and "ctx" in first:
             message = f"must be one of {first['ctx'].get('expected')}"
+        if first["type"] == "value_error":  # our validators' one-line messages, which name the field
+            raise UserInputError(f"config {where}: {message.removeprefix('Value error, ')}") from None
         raise UserInputError(f"config {where}: {message} (got {first.get('input')!r})") from None
 
 

@@ -25,7 +25,7 @@ from agorasim.metrics import accuracy, exposure
 from agorasim.metrics.round import RoundArrays, round_row
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker, take_columns
 from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
-from agorasim.policy import RecommendRequest, make_policy, policy_params
+from agorasim.policy import RecommendRequest, make_policy
 from agorasim.policy.base import ExposureState
 from agorasim.policy.observation import Observation
 
@@ -359,18 +359,13 @@ def _columns_of(ranked: np.ndarray, slates: np.ndarray) -> np.ndarray:
     return np.where(slates >= 0, match.argmax(2), -1)
 
 
-def build_policy(config: Config, name: str | None = None):
-    """The configured policy; ``refit_every`` is passed to policies that refit on the log."""
-    name = name or config.policy.name
-    params = dict(config.policy.params)
-    accepted = policy_params(name)
-    if "refit_every" in accepted and name != "generative":  # generative: GRPO cadence of its own
-        params.setdefault("refit_every", config.policy.refit_every)
-    if "max_len" in accepted:  # sequence models read the users' history window
-        params.setdefault("max_len", config.market.history_length)
-    if "rl" in accepted:  # policies trained in the loop read the rl section
-        params.setdefault("rl", config.rl.model_dump())
-    return make_policy(name, **params)
+def build_policy(config: Config):
+    """The configured policy, from its validated ``policy.params`` (the config already filled what
+    it shares with other sections); a policy trained in the loop also reads the ``rl`` section."""
+    params = config.policy.params
+    if "rl" in type(params).model_fields and params.rl is None:
+        params = params.model_copy(update={"rl": config.rl.model_dump()})
+    return make_policy(config.policy.name, params)
 
 
 def reranker_params(config: Config) -> dict:

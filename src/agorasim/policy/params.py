@@ -1,23 +1,25 @@
 """Typed parameters of each registered policy: what ``policy.params`` may hold, with a description
 on every field.
 
-Each policy class names its model as ``Params``; ``make_policy`` validates ``policy.params``
-through it (one line naming the field on bad input) and builds the policy from the validated
-values, so a policy's knobs are documented and checked in one place. A policy registered without
-a ``Params`` model is checked against its constructor's signature instead.
+Each policy class names its model as ``Params``. ``policy.params`` in a config is the model of the
+policy that ``policy.name`` names (a union discriminated by the name, resolved through the
+registry by ``agorasim.policy.parse_policy_params``): it is validated when the config is, with one
+line naming the field on bad input, stored as that model (so a run's ``config.yaml`` lists every
+parameter the policy was built with) and passed to the constructor as is. A policy registered
+without a ``Params`` model gets one built from its constructor's signature.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from agorasim.config import ComponentParams
 
 
-class PolicyParams(BaseModel):
-    """Base of the parameter models: unknown keys and non-finite numbers are refused."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+class PolicyParams(ComponentParams):
+    """Base of the policies' parameter models: unknown keys and non-finite numbers are refused."""
 
 
 class RandomParams(PolicyParams):

@@ -47,16 +47,12 @@ def check_config(config: Config) -> None:
     """Raise a one-line ``UserInputError`` for the first problem of ``config``."""
     from agorasim.env.market import build_policy, reranker_params
     from agorasim.platform import make_reranker
-    from agorasim.policy import POLICIES
     from agorasim.rl import check_reward_names
 
-    for name in config.experiment.policies or [config.policy.name]:
-        if name not in POLICIES:
-            raise UserInputError(f"config policy.name: unknown policy '{name}': choose one of {', '.join(POLICIES)}")
-        try:
-            build_policy(config, name)
-        except (TypeError, ValueError) as error:
-            raise UserInputError(f"config policy.params: {str(error).splitlines()[0]}") from None
+    try:  # names and parameters were checked with the config; this is what the constructors check
+        build_policy(config)
+    except (TypeError, ValueError) as error:
+        raise UserInputError(f"config policy.params: {str(error).splitlines()[0]}") from None
     try:
         make_reranker(config.platform.reranker, **reranker_params(config))
     except (TypeError, ValueError) as error:
