@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agorasim.cli import main
+from agorasim.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "experiments" / "run.py")]
@@ -160,6 +161,24 @@ def test_fairness_sweep_labels_runs_by_value(tmp_path, small_overrides):
     assert code == 0
     names = [p.name for p in run_folders(tmp_path)]
     assert any("fairness_weight=0__" in n for n in names) and any("fairness_weight=2__" in n for n in names)
+
+
+def test_every_arm_of_a_labelled_sweep_has_its_own_folder():
+    """trirec-claim labels its base arm and sweeps the fairness weight over three promotion modes:
+    18 arms, each named by its mode, weight and seed (the sweep value used to be dropped from a
+    labelled arm, so arms of different weights shared a folder)."""
+    from agorasim.cli import expand
+    from agorasim.config import build_config
+    from agorasim.run.experiment import arm_name
+    from agorasim.scenarios import load_scenario
+
+    base = load_scenario("trirec-claim")
+    names = [arm_name(c) for c in expand(base, [], build_config(base))]
+    assert len(names) == len(set(names)) == 18
+    assert "promotion-off-fairness_weight=0.5__2" in names and "promotion-grounded-fairness_weight=2__0" in names
+    with pytest.raises(UserInputError, match="arms share a folder name .promotion-grounded"):
+        clash = ["experiment.variants={promotion-grounded: [agents.items.promotion=grounded]}"]
+        expand(base, clash, build_config(base, clash))
 
 
 def test_list_scenarios(capsys):

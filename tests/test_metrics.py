@@ -330,6 +330,7 @@ def test_round_row_by_hand():
     nan = float("nan")
     arrays = RoundArrays(
         round=5, slates=np.array([[0, 1], [2, -1]]), utility=np.array([[1.0, 2.0], [3.0, 0.0]]),
+        good=np.array([[True, True], [False, True]]),  # the padded slot's True is not shown
         choice=np.array([1, -1]), stars=np.array([4.0, nan]),
         hype=np.array([[0.5, 0.25], [1.0, 9.9]]),  # the padded slot's 9.9 is not shown
         claimed=np.array([[0b11, 0b1], [0b100, 0b1111]]), unsupported=np.array([[0b1, 0], [0b100, 0b1111]]),
@@ -354,6 +355,8 @@ def test_round_row_by_hand():
     assert row["users/utility"] == pytest.approx(((1 + 2 * w1) / (1 + w1) + 3.0) / 2)
     assert row["users/delivered"] == pytest.approx((2.0 + 0.5) / 2)  # the clicked 2.0, or the outside 0.5
     assert row["users/click_rate"] == 0.5 and row["users/rating"] == 4.0
+    # decision AUC: good items score clicked 0 and 1, the bad one 0: pairs (0 vs 0) 1/2, (1 vs 0) 1
+    assert row["users/decision_auc"] == pytest.approx(0.75)
     assert row["users/trust"] == pytest.approx(0.5) and row["users/active"] == 3.0
     assert row["users/visits"] == 2.0 and row["users/churned"] == 1.0
     # probe: slate [0, 1] against the top [1, 2]: DCG w1 over IDCG 1 + w1; recall 1/2
@@ -362,3 +365,14 @@ def test_round_row_by_hand():
     assert np.isnan(row["platform/fairness_weight"])
     again = round_row(arrays)  # pure: the same arrays, the same row, nothing changed
     assert json.dumps(again) == json.dumps(row) and arrays.item_exposure[3] == 7.0
+
+
+def test_auc_by_hand():
+    from agorasim.metrics.accuracy import auc
+
+    # positives 0.8, 0.4 against negatives 0.4, 0.1: pairs 1, 1, 1/2 (tie), 1 -> 3.5 / 4
+    assert auc([0.8, 0.4, 0.4, 0.1], [True, True, False, False]) == pytest.approx(0.875)
+    assert auc([[1, 0], [0, 0]], [[True, False], [True, False]]) == pytest.approx(0.75)  # (1 + TPR - FPR) / 2
+    assert math.isnan(auc([0.3, 0.2], [True, True])) and math.isnan(auc([0.3], [False]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        auc([0.1, 0.2], [True])

@@ -90,9 +90,16 @@ def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
         variant.experiment.policies = [variant.policy.name]  # an arm runs one policy
         if label:
             variant.run.label = label
-        if key and not config.run.label:
+        if key:  # every sweep point is its own arm, whatever the base or variant label
             variant.run.label = f"{variant.label} {key.split('.')[-1]}={value:g}"
         configs.append(variant)
+    from agorasim.run.experiment import arm_name
+
+    names = [arm_name(c) for c in configs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserInputError(f"experiment: {len(names) - len(set(names))} arms share a folder name ({twice[0]}): "
+                             "give the policies, variants or seeds distinct labels")
     return configs
 
 

@@ -74,6 +74,10 @@ class UserAgents:
                 + pop.novelty[users, None] * world.freshness(items).astype(np.float32)
                 + pop.social[users, None] * social)
 
+    def would_rate(self, utility: np.ndarray) -> np.ndarray:
+        """The stars (1-5) a user would give an item of this true utility, without rating noise."""
+        return stars_from_utility(utility, self.cfg.rating_center, 0.0)
+
     def judge(self, world: World, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
         """The users' judgement of items each shown alone, with no noise and no random draw: the
         counterfactual query an in-loop reward asks. ``rating`` is the expected 0-10 rating (the

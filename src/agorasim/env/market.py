@@ -286,7 +286,8 @@ class Market(mesa.Model):
         window = self.ledger.item_totals(cat.n)
         eval_rows, eval_top = self._probe(users)
         row = round_row(RoundArrays(
-            round=w.round, slates=slates, utility=utility, choice=feedback.choice, stars=feedback.stars,
+            round=w.round, slates=slates, utility=utility, good=self.users.would_rate(utility) >= 4,
+            choice=feedback.choice, stars=feedback.stars,
             hype=shown.hype, claimed=shown.claimed, unsupported=shown.unsupported,
             item_exposure=state["item_exposure"], window=window,
             cumulative=self.cumulative_exposure, popularity=w.popularity(), quality=cat.quality[: cat.n],

@@ -225,3 +225,28 @@ def novelty(slates: np.ndarray, popularity: np.ndarray) -> float:
         return 0.0
     information = -np.log2((popularity + 1.0) / (popularity.sum() + popularity.size))
     return float(information[shown].mean())
+
+
+def auc(scores, positive) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positive`` from the rest.
+
+    The Mann-Whitney form: the fraction of (positive, negative) pairs where the positive scores
+    higher, a tie counting 1/2; 0.5 is chance. With 0/1 scores it is ``(1 + TPR - FPR) / 2``.
+
+    Args:
+        scores: Scores of any shape.
+        positive: Bool of the same shape.
+
+    Returns:
+        The AUC in ``[0, 1]``; ``nan`` if there are no positives or no negatives.
+    """
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    if scores.shape != positive.shape:
+        raise ValueError(f"auc: scores {scores.shape} and positive {positive.shape} differ in shape")
+    hits, misses = scores[positive], np.sort(scores[~positive])
+    if hits.size == 0 or misses.size == 0:
+        return float("nan")
+    below = np.searchsorted(misses, hits, side="left")
+    tied = np.searchsorted(misses, hits, side="right") - below
+    return float((below + 0.5 * tied).sum() / (hits.size * misses.size))

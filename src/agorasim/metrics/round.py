@@ -24,6 +24,8 @@ class RoundArrays:
         round: the round number.
         slates: (B, K) shown item ids, -1 padded.
         utility: (B, K) true utility of each shown item to its user.
+        good: (B, K) the user would rate the shown item 4 stars or more (noise-free), the label
+            of the decision accuracy ``users/decision_auc``.
         choice: (B,) clicked slot, -1 for no click.
         stars: (B,) stars of the clicked item (NaN without a click).
         hype: (B, K) promotion pull of the shown items.
@@ -50,6 +52,7 @@ class RoundArrays:
     round: int
     slates: np.ndarray
     utility: np.ndarray
+    good: np.ndarray
     choice: np.ndarray
     stars: np.ndarray
     hype: np.ndarray
@@ -111,6 +114,11 @@ def round_row(a: RoundArrays) -> dict[str, float]:
     row["users/delivered"] = float(delivered.mean()) if b else float("nan")
     row["users/click_rate"] = float(any_click.mean()) if b else 0.0
     row["users/rating"] = float(np.nanmean(a.stars)) if any_click.any() else float("nan")
+    # decision accuracy (SELLER's utility-aware check): AUC of the click, over the shown items,
+    # against "the user would rate it 4 stars or more"; 0.5 when clicks ignore what is good
+    clicked = np.zeros((b, k), dtype=bool)
+    clicked[np.flatnonzero(any_click), a.choice[any_click]] = True
+    row["users/decision_auc"] = accuracy.auc(clicked[valid], a.good[valid])
     row["users/trust"] = float(a.trust.mean())
     row["users/visits"] = float(b)
     row["users/churned"] = float(a.churned)

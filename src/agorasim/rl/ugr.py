@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agorasim.metrics.accuracy import auc
 from agorasim.policy.trie import token_logprobs
 from agorasim.rl.advantages import group_advantages
 from agorasim.rl.rollouts import item_rollout
@@ -191,27 +192,9 @@ def _bool_tensor(x, device) -> torch.Tensor:
 
 
 def confidence_auc(conf, hit) -> float:
-    """AUC of the confidence as a score separating hits (positives) from misses.
-
-    The Mann-Whitney form: the fraction of (hit, miss) pairs where the hit has the higher
-    confidence, a tie counting 1/2. 0.5 is chance; UGR claims it is above 0.5 and rises.
-
-    Args:
-        conf: Confidences of any shape (e.g. ``(B, G)``).
-        hit: Bool of the same shape.
-
-    Returns:
-        The AUC in ``[0, 1]``; ``nan`` if there are no hits or no misses.
-    """
-    conf = np.asarray(conf, dtype=np.float64).ravel()
-    hit = np.asarray(hit, dtype=bool).ravel()
-    assert conf.shape == hit.shape, "conf and hit must have the same shape"
-    positives, negatives = conf[hit], np.sort(conf[~hit])
-    if positives.size == 0 or negatives.size == 0:
-        return float("nan")
-    below = np.searchsorted(negatives, positives, side="left")
-    tied = np.searchsorted(negatives, positives, side="right") - below
-    return float((below + 0.5 * tied).sum() / (positives.size * negatives.size))
+    """AUC of the confidence as a score separating hits (positives) from misses
+    (``metrics.accuracy.auc``): 0.5 is chance; UGR claims it is above 0.5 and rises."""
+    return auc(conf, hit)
 
 
 # -- the method on the trainer ---------------------------------------------------------------------
