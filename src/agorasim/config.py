@@ -163,6 +163,39 @@ class AgentsConfig(_Section):
     grounding: GroundingConfig = Field(default_factory=GroundingConfig)
 
 
+class EvaluatorConfig(_Section):
+    """PaperEval's retrieval-grounded evaluator of new items (``platform/evaluator.py``,
+    ALGORITHMS.md section 10), adapted: [inf] marks the choices the paper does not make."""
+
+    enabled: bool = Field(False, description="run the evaluator (on by itself with platform.boost_score=evaluator)")
+    outcome: Literal["click_rate", "rating"] = Field(
+        "click_rate", description="[inf] the outcome predicted: clicks per impression, or mean stars, over the "
+        "item's first `horizon` rounds")
+    horizon: int = Field(10, ge=1, description="[inf] rounds after arrival whose impressions and clicks make the outcome")
+    min_impressions: int = Field(20, ge=1, description="[inf] impressions an item needs in its window to have an outcome")
+    k: int = Field(4, ge=0, description="concurrent neighbours retrieved (0: the 'without retrieval' ablation)")
+    window: int = Field(5, ge=0, description="[inf] neighbours are born at most this many rounds before the item "
+                        "(and not after it)")
+    steps: int = Field(4, ge=0, description="m, learned reasoning tokens (0: the 'without reasoning' ablation)")
+    tau_max: float = Field(1.0, gt=0, description="ListMLE temperature of the first reasoning step")
+    tau_min: float = Field(0.2, gt=0, description="ListMLE temperature of the last reasoning step")
+    loss: Literal["listmle", "mse"] = Field("listmle", description="the progressive ranking loss, or MSE (ablation)")
+    hidden: int = Field(32, ge=1, description="[inf] width of the evaluator's transformer (a multiple of heads)")
+    layers: int = Field(1, ge=1, description="[inf] transformer encoder layers")
+    heads: int = Field(2, ge=1, description="[inf] attention heads")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate")
+    epochs: int = Field(5, ge=1, description="[inf] passes over the closed items per fit")
+    batch_size: int = Field(64, ge=2, description="items per ListMLE list (a batch is ranked as one list)")
+    train_every: int = Field(5, ge=1, description="rounds between fits")
+    max_items: int = Field(2000, ge=2, description="[inf] newest closed items a fit trains on")
+
+    @model_validator(mode="after")
+    def _shape(self) -> EvaluatorConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not a multiple of heads {self.heads}")
+        return self
+
+
 class PlatformConfig(_Section):
     reranker: Literal["none", "trirec", "controller", "mmr", "new-item-boost"] = Field(
         "trirec", description="platform agent re-ranker")
@@ -184,6 +217,10 @@ class PlatformConfig(_Section):
     max_weight: float = Field(4.0, ge=0, description="controller: largest fairness weight")
     mmr_lambda: float = Field(0.7, ge=0, le=1, description="MMR: relevance vs diversity")
     new_item_boost: float = Field(0.5, ge=0, description="score bonus of new items")
+    boost_score: Literal["age", "evaluator"] = Field(
+        "age", description="new-item boost: every new item gets the bonus (age), or the bonus is spread over the "
+        "new items by the evaluator's rank of their predicted outcome, the same mean (evaluator)")
+    evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="PaperEval evaluator of new items")
 
 
 class PolicyConfig(_Section):

@@ -25,11 +25,12 @@ from agorasim.metrics import accuracy, exposure
 from agorasim.metrics.round import RoundArrays, round_row
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker, take_columns
 from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
+from agorasim.platform.evaluator import ItemEvaluator
 from agorasim.policy import RecommendRequest, make_policy
 from agorasim.policy.base import ExposureState
 from agorasim.policy.observation import Observation
 
-RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval")
+RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval", "evaluator")
 
 
 class ProviderAgent(mesa.Agent):
@@ -84,6 +85,7 @@ class Market(mesa.Model):
         self.policy.bind(self)
         self.reranker = make_reranker(config.platform.reranker, **reranker_params(config))
         self.ledger = ExposureLedger(config.platform.ledger_window)
+        self.evaluator = build_evaluator(config, self.world.catalogue.content.shape[1])  # None: off
         self.retriever = Retriever(config.env.retrieval)
         self.cumulative_exposure = np.zeros(0)
         self.leaving = np.zeros(0, np.int64)  # providers leaving after this round (delisted next round)
@@ -170,7 +172,8 @@ class Market(mesa.Model):
         request = RerankRequest(
             candidates=ranked, relevance=scores, item_utility=eiu, groups=groups,
             group_exposure=self.ledger.group_exposure(groups, cfg.n_groups),
-            target=self._target(groups), is_new=w.is_new(), embedding=cat.content[: cat.n], k=cfg.k)
+            target=self._target(groups), is_new=w.is_new(), embedding=cat.content[: cat.n], k=cfg.k,
+            item_prior=self._item_prior())
         columns = self.reranker.rerank(request)
         return take_columns(ranked, columns), columns
 
@@ -245,10 +248,16 @@ class Market(mesa.Model):
         """The users' own update (trust, drift, fatigue, churn); returns who churned."""
         return self.users.update(self.world, users, slates, feedback, shown.accuracy)
 
-    def update_ledger(self, slates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The platform's exposure bookkeeping: the round's exposure into the ledger and the
-        cumulative count, first exposures stamped. Returns (item exposure, ids first seen)."""
+    def update_ledger(self, slates: np.ndarray, feedback: FeedbackBatch) -> tuple[np.ndarray, np.ndarray]:
+        """The platform's bookkeeping: the round's exposure into the ledger and the cumulative
+        count, first exposures stamped; the new-item evaluator counts the round's outcomes and
+        refits on its schedule. Returns (item exposure, ids first seen)."""
         w, cat = self.world, self.world.catalogue
+        if self.evaluator is not None:
+            born = cat.born[: cat.n]
+            self.evaluator.observe(w.round, slates, feedback.choice, feedback.stars, born)
+            if (w.round + 1) % self.config.platform.evaluator.train_every == 0:
+                self.evaluator.fit(w.round, cat.content[: cat.n], born, self.rngs["evaluator"])
         item_exp = exposure.item_exposure(slates, cat.n)
         newly_seen = np.flatnonzero((item_exp > 0) & (cat.view("first_exposure") < 0))
         cat.first_exposure[newly_seen] = w.round
@@ -307,6 +316,9 @@ class Market(mesa.Model):
         if train:
             self.train_rows.append({"round": w.round, **train})
         row.update({k: v for k, v in train.items() if not k.startswith("time/")})
+        if self.evaluator is not None:  # held-out figures of the fit this round, NaN in other rounds
+            figures = self.evaluator.last if (w.round + 1) % cfg.platform.evaluator.train_every == 0 else {}
+            row.update({key: figures.get(key, float("nan")) for key in EVALUATOR_KEYS})
         self.reranker.end_round(row)
         self.rows.append(row)
         # what the run folder's writer reads after the step (no graph node writes to disk)
@@ -332,6 +344,17 @@ class Market(mesa.Model):
                              alive=cat.alive[: cat.n].copy())
 
     # -- helpers -----------------------------------------------------------------------------
+    def _item_prior(self) -> np.ndarray | None:
+        """The evaluator's score of every new item (NaN elsewhere and before its first fit)."""
+        if self.evaluator is None:
+            return None
+        w, cat = self.world, self.world.catalogue
+        prior = np.full(cat.n, np.nan)
+        new = np.flatnonzero(w.is_new() & cat.alive[: cat.n])
+        if self.evaluator.fits and len(new):
+            prior[new] = self.evaluator.scores(new, cat.content[: cat.n], cat.born[: cat.n])
+        return prior
+
     def _groups(self) -> np.ndarray:
         """Popularity group of every item (``platform/estimates.py``)."""
         w = self.world
@@ -369,6 +392,17 @@ def build_policy(config: Config):
     return make_policy(config.policy.name, params)
 
 
+EVALUATOR_KEYS = ("evaluator/ndcg@10", "evaluator/spearman", "evaluator/kendall", "evaluator/n")
+
+
+def build_evaluator(config: Config, dim: int) -> ItemEvaluator | None:
+    """The new-item evaluator when it is enabled or the new-item boost ranks by it."""
+    p = config.platform
+    if not (p.evaluator.enabled or (p.reranker == "new-item-boost" and p.boost_score == "evaluator")):
+        return None
+    return ItemEvaluator(p.evaluator, dim, seed=config.run.seed)
+
+
 def reranker_params(config: Config) -> dict:
     """Re-ranker constructor arguments from the platform config section."""
     p = config.platform
@@ -382,5 +416,5 @@ def reranker_params(config: Config) -> dict:
     if p.reranker == "mmr":
         return {"lambda_": p.mmr_lambda}
     if p.reranker == "new-item-boost":
-        return {"boost": p.new_item_boost}
+        return {"boost": p.new_item_boost, "score": p.boost_score}
     return {}

@@ -91,7 +91,7 @@ def build_round_graph(market) -> Any:
         return {"churned": market.update_users(state["users"], state["slates"], state["feedback"], state["shown"])}
 
     def ledger(state: RoundState) -> RoundState:
-        item_exposure, newly_seen = market.update_ledger(state["slates"])
+        item_exposure, newly_seen = market.update_ledger(state["slates"], state["feedback"])
         return {"item_exposure": item_exposure, "newly_seen": newly_seen}
 
     def providers(state: RoundState) -> RoundState:

@@ -28,6 +28,8 @@ class RerankRequest:
         is_new: (n_items,) bool, item arrived within the new-item horizon.
         embedding: (n_items, d) item vectors (for diversity).
         k: slate length K.
+        item_prior: (n_items,) the platform's predicted outcome of each new item (the evaluator,
+            ``platform/evaluator.py``; higher is better), NaN where it has none; None without one.
     """
 
     candidates: np.ndarray
@@ -39,6 +41,7 @@ class RerankRequest:
     is_new: np.ndarray
     embedding: np.ndarray
     k: int
+    item_prior: np.ndarray | None = None
 
 
 def take_columns(block: np.ndarray, columns: np.ndarray, fill=-1) -> np.ndarray:

@@ -338,25 +338,47 @@ class MMRReranker(Reranker):
 
 
 class NewItemBoost(Reranker):
-    """Lifts new items: top k by min-max normalised relevance + ``boost`` for new items.
+    """Lifts new items: top k by min-max normalised relevance + a bonus for new items.
 
-    Relevance is normalised over the row's real candidates (constant rows give 0), so ``boost``
+    Relevance is normalised over the row's real candidates (constant rows give 0), so the bonus
     is in units of the row's relevance range: 1 puts any new item level with the best old one.
     Ties keep the policy's order.
 
+    ``score="age"``: every new item gets ``boost``. ``score="evaluator"``: the new items the
+    evaluator has scored (``request.item_prior``) share the same mean bonus by rank, the new item
+    ranked r-th of n from the worst getting ``2 boost (r + 1/2) / n`` (from ``boost / n`` to
+    ``2 boost - boost / n``); new items without a score get ``boost``.
+
     Args:
-        boost: score added to candidates whose ``is_new`` is True (>= 0).
+        boost: mean score added to new candidates (>= 0).
+        score: ``age`` or ``evaluator``.
     """
 
     name = "new-item-boost"
 
-    def __init__(self, boost: float = 0.5):
+    def __init__(self, boost: float = 0.5, score: str = "age"):
         self.boost = _check("boost", boost)
+        if score not in ("age", "evaluator"):
+            raise ValueError(f"new-item-boost: score must be age or evaluator, got {score!r}")
+        self.score = score
+
+    def bonus(self, request: RerankRequest) -> np.ndarray:
+        """(n_items,) the bonus of every item (0 for old ones)."""
+        is_new = np.asarray(request.is_new, dtype=bool)
+        bonus = np.where(is_new, self.boost, 0.0)
+        prior = request.item_prior
+        if self.score == "evaluator" and prior is not None:
+            scored = np.flatnonzero(is_new & np.isfinite(prior))
+            if len(scored):
+                rank = np.empty(len(scored))
+                rank[np.argsort(prior[scored], kind="stable")] = np.arange(len(scored))
+                bonus[scored] = 2 * self.boost * (rank + 0.5) / len(scored)
+        return bonus
 
     def rerank(self, request: RerankRequest) -> np.ndarray:
         candidates = np.asarray(request.candidates)
         valid = candidates >= 0
         relevance = np.where(valid, request.relevance, 0.0).astype(np.float64)
-        is_new = np.asarray(request.is_new, dtype=bool)[np.where(valid, candidates, 0)] & valid
-        score = _minmax(relevance, valid) + self.boost * is_new
+        bonus = np.where(valid, self.bonus(request)[np.where(valid, candidates, 0)], 0.0)
+        score = _minmax(relevance, valid) + bonus
         return _top_k(candidates, score, request.k)

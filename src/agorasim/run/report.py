@@ -59,10 +59,11 @@ RUN_TABLE = (
     ("users/utility", "mean true utility of a shown slate"),
     ("users/click_rate", "clicks per shown slate"),
     ("users/churned", "users who left in the round"),
+    ("users/decision_auc", "decision accuracy: AUC of the clicks against 4-star-or-better items"),
     ("accuracy/ndcg@10", "NDCG@10 against users' true top items"),
 )
 # Columns also shown in the run table whenever present (sorted), since they vary by setup.
-EXTRA_PREFIXES = ("llm/", "train/")
+EXTRA_PREFIXES = ("llm/", "train/", "evaluator/")
 
 # Comparison: panels of compare.png and columns of the comparison table.
 COMPARE_PANELS = (
@@ -79,6 +80,7 @@ COMPARE_TABLE = (
     ("items/new_share", "new_share"),
     ("users/utility", "utility"),
     ("users/click_rate", "click_rate"),
+    ("users/decision_auc", "decision_auc"),
     ("accuracy/ndcg@10", "ndcg@10"),
 )
 
