@@ -9,22 +9,16 @@ parameters: change one, press Reset, and ``SolaraViz`` builds the model again wi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-os.environ.setdefault("SOLARA_CHECK_HOOKS", "off")  # mesa 3.3's ComponentsView trips solara's hook linter
+import numpy as np
+import solara
+from matplotlib.figure import Figure
+from mesa.visualization import Slider, SolaraViz, make_plot_component
+from mesa.visualization.utils import update_counter
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are rendered to PNG on the server
-import numpy as np  # noqa: E402
-import solara  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from mesa.visualization import Slider, SolaraViz, make_plot_component  # noqa: E402
-from mesa.visualization.utils import update_counter  # noqa: E402
-
-from agorasim.viz.models import SERIES, LiveMarket, RunReplay, live_config  # noqa: E402
+from agorasim.viz.models import SERIES, LiveMarket, RunReplay, live_config
 
 FIGURE_SIZE = (5.0, 3.4)  # inches; a panel of the page's grid
 SEED_MAX = 99

@@ -30,10 +30,9 @@ def check_port(host: str, port: int) -> None:
 
 
 def quiet_solara() -> None:
-    """Solara's settings for a local tool: no telemetry, no hook linter, production mode."""
-    os.environ.setdefault("SOLARA_TELEMETRY_MIXPANEL_ENABLE", "false")
-    os.environ.setdefault("SOLARA_CHECK_HOOKS", "off")
-    os.environ.setdefault("SOLARA_ASSETS_FONTAWESOME_ENABLED", "false")  # served from a CDN
+    """Solara's settings for a local tool, before solara is imported (``agorasim/viz/__init__.py``
+    sets the others): no Font Awesome stylesheet (Mesa's page uses Material icons)."""
+    os.environ.setdefault("SOLARA_ASSETS_FONTAWESOME_ENABLED", "false")
 
 
 def serve(host: str, port: int, ready=None) -> None:
