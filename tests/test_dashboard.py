@@ -17,7 +17,7 @@ pytest.importorskip("solara", reason="the dashboard needs the viz extra (solara)
 from conftest import SMALL  # noqa: E402
 from agorasim.cli import main  # noqa: E402
 from agorasim.metrics import exposure  # noqa: E402
-from agorasim.viz.dashboard import live_spec, replay_spec, slate_markdown  # noqa: E402
+from agorasim.viz.dashboard import _html_table, live_spec, replay_spec, slate_table  # noqa: E402
 from agorasim.viz.models import SERIES, LiveMarket, RunReplay  # noqa: E402
 
 EVERYONE_VISITS = ["agents.users.activity=1.0"]
@@ -109,7 +109,7 @@ def test_followed_slate_is_the_slate_the_user_was_shown(small_overrides):
         assert (s["rating"] is None) == (not s["click"])
 
 
-def test_slate_markdown_names_promotions_and_feedback():
+def test_slate_table_names_promotions_and_feedback():
     slate = {"user": 3, "round": 4, "slots": [
         {"item": 12, "title": "Steel Kettle", "claimed": ["durable", "compact"], "unsupported": ["compact"],
          "hype": 0.5, "click": True, "rating": 7.5, "reason": "liked"},
@@ -117,13 +117,12 @@ def test_slate_markdown_names_promotions_and_feedback():
          "reason": "not_interested"},
         {"item": 41, "title": "", "claimed": None, "unsupported": None, "hype": None, "click": False,
          "rating": None, "reason": "preferred_other"}]}
-    assert slate_markdown(slate, 3).splitlines() == [
-        "**User 3, round 4**", "",
-        "| slot | item | promotion claims | unsupported | pull | feedback |", "|---:|---|---|---|---:|---|",
-        "| 0 | 12 Steel Kettle | durable, compact | compact | 0.50 | clicked, rated 7.5/10 (liked) |",
-        "| 1 | 40 | none | none | 0.00 | not interested |",
-        "| 2 | 41 | — | — | — | preferred other |"]
-    assert slate_markdown(None, 9).startswith("**User 9** has not visited yet")
+    assert slate_table(slate, 3) == ("User 3, round 4", [
+        ("0", "12 Steel Kettle", "durable, compact", "compact", "0.50", "clicked, rated 7.5/10 (liked)"),
+        ("1", "40", "none", "none", "0.00", "not interested"),
+        ("2", "41", "—", "—", "—", "preferred other")])
+    assert slate_table(None, 9) == ("User 9 has not visited yet (or is not among the users events.jsonl records).", [])
+    assert "&lt;b&gt;" in _html_table([("0", "<b>", "", "", "", "")])  # titles are escaped
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ parameters: change one, press Reset, and ``SolaraViz`` builds the model again wi
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -78,28 +79,40 @@ def GroupExposure(model):
     solara.FigureMatplotlib(fig, format="png", bbox_inches="tight")
 
 
-def slate_markdown(slate: dict | None, user: int) -> str:
-    """The followed user's slate as a Markdown table: item, promotion shown, feedback given."""
+SLATE_HEADER = ("slot", "item", "promotion claims", "unsupported", "pull", "feedback")
+
+
+def slate_table(slate: dict | None, user: int) -> tuple[str, list[tuple[str, ...]]]:
+    """The followed user's slate as a caption and table rows: item, promotion shown, feedback given."""
     if slate is None:
-        return f"**User {user}** has not visited yet (or is not among the users events.jsonl records)."
-    lines = [f"**User {slate['user']}, round {slate['round']}**", "",
-             "| slot | item | promotion claims | unsupported | pull | feedback |", "|---:|---|---|---|---:|---|"]
+        return f"User {user} has not visited yet (or is not among the users events.jsonl records).", []
+    rows = []
     for slot, s in enumerate(slate["slots"]):
-        item = f"{s['item']} {s['title']}".strip()
         claims = "—" if s["claimed"] is None else (", ".join(s["claimed"]) or "none")
         unsupported = "—" if s["unsupported"] is None else (", ".join(s["unsupported"]) or "none")
         pull = "—" if s["hype"] is None else f"{s['hype']:.2f}"
         said = f"clicked, rated {s['rating']:.1f}/10 ({s['reason']})" if s["click"] else s["reason"].replace("_", " ")
-        lines.append(f"| {slot} | {item} | {claims} | {unsupported} | {pull} | {said} |")
-    return "\n".join(lines)
+        rows.append((str(slot), f"{s['item']} {s['title']}".strip(), claims, unsupported, pull, said))
+    return f"User {slate['user']}, round {slate['round']}", rows
+
+
+def _html_table(rows: list[tuple[str, ...]]) -> str:
+    cell = "padding:2px 8px;text-align:left;border-bottom:1px solid #ddd"
+    head = "".join(f'<th style="{cell}">{html.escape(h)}</th>' for h in SLATE_HEADER)
+    body = "".join("<tr>" + "".join(f'<td style="{cell}">{html.escape(c)}</td>' for c in row) + "</tr>" for row in rows)
+    return f'<table style="border-collapse:collapse;font-size:13px"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 @solara.component
 def FollowedSlate(model):
-    """One user's last slate, the promotions shown with it and the feedback the user gave."""
+    """One user's last slate, the promotions shown with it and the feedback the user gave (a plain
+    HTML table: solara's Markdown would fetch its math fonts from a CDN)."""
     update_counter.get()
+    caption, rows = slate_table(model.followed_slate(), model.followed_user)
     with solara.Card("Followed user's slate"):
-        solara.Markdown(slate_markdown(model.followed_slate(), model.followed_user))
+        solara.Text(caption, style={"font-weight": "bold"})
+        if rows:
+            solara.HTML(tag="div", unsafe_innerHTML=_html_table(rows))
 
 
 def components() -> list:
@@ -183,4 +196,4 @@ def Page():
     SolaraViz(model, components=components(), model_params=_spec.model_params, name=_spec.name)
 
 
-__all__ = ["Page", "PageSpec", "SERIES", "components", "live_spec", "replay_spec", "set_page", "slate_markdown"]
+__all__ = ["Page", "PageSpec", "SERIES", "components", "live_spec", "replay_spec", "set_page", "slate_table"]
