@@ -1,4 +1,4 @@
-"""Command line: ``agorasim run|report|eval|fidelity|attack`` (``experiments/run.py`` is ``agorasim run``).
+"""Command line: ``agorasim run|report|eval|fidelity|attack|dashboard`` (``experiments/run.py`` is ``agorasim run``).
 
 Every error a user can cause (scenario name, policy, config key or value, data file, resume
 folder) is reported on one line and exits with status 2 before any run folder is written.
@@ -219,7 +219,7 @@ def _resume(args) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from agorasim.run.report import write_comparison_report, write_run_report
+    from agorasim.run.report import check_run_folder, write_comparison_report, write_run_report
 
     p = _Parser(prog="agorasim report", description="(Re)write plots and summary of run folders.")
     p.add_argument("run_dirs", nargs="+", help="run folders")
@@ -237,7 +237,7 @@ def cmd_report(argv: list[str]) -> int:
         return 0
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
-        _check_run_folder(d)
+        check_run_folder(d)
     if len(dirs) == 1:
         print(write_run_report(dirs[0]))
     else:
@@ -245,25 +245,6 @@ def cmd_report(argv: list[str]) -> int:
         check_output(out, "--out")
         print(write_comparison_report(dirs, out, args.x_key))
     return 0
-
-
-def _check_run_folder(path: Path) -> None:
-    """One line unless ``path`` holds a readable agorasim ``metrics.csv`` with at least one round."""
-    from agorasim.run.report import read_metrics
-
-    if not (path / "metrics.csv").is_file():
-        raise UserInputError(f"{path}: not a run folder (no metrics.csv)")
-    try:
-        with open(path / "metrics.csv", encoding="utf-8") as f:
-            header = f.readline().strip().split(",")
-        metrics = read_metrics(path)
-    except (ValueError, UnicodeDecodeError, OSError) as error:
-        raise UserInputError(f"{path / 'metrics.csv'}: unreadable ({str(error).splitlines()[0]})") from None
-    missing = [c for c in ("round", "exposure/gini", "users/utility") if c not in header]
-    if missing:
-        raise UserInputError(f"{path / 'metrics.csv'}: not an agorasim metrics file (no column {missing[0]!r})")
-    if len(metrics["round"]) == 0:
-        raise UserInputError(f"{path / 'metrics.csv'}: no rounds recorded yet")
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -331,13 +312,53 @@ def cmd_attack(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "report": cmd_report, "eval": cmd_eval, "fidelity": cmd_fidelity, "attack": cmd_attack}
+def dashboard_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="agorasim dashboard", description="Serve a live Mesa (SolaraViz) dashboard of a scenario run "
+                "round by round, or of a run folder replayed: exposure Gini, coverage, tail share, utility, the "
+                "Lorenz curve, exposure by popularity group against its target, the fairness weight and one user's slate.")
+    p.add_argument("run_dir", nargs="?", help="a run folder to replay (instead of running --scenario live)")
+    p.add_argument("--scenario", help="packaged scenario name or a .yaml file to run live (default cold-start)")
+    p.add_argument("--seed", type=int, help="seed of the live run (a control of the page too)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of the live run, e.g. --set market.n_users=500 (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    return p
+
+
+def cmd_dashboard(argv: list[str]) -> int:
+    args = dashboard_parser().parse_args(argv)
+    if args.run_dir and (args.scenario or args.overrides or args.seed is not None):
+        raise UserInputError("agorasim dashboard: give a run folder to replay or --scenario/--seed/--set to run live, not both")
+    from agorasim.viz.server import check_port, quiet_solara
+
+    check_port(args.host, args.port)
+    quiet_solara()
+    try:
+        from agorasim.viz import dashboard
+    except ImportError as error:
+        raise UserInputError(f"agorasim dashboard needs the viz extra ({error.name} is missing): "
+                             "pip install 'agorasim[viz]'") from None
+    from agorasim.viz.server import serve
+
+    if args.run_dir:
+        spec = dashboard.replay_spec(args.run_dir)
+    else:
+        spec = dashboard.live_spec(args.scenario or "cold-start", args.overrides, args.seed)
+    dashboard.set_page(spec)
+    print(f"dashboard: http://{args.host}:{args.port}  ({spec.name}; Ctrl-C stops it)", flush=True)
+    serve(args.host, args.port)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "eval": cmd_eval, "fidelity": cmd_fidelity, "attack": cmd_attack,
+            "dashboard": cmd_dashboard}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: agorasim {run,report,eval,fidelity,attack} [options]   (agorasim run --help, agorasim eval --help)")
+        print("usage: agorasim {run,report,eval,fidelity,attack,dashboard} [options]   (agorasim run --help, agorasim eval --help)")
         return 0
     command = argv[0]
     try:

@@ -13,8 +13,23 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
+from agorasim.data.synthetic import FEATURES
+
 REASONS = ("liked", "disappointed", "not_interested", "preferred_other")
 Reason = Literal["liked", "disappointed", "not_interested", "preferred_other"]
+
+
+class PromotionShown(BaseModel):
+    """The promotion an item carried when it was shown (``agents/items.py``)."""
+
+    claimed: list[str] = Field(description="catalogue features the promotion claimed")
+    unsupported: list[str] = Field(description="claimed features the item does not have (the factuality audit)")
+    hype: float = Field(description="the promotion's pull on the user's perceived utility")
+
+
+def feature_list(mask: int) -> list[str]:
+    """Names of the catalogue features set in a feature bit mask."""
+    return [name for f, name in enumerate(FEATURES) if int(mask) >> f & 1]
 
 
 class Judgement(BaseModel):
@@ -25,6 +40,7 @@ class Judgement(BaseModel):
     rating: float | None = Field(None, ge=0, le=10, description="0-10 rating, only after a click")
     reason: Reason = Field(description="reason code")
     why: str | None = Field(None, description="the language-model user's own words, if any")
+    promotion: PromotionShown | None = Field(None, description="the promotion shown with the item, when recorded")
 
 
 class LLMJudgement(BaseModel):
@@ -92,8 +108,10 @@ class FeedbackBatch:
         assert np.all(slates[rows, self.choice[rows]] >= 0), "click on an empty slot"
         assert np.all(np.isfinite(self.stars[rows])), "click without a rating"
 
-    def records(self, users: np.ndarray, slates: np.ndarray, round: int, rows: np.ndarray) -> list[SlateFeedback]:
-        """Pydantic records for the given batch rows (e.g. a sample written to events.jsonl)."""
+    def records(self, users: np.ndarray, slates: np.ndarray, round: int, rows: np.ndarray,
+                shown=None) -> list[SlateFeedback]:
+        """Pydantic records for the given batch rows (e.g. a sample written to events.jsonl);
+        with ``shown`` (the slates' ``Promotions``), each judgement names its item's promotion."""
         out = []
         for b in rows:
             judgements = []
@@ -101,11 +119,14 @@ class FeedbackBatch:
                 if item < 0:
                     continue
                 clicked = bool(self.choice[b] == slot)
+                promotion = None if shown is None else PromotionShown(
+                    claimed=feature_list(shown.claimed[b, slot]), unsupported=feature_list(shown.unsupported[b, slot]),
+                    hype=float(shown.hype[b, slot]))
                 judgements.append(Judgement(
                     item_id=int(item), click=clicked,
                     rating=float(stars_to_rating(self.stars[b])) if clicked else None,
                     reason=REASONS[int(self.reason[b, slot])],
-                    why=(self.why or {}).get(int(b), {}).get(int(item))))
+                    why=(self.why or {}).get(int(b), {}).get(int(item)), promotion=promotion))
             out.append(SlateFeedback(user_id=int(users[b]), round=round,
                                      slate=[int(i) for i in slates[b] if i >= 0], judgements=judgements))
         return out

@@ -92,6 +92,7 @@ class Market(mesa.Model):
         self.last_round: dict = {}  # the last round's row and arrays, for the run folder's writer
         self.rows: list[dict] = []  # metrics rows so far (also kept in checkpoints)
         self.train_rows: list[dict] = []  # policy training rows (train/* and time/*)
+        self.group_rows: list[dict] = []  # exposure share of each popularity group and its target (groups.csv)
         self._graph = None
 
     # -- pickling: the compiled graph is rebuilt after loading --
@@ -321,9 +322,10 @@ class Market(mesa.Model):
             row.update({key: figures.get(key, float("nan")) for key in EVALUATOR_KEYS})
         self.reranker.end_round(row)
         self.rows.append(row)
-        # what the run folder's writer reads after the step (no graph node writes to disk)
+        self.group_rows.append(self._group_row(alive, window))
+        # what the run folder's writer (and the dashboard) read after the step (no graph node writes to disk)
         self.last_round = {"row": row, "users": users, "slates": slates, "feedback": feedback, "alive": alive,
-                           "window": window}
+                           "window": window, "shown": shown}
         return row
 
     # -- the feedback oracle the policy may query (counterfactual, noiseless, no rng) ----------
@@ -363,6 +365,16 @@ class Market(mesa.Model):
     def _target(self, groups: np.ndarray) -> np.ndarray:
         cat, p = self.world.catalogue, self.config.platform
         return group_targets(p.target, groups, cat.alive_ids(), p.n_groups, cat.quality)
+
+    def _group_row(self, alive: np.ndarray, window: np.ndarray) -> dict[str, float]:
+        """The window's exposure share of every popularity group and its target share, over the
+        alive items: the two vectors the row's ``exposure/dgu`` and ``exposure/mgu`` compare."""
+        cfg, w = self.config.platform, self.world
+        groups = exposure.popularity_groups(w.popularity()[alive], cfg.n_groups)
+        share = exposure.group_shares(window[alive], groups, cfg.n_groups)
+        target = exposure.target_shares(cfg.target, groups, cfg.n_groups, w.catalogue.quality[alive])
+        return {"round": w.round, **{f"share/g{g}": float(v) for g, v in enumerate(share)},
+                **{f"target/g{g}": float(v) for g, v in enumerate(target)}}
 
     def _probe(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The accuracy probe: a sample of the round's users (rows into ``users``) and each one's

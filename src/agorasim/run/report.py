@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from agorasim.config import flatten
+from agorasim.errors import UserInputError
 
 __all__ = [
     "read_metrics",
@@ -1012,3 +1013,23 @@ def write_comparison_report(
     for run_dir in skipped:
         lines.append(f"- skipped (no metrics.csv): `{_relative_link(run_dir, out_dir)}`")
     return _write_markdown(out_dir / "summary.md", lines)
+
+
+def check_run_folder(path: Path) -> None:
+    """One line (``UserInputError``) unless ``path`` is a folder holding a readable agorasim
+    ``metrics.csv`` with at least one round."""
+    if not path.is_dir():
+        raise UserInputError(f"{path}: no such run folder")
+    if not (path / "metrics.csv").is_file():
+        raise UserInputError(f"{path}: not a run folder (no metrics.csv)")
+    try:
+        with open(path / "metrics.csv", encoding="utf-8") as f:
+            header = f.readline().strip().split(",")
+        metrics = read_metrics(path)
+    except (ValueError, UnicodeDecodeError, OSError) as error:
+        raise UserInputError(f"{path / 'metrics.csv'}: unreadable ({str(error).splitlines()[0]})") from None
+    missing = [c for c in ("round", "exposure/gini", "users/utility") if c not in header]
+    if missing:
+        raise UserInputError(f"{path / 'metrics.csv'}: not an agorasim metrics file (no column {missing[0]!r})")
+    if len(metrics["round"]) == 0:
+        raise UserInputError(f"{path / 'metrics.csv'}: no rounds recorded yet")

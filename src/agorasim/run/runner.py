@@ -3,7 +3,8 @@
 Files (DESIGN section 10): ``config.yaml`` (resolved config + versions and git sha),
 ``metrics.csv`` (one row per round, no wall-clock values, so the same seed gives a byte-identical
 file), ``train.csv`` (policy training rows), ``timings.csv`` (seconds per round), ``lorenz.csv``,
-``events.jsonl`` (grounded judgements of a few users per round), ``checkpoints/`` and, at the end,
+``groups.csv`` (exposure share of each popularity group and its target, per round),
+``events.jsonl`` (grounded judgements of a few users per round, with the promotions shown), ``checkpoints/`` and, at the end,
 ``plots/*.png`` and ``summary.md``. Checkpoints (``run/checkpoint.py``) hold the whole market with
 a digest, written atomically and read back through an allow-list unpickler; the last two are kept,
 and a damaged newest one falls back to the one before. ``resume`` checks ``config.yaml`` against
@@ -118,6 +119,7 @@ class Recorder:
         self.train = CsvTable(run_dir / "train.csv")
         self.timing_table = CsvTable(run_dir / "timings.csv")
         self.lorenz_table = CsvTable(run_dir / "lorenz.csv")
+        self.group_table = CsvTable(run_dir / "groups.csv")
         self.timings = timings or []
         self.lorenz = lorenz or []
         self.events_lines = events_lines
@@ -141,6 +143,7 @@ class Recorder:
         rnd = int(row["round"])
         self.metrics.sync(market.rows)
         self.train.sync(market.train_rows)
+        self.group_table.sync(getattr(market, "group_rows", []))
         if rnd % cfg.lorenz_every == 0 or rnd == cfg.rounds - 1:
             _, shares = exposure.lorenz(window[alive], points=21)
             self.lorenz.append({"round": rnd, **{f"p{i}": float(s) for i, s in enumerate(shares)}})
@@ -148,7 +151,7 @@ class Recorder:
         if cfg.events_users and len(users):
             rows = np.arange(min(cfg.events_users, len(users)))
             with open(self.run_dir / "events.jsonl", "a") as f:
-                for record in feedback.records(users, slates, rnd, rows):
+                for record in feedback.records(users, slates, rnd, rows, last.get("shown")):
                     f.write(record.model_dump_json() + "\n")
                     self.events_lines += 1
         self.timings.append({"round": rnd, "seconds": time.perf_counter() - self._round_started,
@@ -273,12 +276,13 @@ def load_run(run_dir: Path, rounds: int | None = None, note=None):
         {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_round": done, "rounds": target}]
     ckpt.write_atomic(run_dir / "config.yaml", dump_config(market.config, meta))
     # files may hold rounds written after the checkpoint: rewrite them from the checkpoint
-    for name in ("metrics.csv", "train.csv", "timings.csv", "lorenz.csv"):
+    for name in ("metrics.csv", "train.csv", "timings.csv", "lorenz.csv", "groups.csv"):
         (run_dir / name).unlink(missing_ok=True)
     recorder = Recorder(run_dir, market.config, payload["timings"], payload["lorenz"], payload["events_lines"],
                         log_saved=payload["log_chunks"])
     recorder.metrics.sync(market.rows)
     recorder.train.sync(market.train_rows)
+    recorder.group_table.sync(getattr(market, "group_rows", []))
     recorder.timing_table.sync(recorder.timings)
     recorder.lorenz_table.sync(recorder.lorenz)
     _truncate_lines(run_dir / "events.jsonl", recorder.events_lines)
