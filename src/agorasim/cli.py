@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -45,13 +46,35 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for run folders (default runs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set market.n_users=500 (repeatable)")
+    p.add_argument("--workers", type=int, metavar="N", help="run the arms of an experiment as Ray tasks, N at a "
+                   "time, on a local Ray started for the command (run.executor=ray, run.workers=N; the `ray` extra); "
+                   "0: one after another in this process (run.executor=sequential, the default)")
+    p.add_argument("--ray-address", metavar="ADDR", help="run the arms on the Ray cluster at ADDR ('auto', HOST:6379 "
+                   "or ray://HOST:10001) instead of a local Ray (run.ray_address); results come back to this machine")
     p.add_argument("--resume", metavar="DIR", help="continue a run from its last checkpoint, or an experiment "
-                   "folder arm by arm (finished arms kept, unfinished ones resumed, missing ones run); only "
-                   "--rounds (extend or shorten, not below what is done) and --no-progress may be given with it")
+                   "folder arm by arm (finished arms kept, unfinished or failed ones resumed, missing ones run); only "
+                   "--rounds (extend or shorten, not below what is done), --no-progress, --workers and "
+                   "--ray-address may be given with it")
     p.add_argument("--list-scenarios", action="store_true", help="list packaged scenarios and exit")
     p.add_argument("--list-policies", action="store_true", help="list policies and re-rankers and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def _executor_overrides(args) -> list[str]:
+    """``--workers`` and ``--ray-address`` as ``run.executor``/``run.workers``/``run.ray_address`` overrides."""
+    sets = []
+    if args.workers is not None:
+        if args.workers < 0:
+            raise UserInputError(f"--workers {args.workers}: give 0 (one arm after another here) or at least 1 Ray worker")
+        if args.workers == 0 and args.ray_address:
+            raise UserInputError("--workers 0 runs the arms here, one after another: it cannot go with --ray-address")
+        sets += ["run.executor=sequential"] if args.workers == 0 else ["run.executor=ray", f"run.workers={args.workers}"]
+    if args.ray_address is not None:
+        if not args.ray_address.strip():
+            raise UserInputError("--ray-address: give the address of a Ray cluster, e.g. auto or ray://HOST:10001")
+        sets += ["run.executor=ray", f"run.ray_address={json.dumps(args.ray_address.strip())}"]
+    return sets
 
 
 def _cli_overrides(args) -> list[str]:
@@ -73,7 +96,7 @@ def _cli_overrides(args) -> list[str]:
         sets.append(f"run.out={args.out}")
     if args.no_progress:
         sets.append("run.progress=false")
-    return sets
+    return sets + _executor_overrides(args)
 
 
 def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
@@ -131,7 +154,7 @@ def cmd_run(argv: list[str]) -> int:
         print("re-rankers: " + ", ".join(RERANKERS))
         print(describe_policy_params())
         return 0
-    from agorasim.run import experiment
+    from agorasim.run import experiment, parallel
     from agorasim.run.runner import Interrupted, RunStopped, finish_run, run_market, start_run
 
     if args.resume:
@@ -145,9 +168,11 @@ def cmd_run(argv: list[str]) -> int:
         check_config(variant)
     check_output(config.run.out, "--out" if args.out else "run.out")
     if len(configs) > 1:
-        path = experiment.new_experiment(Path(config.run.out), config.scenario, base, overrides)
-        print(f"experiment folder: {path}  (continue it with --resume {path})", flush=True)
-        return _run_experiment(path, configs, config.experiment.sweep_key)
+        with parallel.executor_for(config, len(configs), _warn) as executor:
+            executor.start()  # a Ray that cannot start is exit 2 before the folder exists
+            path = experiment.new_experiment(Path(config.run.out), config.scenario, base, overrides)
+            print(f"experiment folder: {path}  (continue it with --resume {path})", flush=True)
+            return _run_experiment(path, configs, config.experiment.sweep_key, executor)
     market, recorder, run_dir = start_run(configs[0])
     print(f"run folder: {run_dir}", flush=True)
     try:
@@ -159,16 +184,34 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
-def _run_experiment(folder: Path, configs: list[Config], sweep_key: str | None) -> int:
-    """Run or finish every arm of an experiment folder, then print where its comparison is."""
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_experiment(folder: Path, configs: list[Config], sweep_key: str | None, executor) -> int:
+    """Run or finish every arm of an experiment folder, then print where its comparison is.
+
+    Exit status 0 when every arm finished, 1 when one failed (each is named with its error; the
+    others ran to the end), 130 when interrupted.
+    """
     from agorasim.run import experiment
     from agorasim.run.runner import Interrupted, RunStopped
 
     try:
-        summary = experiment.run_experiment(folder, configs, sweep_key, lambda line: print(line, flush=True))
+        result = experiment.run_experiment(folder, configs, sweep_key, lambda line: print(line, flush=True), executor)
     except (Interrupted, RunStopped) as stop:
         return _interrupted(stop, folder)
-    print(f"comparison: {summary}")
+    except KeyboardInterrupt:  # Ctrl-C while Ray tasks run: the arms that came back are kept
+        _warn(f"agorasim: interrupted; finished arms are kept in {folder / 'arms'}, the running ones start "
+              f"again on resume\ncontinue with: agorasim run --resume {folder}")
+        return 130
+    if result.summary is not None:
+        print(f"comparison: {result.summary}")
+    if result.failed:
+        listed = "; ".join(f"{name} ({error})" for name, error in result.failed)
+        _warn(f"agorasim: {len(result.failed)} of {len(configs)} arms failed: {listed}\n"
+              f"run them again with: agorasim run --resume {folder}")
+        return 1
     return 0
 
 
@@ -184,8 +227,9 @@ def _interrupted(stop, folder: Path) -> int:
 
 
 def _resume(args) -> int:
-    """``--resume DIR``: a run folder or an experiment folder; only --rounds and --no-progress apply."""
-    from agorasim.run import experiment
+    """``--resume DIR``: a run folder or an experiment folder; only --rounds and --no-progress apply
+    (and, to an experiment folder, --workers and --ray-address: how this sitting runs its arms)."""
+    from agorasim.run import experiment, parallel
     from agorasim.run.runner import Interrupted, RunStopped, finish_run, load_run, run_market
 
     given = [flag for flag, value in (("--scenario", args.scenario), ("--policy", args.policy),
@@ -196,18 +240,21 @@ def _resume(args) -> int:
         raise UserInputError(f"--resume {args.resume}: no such run folder")
     if given:
         raise UserInputError(f"--resume continues a run as it started: {given[0]} cannot change it (only "
-                             "--rounds and --no-progress apply); start a new run for another setting")
+                             "--rounds, --no-progress, --workers and --ray-address apply); start a new run for "
+                             "another setting")
     if args.rounds is not None and args.rounds < 1:
         raise UserInputError(f"--rounds {args.rounds}: must be at least 1")
     if experiment.is_experiment(folder):
         base, overrides = experiment.read_plan(folder)
         if args.rounds is not None:
             overrides = experiment.set_rounds(folder, args.rounds)
+        overrides = overrides + _executor_overrides(args)  # this sitting's, not written to the plan
         config = build_config(base, overrides)
         configs = expand(base, overrides, config)
         for variant in configs:
             check_config(variant)
-        return _run_experiment(folder, configs, config.experiment.sweep_key)
+        with parallel.executor_for(config, len(configs), _warn) as executor:
+            return _run_experiment(folder, configs, config.experiment.sweep_key, executor)
     market, recorder = load_run(folder, args.rounds)
     print(f"run folder: {folder} (resuming at round {market.world.round} of {market.config.run.rounds})", flush=True)
     try:

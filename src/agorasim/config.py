@@ -432,6 +432,15 @@ class RunConfig(_Section):
     events_users: int = Field(8, ge=0, description="users per round whose judgements go to events.jsonl")
     label: str | None = Field(None, description="name of the run in reports (default policy+reranker)")
     progress: bool = Field(True, description="show a progress bar")
+    executor: Literal["sequential", "ray"] = Field(
+        "sequential", description="how the arms of an experiment (several policies, variants, seeds or sweep points) "
+        "run: sequential = one after another in this process; ray = as Ray tasks, run.workers at a time, on a local "
+        "Ray started for the command or on the cluster at run.ray_address (the `ray` extra; without it the arms run "
+        "one after another, saying so). Every arm's metrics.csv is the same either way")
+    workers: int = Field(2, ge=1, description="ray: arms run at once (a local Ray gets this many CPUs, one per arm)")
+    ray_address: str | None = Field(
+        None, min_length=1, description="ray: address of a running Ray cluster to join ('auto', 'HOST:6379' or "
+        "'ray://HOST:10001'); null starts a local Ray on this machine for the command and stops it after")
 
 
 class Config(_Section):

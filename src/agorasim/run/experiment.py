@@ -4,18 +4,21 @@
 
     plan.yaml          the scenario as loaded and the overrides given: the experiment is rebuilt
                        from it (the same arms, in the same order) when it is resumed
-    arms/<arm>/        one run folder per arm and seed, named ``<label>__<seed>``
+    arms/<arm>/        one run folder per arm and seed, named ``<label>__<seed>`` (``error.txt`` in
+                       it when the arm failed: the error and its traceback)
     compare/           the comparison of every finished arm, rewritten at the end of each sitting
 
-``--resume EXPERIMENT_DIR`` keeps finished arms (their ``summary.md`` exists and their last
-metrics row is the last round), continues unfinished ones from their last checkpoint, and runs the
-missing ones; an arm folder without a checkpoint is started again. ``agorasim report
-EXPERIMENT_DIR`` rebuilds the comparison from whatever has finished.
+The arms run one after another in this process, or as Ray tasks (``run.executor=ray``,
+``run/parallel.py``); either way each arm's folder is the same, and one failing arm is reported
+while the others go on. ``--resume EXPERIMENT_DIR`` keeps finished arms (their ``summary.md``
+exists and their last metrics row is the last round), continues unfinished ones from their last
+checkpoint, and runs the missing ones; an arm folder without a checkpoint is started again.
+``agorasim report EXPERIMENT_DIR`` rebuilds the comparison from whatever has finished.
 """
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -88,37 +91,54 @@ def _rounds_written(run_dir: Path) -> int:
         return max(sum(1 for _ in f) - 1, 0)
 
 
-def run_experiment(path: Path, configs: list[Config], x_key: str | None, progress_note=print) -> Path:
+@dataclass
+class ExperimentResult:
+    """What a sitting of an experiment left: its comparison and the arms that failed."""
+
+    summary: Path | None  # compare/summary.md, None when no arm has finished
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (arm name, one-line error)
+
+
+def run_experiment(path: Path, configs: list[Config], x_key: str | None, progress_note=print,
+                   executor=None) -> ExperimentResult:
     """Run (or finish) every arm of an experiment folder, then write its comparison.
 
-    Returns:
-        The comparison's ``summary.md``.
+    Finished arms are kept; the others go to ``executor`` (``parallel.Sequential`` by default,
+    or ``parallel.RayArms``). An arm that fails is reported through ``progress_note`` and in
+    ``arms/<arm>/error.txt`` while the others go on; the comparison covers the finished arms, in
+    the order of ``configs`` whatever order they finished in.
     """
+    from agorasim.run.parallel import ArmJob, Sequential
     from agorasim.run.report import write_comparison_report
-    from agorasim.run.runner import finish_run, load_run, run_market, start_run
 
+    executor = executor or Sequential()
     names = [arm_name(c) for c in configs]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise UserInputError(f"experiment: two arms share the name '{duplicate}' (give variants distinct labels)")
-    run_dirs = []
+    run_dirs, jobs = [], []
     for config, name in zip(configs, names):
         run_dir = Path(path) / "arms" / name
         state = arm_state(run_dir, config.run.rounds)
-        progress_note(f"arm {name}: {'finished, kept' if state == 'done' else state}")
-        if state == "resume":
-            market, recorder = load_run(run_dir, config.run.rounds)
-            run_market(market, recorder, progress=config.run.progress)
-            finish_run(run_dir)
-        elif state == "start":
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            market, recorder, _ = start_run(config, run_dir=run_dir)
-            run_market(market, recorder, progress=config.run.progress)
-            finish_run(run_dir)
+        if state == "done":
+            progress_note(f"arm {name}: finished, kept")
+            progress_note(f"run folder: {run_dir}")
+        else:
+            jobs.append(ArmJob(name, config, run_dir, state))
         run_dirs.append(run_dir)
-        progress_note(f"run folder: {run_dir}")
-    return write_comparison_report(run_dirs, Path(path) / "compare", x_key)
+    failed = []
+    for n, outcome in enumerate(executor.run(jobs, progress_note), 1):
+        job = outcome.job
+        if outcome.error is None:
+            progress_note(f"arm {job.name}: finished in {outcome.seconds:.1f} s ({n} of {len(jobs)})")
+            progress_note(f"run folder: {job.run_dir}")
+        else:
+            failed.append((job.name, outcome.error))
+            progress_note(f"arm {job.name}: FAILED after {outcome.seconds:.1f} s ({n} of {len(jobs)}): {outcome.error} "
+                          f"(details in {job.run_dir / 'error.txt'})")
+    finished = [d for d in run_dirs if (d / "summary.md").is_file()]
+    summary = write_comparison_report(finished, Path(path) / "compare", x_key) if finished else None
+    return ExperimentResult(summary, failed)
 
 
 def finished_arms(path: Path) -> list[Path]:

@@ -889,8 +889,9 @@ def _plot_tradeoff(groups: list[_Group], colours: dict[str, Any], out: Path, x_k
     return True
 
 
-# What may differ between the seeds of one group: the seed and where or how the run was written.
-SEED_ONLY = ("run.seed", "run.out", "run.progress", "run.label", "experiment.", "meta.", "description")
+# What may differ between the seeds of one group: the seed and where or how the run was written or executed.
+SEED_ONLY = ("run.seed", "run.out", "run.progress", "run.label", "run.executor", "run.workers", "run.ray_address",
+             "experiment.", "meta.", "description")
 
 
 def _setting(config: dict) -> tuple:

@@ -33,7 +33,7 @@ from agorasim.run import checkpoint as ckpt
 
 CHECKPOINT_GLOB = "round_*.ckpt"
 # What ``--resume`` may change: everything else would change the trajectory.
-RESUMABLE_KEYS = ("run.rounds", "run.progress")
+RESUMABLE_KEYS = ("run.rounds", "run.progress", "run.executor", "run.workers", "run.ray_address")
 
 
 def _cell(value) -> str:
