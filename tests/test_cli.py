@@ -1,5 +1,6 @@
 """End-to-end CLI runs: outputs, determinism, bad input, resume after a kill, comparisons."""
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agorasim.cli import main
 from agorasim.errors import UserInputError
@@ -54,7 +56,11 @@ def test_cold_start_run_writes_a_complete_run_folder(tmp_path, small_overrides):
         assert (run_dir / name).stat().st_size > 0, name
     for plot in ("gini.png", "lorenz.png", "utility_vs_concentration.png", "new_items.png"):
         assert (run_dir / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
-    assert "git_sha" in (run_dir / "config.yaml").read_text()
+    meta = yaml.safe_load((run_dir / "config.yaml").read_text())["meta"]
+    assert meta["git_sha"] and meta["versions"]["numpy"]
+    # the lock make setup installed from, by its SHA-256 (a one-byte change to the lock changes it)
+    lock = Path(__file__).resolve().parents[1] / "locks" / "cpu.txt"
+    assert meta["lock"] == hashlib.sha256(lock.read_bytes()).hexdigest()
     assert list((run_dir / "checkpoints").glob("round_00005.ckpt"))
 
 

@@ -88,8 +88,9 @@ def test_unknown_scenario():
 
 
 def test_dump_roundtrip():
-    from agorasim.config import dump_config, validate
     import yaml
+
+    from agorasim.config import dump_config, validate
 
     config = build_config(load_scenario("fairness-tradeoff"), ["run.seed=3"])
     data = yaml.safe_load(dump_config(config, {"git_sha": "x"}))

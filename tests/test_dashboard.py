@@ -14,11 +14,11 @@ import agorasim.viz  # noqa: E402,F401  (solara's settings, before solara is imp
 
 pytest.importorskip("solara", reason="the dashboard needs the viz extra (solara)")
 
-from conftest import SMALL  # noqa: E402
 from agorasim.cli import main  # noqa: E402
 from agorasim.metrics import exposure  # noqa: E402
 from agorasim.viz.dashboard import _html_table, live_spec, replay_spec, slate_table  # noqa: E402
 from agorasim.viz.models import SERIES, LiveMarket, RunReplay  # noqa: E402
+from conftest import SMALL  # noqa: E402
 
 EVERYONE_VISITS = ["agents.users.activity=1.0"]
 

@@ -116,7 +116,7 @@ def test_dashboard_steps_the_market_in_a_browser(server, browser, tmp_path):
     (step,) = [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip().lower() == "step"]
     for n in range(1, STEPS + 1):
         step.click()
-        _wait(f"step {n}", lambda: f"Step: {n}" in body())
+        _wait(f"step {n}", lambda n=n: f"Step: {n}" in body())
     _wait("the followed user's slate", lambda: f"User 0, round {STEPS - 1}" in body())
     time.sleep(1.0)  # the last redraw of every figure reaches the page
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from agorasim.config import build_config
-from agorasim.env.market import Market
 from agorasim.env.conformance import check_policy
+from agorasim.env.market import Market
 from agorasim.policy.generative import BOS, PAD, SEP, GenerativePolicy
 from agorasim.run import checkpoint
 from agorasim.scenarios import load_scenario
@@ -157,7 +157,7 @@ def test_ugr_reads_its_loss_and_confidence_from_one_pass_with_the_two_pass_value
         if policy.ready and method is None:
             method = policy.trainer.method
             plain = method.loss
-            method.loss = lambda *args: captured.append(args[1:3]) or plain(*args)
+            method.loss = lambda *args, plain=plain: captured.append(args[1:3]) or plain(*args)
         if any(r.extra["hit"].any() for r, _ in captured):
             break
     rollout, scored = next((r, s) for r, s in captured if r.extra["hit"].any())  # the case: a group with a hit

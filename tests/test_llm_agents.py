@@ -11,11 +11,11 @@ import pytest
 from agorasim.agents import prompts
 from agorasim.agents.backends import LLMUserBackend, SlateRequest, UtilityBackend, is_llm_user
 from agorasim.agents.backends.llm import parse_answer
-from agorasim.agents.engines import CachedEngine, ChatRequest, ChatResponse, Engines, Message, Meter
+from agorasim.agents.engines import CachedEngine, ChatRequest, ChatResponse, Message, Meter
 from agorasim.agents.engines.fake import FakeEngine
 from agorasim.agents.engines.hf import _Program
 from agorasim.agents.items import PromotionWriter
-from agorasim.config import CacheConfig, LLMConfig, UserAgentsConfig, build_config
+from agorasim.config import LLMConfig, UserAgentsConfig, build_config
 from agorasim.data.synthetic import FEATURES
 from agorasim.env.market import Market
 from agorasim.errors import UserInputError

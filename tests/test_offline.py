@@ -9,6 +9,9 @@ import torch
 
 from agorasim.data.amazon import item_embeddings, load_amazon
 from agorasim.errors import UserInputError
+from agorasim.policy.trie import token_logprobs
+from agorasim.rl.judges import TargetJudge
+from agorasim.rl.trainer import Prompts, Trainer
 from agorasim.run.offline import (
     KS,
     METRICS,
@@ -27,9 +30,6 @@ from agorasim.run.offline import (
     training_interactions,
     training_windows,
 )
-from agorasim.policy.trie import token_logprobs
-from agorasim.rl.judges import TargetJudge
-from agorasim.rl.trainer import Prompts, Trainer
 
 
 def test_ranking_metrics_by_hand():

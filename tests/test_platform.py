@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from agorasim.platform import (
-    take_columns,
     RERANKERS,
     ControllerReranker,
     ExposureLedger,
@@ -19,6 +18,7 @@ from agorasim.platform import (
     check_reranker,
     make_reranker,
     reranker_params,
+    take_columns,
 )
 from agorasim.platform.conformance import random_request
 

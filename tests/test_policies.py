@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from agorasim.env.conformance import add_random_items, check_policy
 from agorasim.env.state import Catalogue, InteractionLog
 from agorasim.policy import POLICIES, BPRPolicy, PopularityPolicy, RecommendRequest, SASRecPolicy, make_policy
 from agorasim.policy.baselines import valid_candidates
-from agorasim.env.conformance import add_random_items, check_policy
-from agorasim.policy.sasrec import next_item_windows
 from agorasim.policy.observation import Observation
+from agorasim.policy.sasrec import next_item_windows
 
 
 def make_catalogue(n_items: int) -> Catalogue:

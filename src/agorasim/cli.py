@@ -338,9 +338,8 @@ def cmd_fidelity(argv: list[str]) -> int:
 
 
 def cmd_attack(argv: list[str]) -> int:
-    from agorasim.run import llm_checks
-
     from agorasim.agents.prompts import INJECTION_STYLES
+    from agorasim.run import llm_checks
 
     p = _llm_check_parser("agorasim attack", "Success rate of prompt-injection styles in a promotion, with the "
                           "defence off and on (95%% intervals), and the defence's false-positive rate on honest text.")

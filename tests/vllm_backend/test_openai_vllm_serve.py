@@ -28,8 +28,8 @@ httpx = pytest.importorskip("httpx")
 jsonschema = pytest.importorskip("jsonschema")
 
 from agorasim.agents.engines import ChatRequest, Message  # noqa: E402
-from agorasim.agents.engines.openai import OpenAIEngine  # noqa: E402
 from agorasim.agents.engines.models import bf16_is_fast  # noqa: E402
+from agorasim.agents.engines.openai import OpenAIEngine  # noqa: E402
 from agorasim.config import LLMConfig  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]

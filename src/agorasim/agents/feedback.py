@@ -61,7 +61,7 @@ class SlateFeedback(BaseModel):
     judgements: list[Judgement]
 
     @model_validator(mode="after")
-    def _grounded(self) -> "SlateFeedback":
+    def _grounded(self) -> SlateFeedback:
         shown = set(self.slate)
         seen: set[int] = set()
         for judgement in self.judgements:

@@ -33,7 +33,8 @@ Reference: MGFRec, multi-round grounding and feedback for LLM recommenders (../s
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypedDict
+from collections.abc import Callable
+from typing import Any, TypedDict
 
 import faiss
 import numpy as np

@@ -47,7 +47,7 @@ class Promotions:
     hype: np.ndarray
     accuracy: np.ndarray
 
-    def take(self, columns: np.ndarray) -> "Promotions":
+    def take(self, columns: np.ndarray) -> Promotions:
         """The promotions of the chosen columns (B, K) of each row."""
         pick = lambda a: np.take_along_axis(a, np.maximum(columns, 0), 1)  # noqa: E731
         return Promotions(pick(self.claimed), pick(self.unsupported),
@@ -197,7 +197,7 @@ class PromotionWriter:
                 self.memo.clear()
             responses = self.engine.generate(list(todo.values()))
             self.meter.add(responses)
-            for n, (key, response) in enumerate(zip(todo, responses)):
+            for key, response in zip(todo, responses):
                 # a failed call falls back to the template text, so the round goes on
                 self.memo[key] = (prompts.clip_words(response.text.strip().strip('"'))
                                   if response.error is None and response.text.strip() else None)

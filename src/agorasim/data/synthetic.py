@@ -61,7 +61,7 @@ class WorldSpec:
     provider_home: np.ndarray  # (n_providers,) home top category of each provider
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, cfg: MarketConfig) -> "WorldSpec":
+    def sample(cls, rng: np.random.Generator, cfg: MarketConfig) -> WorldSpec:
         top = _unit(rng.normal(size=(cfg.n_categories, cfg.dim)))
         sub = _unit(top[:, None, :] + 0.6 * rng.normal(size=(cfg.n_categories, cfg.n_subcategories, cfg.dim))
                     / np.sqrt(cfg.dim) * np.sqrt(cfg.dim) / 2)

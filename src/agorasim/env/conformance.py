@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from agorasim.env.state import Catalogue, InteractionLog
-from agorasim.policy.observation import Observation
 from agorasim.policy.base import ExposureState, Policy, RecommendRequest
+from agorasim.policy.observation import Observation
 from agorasim.run import checkpoint
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import mesa
 import numpy as np
 
-from agorasim.agents.backends import make_backend
-from agorasim.agents.feedback import FeedbackBatch
 from agorasim.agents import prompts
+from agorasim.agents.backends import make_backend
 from agorasim.agents.engines import Engines
+from agorasim.agents.feedback import FeedbackBatch
 from agorasim.agents.grounding import append_unpromoted, build_grounder
-from agorasim.agents.items import ItemAgents, PromotionWriter, Promotions, audit_claims, STRATEGIES
+from agorasim.agents.items import STRATEGIES, ItemAgents, Promotions, PromotionWriter, audit_claims
 from agorasim.agents.users import UserAgents
 from agorasim.config import Config
 from agorasim.data import worlds
@@ -36,7 +36,7 @@ RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "
 class ProviderAgent(mesa.Agent):
     """One provider (item agent): a view over ``ItemAgents`` arrays and the catalogue."""
 
-    def __init__(self, model: "Market", provider_id: int):
+    def __init__(self, model: Market, provider_id: int):
         super().__init__(model)
         self.provider_id = provider_id
 

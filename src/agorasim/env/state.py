@@ -90,7 +90,7 @@ class Catalogue(_Rows):
     _fill: dict = field(default_factory=lambda: {"first_exposure": -1, "alive": False})
 
     @classmethod
-    def empty(cls, dim: int, depth: int) -> "Catalogue":
+    def empty(cls, dim: int, depth: int) -> Catalogue:
         return cls(
             embedding=np.zeros((0, dim), np.float32),
             content=np.zeros((0, dim), np.float32),
@@ -155,7 +155,7 @@ class Population(_Rows):
     _fill: dict = field(default_factory=lambda: {"history": -1})
 
     @classmethod
-    def empty(cls, dim: int, history_length: int = 20) -> "Population":
+    def empty(cls, dim: int, history_length: int = 20) -> Population:
         z = lambda dtype=np.float32: np.zeros(0, dtype)  # noqa: E731
         return cls(
             taste=np.zeros((0, dim), np.float32), activity=z(), conformity=z(), social=z(),

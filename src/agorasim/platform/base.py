@@ -67,5 +67,5 @@ class Reranker(ABC):
         """The (B, k) item ids of ``rerank``'s columns (-1 for empty slots)."""
         return take_columns(request.candidates, self.rerank(request))
 
-    def end_round(self, metrics: dict[str, float]) -> None:
+    def end_round(self, metrics: dict[str, float]) -> None:  # noqa: B027 - optional hook
         """Observe the round's metrics (controllers adapt here). Default: nothing."""

@@ -76,7 +76,7 @@ class Policy(ABC):
 
     name: str = "policy"
 
-    def bind(self, oracle: FeedbackOracle) -> None:
+    def bind(self, oracle: FeedbackOracle) -> None:  # noqa: B027 - optional hook
         """Receive the simulator's feedback oracle (policies that learn from verified rewards
         keep it; others ignore it)."""
 

@@ -10,9 +10,9 @@ from abc import abstractmethod
 
 import numpy as np
 
-from agorasim.policy.params import PopularityParams, RandomParams
-from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.base import Policy, RecommendRequest, ScoringPolicy, top_k
+from agorasim.policy.observation import CatalogueView, LogView, Observation
+from agorasim.policy.params import PopularityParams, RandomParams
 
 
 def valid_candidates(candidates: np.ndarray, alive: np.ndarray) -> np.ndarray:

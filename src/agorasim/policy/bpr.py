@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from agorasim.policy.params import BPRParams
-from agorasim.policy.observation import CatalogueView, LogView
 from agorasim.policy.baselines import RefittingPolicy
+from agorasim.policy.observation import CatalogueView, LogView
+from agorasim.policy.params import BPRParams
 
 _SCORE_CHUNK = 4096  # users scored at once; bounds the (B, C, dim) gather to ~50 MB at C=100
 

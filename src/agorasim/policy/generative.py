@@ -28,10 +28,10 @@ import time
 import numpy as np
 import torch
 
-from agorasim.policy.params import GenerativeParams
-from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.base import FeedbackOracle, Policy, RecommendRequest
 from agorasim.policy.baselines import PopularityPolicy
+from agorasim.policy.observation import CatalogueView, LogView, Observation
+from agorasim.policy.params import GenerativeParams
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
 from agorasim.policy.threads import torch_threads
 from agorasim.policy.trie import CatalogueTrie, token_logprobs
@@ -312,7 +312,6 @@ class GenerativePolicy(Policy):
         """
         history = history[:, -self.prompt_items:]
         valid = history >= 0
-        width = self.levels + 1
         per_item = self.tokens[np.maximum(history, 0)]  # (B, P, L+1)
         keep = np.broadcast_to(valid[..., None], per_item.shape)
         if self.title_tokens:  # [title tokens, codes] per item; a title's padding is dropped below

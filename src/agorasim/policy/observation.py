@@ -94,6 +94,6 @@ class Observation:
     log: LogView
 
     @classmethod
-    def of(cls, log, catalogue, round: int) -> "Observation":
+    def of(cls, log, catalogue, round: int) -> Observation:
         """The observation of a market's (or a test's) log and catalogue after ``round``."""
         return cls(int(round), CatalogueView(catalogue), LogView(log))

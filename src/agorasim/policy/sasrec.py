@@ -14,16 +14,14 @@ nanoGPT), dropout only on the embeddings and residual branches, with masks drawn
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agorasim.policy.params import SASRecParams
-from agorasim.policy.observation import CatalogueView, LogView
 from agorasim.policy.baselines import RefittingPolicy
+from agorasim.policy.observation import CatalogueView, LogView
+from agorasim.policy.params import SASRecParams
 from agorasim.policy.threads import torch_threads
 
 _SCORE_CHUNK = 4096  # users encoded at once when scoring
@@ -84,7 +82,7 @@ class SASRec(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
 
     @classmethod
-    def build(cls, n_items, dim, n_blocks, n_heads, max_len, generator, init_std=0.02) -> "SASRec":
+    def build(cls, n_items, dim, n_blocks, n_heads, max_len, generator, init_std=0.02) -> SASRec:
         with torch.device("meta"):
             model = cls(n_items, dim, n_blocks, n_heads, max_len)
         model.to_empty(device="cpu")

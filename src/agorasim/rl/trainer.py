@@ -92,7 +92,7 @@ class Rollout:
     def group_size(self) -> int:
         return int(self.items.shape[1])
 
-    def select(self, rows: np.ndarray) -> "Rollout":
+    def select(self, rows: np.ndarray) -> Rollout:
         """The rollout restricted to prompts ``rows`` (DAPO's dynamic sampling)."""
         g = self.group_size
         flat = torch.as_tensor((rows[:, None] * g + np.arange(g)).reshape(-1), device=self.completions.device)
@@ -143,13 +143,13 @@ class Method:
         Default: the top-k constrained beams of the plain prompt."""
         return policy.beam_search(history, k)
 
-    def rollout(self, trainer: "Trainer", prompts: Prompts, generator: torch.Generator) -> Rollout:
+    def rollout(self, trainer: Trainer, prompts: Prompts, generator: torch.Generator) -> Rollout:
         raise NotImplementedError  # every registered method overrides it
 
-    def score(self, trainer: "Trainer", prompts: Prompts, rollout: Rollout, judge: Judge) -> Scored:
+    def score(self, trainer: Trainer, prompts: Prompts, rollout: Rollout, judge: Judge) -> Scored:
         raise NotImplementedError  # every registered method overrides it
 
-    def loss(self, trainer: "Trainer", rollout: Rollout, scored: Scored, old_logp, ref_logp
+    def loss(self, trainer: Trainer, rollout: Rollout, scored: Scored, old_logp, ref_logp
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """The clipped policy-gradient loss of ``rl.loss`` with the KL of ``rl.kl_estimator``."""
         logp, entropy = token_logprobs(trainer.policy.model, rollout.prompt_ids, rollout.prompt_mask,
@@ -173,7 +173,7 @@ class Method:
                  **stats}
         return loss, stats
 
-    def after_step(self, trainer: "Trainer", rollout: Rollout, scored: Scored) -> dict[str, float]:
+    def after_step(self, trainer: Trainer, rollout: Rollout, scored: Scored) -> dict[str, float]:
         """Work after the optimiser steps (e.g. an auxiliary critic's update); extra stats."""
         return {}
 

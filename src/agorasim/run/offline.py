@@ -31,7 +31,6 @@ torch's global RNG (``build_model``).
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import math
 import time
@@ -272,7 +271,7 @@ class Rows:
     def __len__(self) -> int:
         return len(self.target)
 
-    def take(self, index: np.ndarray) -> "Rows":
+    def take(self, index: np.ndarray) -> Rows:
         return Rows(self.history[index], self.target[index])
 
 

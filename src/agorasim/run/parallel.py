@@ -29,9 +29,9 @@ import tarfile
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from agorasim.config import Config
 from agorasim.errors import UserInputError

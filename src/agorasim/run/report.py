@@ -648,7 +648,10 @@ def _llm_section(metrics: Mapping[str, np.ndarray], run_dir: Path) -> list[str]:
              "| role | calls | tokens in | tokens out | cache hits | errors | price (USD) | model time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for role in roles:
-        total = lambda name: float(np.nansum(metrics[f"llm/{role}/{name}"])) if f"llm/{role}/{name}" in metrics else float("nan")  # noqa: E731
+        def total(name: str, role: str = role) -> float:
+            key = f"llm/{role}/{name}"
+            return float(np.nansum(metrics[key])) if key in metrics else float("nan")
+
         lines.append(f"| {role} | {total('calls'):.0f} | {total('tokens_in'):.0f} | {total('tokens_out'):.0f} | "
                      f"{timed.get(f'llm/{role}/cache_hits', float('nan')):.0f} | {total('errors'):.0f} | "
                      f"{_fmt(total('cost_usd'))} | {_fmt(timed.get(f'llm/{role}/latency_s', float('nan')))} |")

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -86,8 +86,19 @@ def _provenance() -> dict:
                              cwd=Path(__file__).parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         sha = None
-    return {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
-            "python": sys.version.split()[0], "versions": versions}
+    return {"created": datetime.now(UTC).isoformat(timespec="seconds"), "git_sha": sha,
+            "python": sys.version.split()[0], "versions": versions, "lock": lock_digest()}
+
+
+LOCK_FILE = Path(__file__).resolve().parents[3] / "locks" / "cpu.txt"
+
+
+def lock_digest(path: Path = LOCK_FILE) -> str | None:
+    """SHA-256 of the checkout's lock file (``locks/cpu.txt``, what ``make setup`` installs), or
+    None for an agorasim installed without one."""
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def safe_part(text: str, empty: str = "run") -> str:
@@ -273,7 +284,7 @@ def load_run(run_dir: Path, rounds: int | None = None, note=None):
     market.config.run.progress = file_config.run.progress
     meta = dict(meta)
     meta["resumed"] = list(meta.get("resumed") or []) + [
-        {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_round": done, "rounds": target}]
+        {"at": datetime.now(UTC).isoformat(timespec="seconds"), "from_round": done, "rounds": target}]
     ckpt.write_atomic(run_dir / "config.yaml", dump_config(market.config, meta))
     # files may hold rounds written after the checkpoint: rewrite them from the checkpoint
     for name in ("metrics.csv", "train.csv", "timings.csv", "lorenz.csv", "groups.csv"):

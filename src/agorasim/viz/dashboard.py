@@ -10,8 +10,8 @@ parameters: change one, press Reset, and ``SolaraViz`` builds the model again wi
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import solara

@@ -22,9 +22,8 @@ import pandas as pd
 from agorasim.agents.feedback import REASONS, feature_list, stars_to_rating
 from agorasim.config import Config, build_config
 from agorasim.env.market import Market
-from agorasim.errors import UserInputError
-from agorasim.run.report import check_run_folder
 from agorasim.metrics import exposure
+from agorasim.run.report import check_run_folder
 
 # plotted label -> metrics.csv column
 SERIES = {

@@ -40,8 +40,8 @@ def serve(host: str, port: int, ready=None) -> None:
     quiet_solara()
     os.environ["SOLARA_APP"] = "agorasim.viz.dashboard:Page"
     os.environ["SERVER_NAME"], os.environ["SERVER_PORT"] = host, str(port)
-    import uvicorn
     import solara.server.settings as settings
+    import uvicorn
 
     # served on 127.0.0.1 over http, so solara's session cookie is samesite=lax: that is what we want
     warnings.filterwarnings("ignore", message="Cookies with samesite=none require https")

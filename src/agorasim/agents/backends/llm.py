@@ -14,17 +14,16 @@ so the random streams (and every utility-driven user) are the same as in a pure 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import ValidationError
 
+from agorasim.agents import prompts
 from agorasim.agents.backends.base import SlateRequest, UserBackend
-from agorasim.agents.backends.utility import (DISAPPOINTED, LIKED, NOT_INTERESTED, PREFERRED_OTHER,
-                                              UtilityBackend)
+from agorasim.agents.backends.utility import DISAPPOINTED, LIKED, NOT_INTERESTED, PREFERRED_OTHER, UtilityBackend
 from agorasim.agents.engines import ChatRequest, Engine, Meter
 from agorasim.agents.feedback import FeedbackBatch, LLMJudgement, rating_to_stars
-from agorasim.agents import prompts
 
 LLM_HASH = np.uint64(0x9E3779B97F4A7C15)
 TRAITS = ("conformity", "novelty", "social", "trust", "patience")  # what a persona is rendered from

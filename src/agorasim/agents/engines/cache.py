@@ -13,8 +13,8 @@ is a one-line ``UserInputError``: the store does not belong to this configuratio
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine
 from agorasim.errors import UserInputError

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine
 from agorasim.agents.prompts import INJECTION

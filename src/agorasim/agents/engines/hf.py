@@ -223,7 +223,7 @@ class HFEngine(Engine):
         elapsed = time.perf_counter() - started
         new = generated[:, width:].tolist()
         out = []
-        for request, prompt, tokens, limit in zip(requests, encoded, new, limits):
+        for _request, prompt, tokens, limit in zip(requests, encoded, new, limits):
             kept = []
             for t in tokens[:limit]:
                 if t in stops or t == pad:
