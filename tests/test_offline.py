@@ -205,7 +205,12 @@ def test_quick_evaluate_writes_the_report(tmp_path):
 @pytest.mark.slow
 def test_cli_quick_run(tmp_path, capsys):
     assert main(["--quick", "--seed", "1", "--out", str(tmp_path)]) == 0
-    assert "NDCG@10" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "NDCG@10" in captured.out and "] sft epoch   1" in captured.out
+    # progress bars on stderr over SASRec and SFT epochs and the method's steps, each with its ETA
+    for bar in ("sasrec epochs", "sft epochs", "grpo steps"):
+        assert bar in captured.err, bar
+    assert "<" in captured.err and "/s]" in captured.err
     assert (tmp_path / "offline.csv").is_file() and (tmp_path / "offline.md").is_file()
 
 

@@ -266,31 +266,47 @@ def _resume(args) -> int:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from agorasim.run.report import check_run_folder, write_comparison_report, write_run_report
+    from agorasim.run.report import (
+        check_export_format,
+        check_run_folder,
+        export_runs,
+        write_comparison_report,
+        write_run_report,
+    )
 
     p = _Parser(prog="agorasim report", description="(Re)write plots and summary of run folders.")
     p.add_argument("run_dirs", nargs="+", help="run folders")
     p.add_argument("--out", help="comparison folder when several runs are given")
     p.add_argument("--x-key", help="dotted config key of a sweep (trade-off plot)")
+    p.add_argument("--format", dest="fmt", help="also write every round of every run as one table, runs.csv or "
+                   "runs.parquet, beside the report (columns scenario, label, seed, run, then metrics.csv's)")
     args = p.parse_args(argv)
     from agorasim.run import experiment
 
+    if args.fmt is not None:
+        check_export_format(args.fmt)
     if len(args.run_dirs) == 1 and experiment.is_experiment(Path(args.run_dirs[0])):
         path = Path(args.run_dirs[0])
         arms = experiment.finished_arms(path)
         if not arms:
             raise UserInputError(f"{path}: no finished arm yet")
-        print(write_comparison_report(arms, Path(args.out or path / "compare"), args.x_key))
+        summary = write_comparison_report(arms, Path(args.out or path / "compare"), args.x_key)
+        print(summary)
+        if args.fmt:
+            print(export_runs(arms, summary.parent, args.fmt))
         return 0
     dirs = [Path(d) for d in args.run_dirs]
     for d in dirs:
         check_run_folder(d)
     if len(dirs) == 1:
-        print(write_run_report(dirs[0]))
+        summary = write_run_report(dirs[0])
     else:
         out = Path(args.out or "runs/compare__" + datetime.now().strftime("%Y%m%d-%H%M%S"))
         check_output(out, "--out")
-        print(write_comparison_report(dirs, out, args.x_key))
+        summary = write_comparison_report(dirs, out, args.x_key)
+    print(summary)
+    if args.fmt:
+        print(export_runs(dirs, Path(summary).parent, args.fmt))
     return 0
 
 

@@ -440,6 +440,10 @@ class RunConfig(_Section):
     events_users: int = Field(8, ge=0, description="users per round whose judgements go to events.jsonl")
     label: str | None = Field(None, description="name of the run in reports (default policy+reranker)")
     progress: bool = Field(True, description="show a progress bar")
+    track: Literal["none", "tensorboard"] = Field(
+        "none", description="optional tracking sink beside the run folder (which stays the source of truth): "
+        "tensorboard mirrors every metrics row (step = round) and training row into <run folder>/tensorboard/ "
+        "(the `track` extra)")
     executor: Literal["sequential", "ray"] = Field(
         "sequential", description="how the arms of an experiment (several policies, variants, seeds or sweep points) "
         "run: sequential = one after another in this process; ray = as Ray tasks, run.workers at a time, on a local "

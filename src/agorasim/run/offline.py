@@ -34,7 +34,6 @@ import argparse
 import csv
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -369,8 +368,28 @@ def _lr_factor(step: int, steps_per_epoch: int, epochs: int, schedule: str) -> f
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class Progress:
+    """The eval's log lines (seconds since the start first) and its progress bars over SASRec and
+    SFT epochs and method steps (tqdm on stderr, with rate and ETA); ``enabled=False`` silences both."""
+
+    def __init__(self, enabled: bool = True, started: float | None = None):
+        self.enabled = enabled
+        self.started = time.perf_counter() if started is None else started
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            tqdm.write(f"[{time.perf_counter() - self.started:6.1f} s] {message}")
+
+    def bar(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="", leave=False, disable=not self.enabled, dynamic_ncols=True)
+
+
 def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: OfflineConfig,
-              rng: np.random.Generator, log: Callable[[str], None]) -> dict[str, float]:
+              rng: np.random.Generator, log: Progress) -> dict[str, float]:
     """SFT epochs; leaves the model at the epoch with the best validation NDCG@10.
 
     Returns:
@@ -383,21 +402,24 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
         optimizer, lambda step: _lr_factor(step, steps_per_epoch, config.policy.sft_epochs, config.sft_schedule))
     best = {"epoch": 0.0, "valid_ndcg@10": -1.0, "loss": float("nan")}
     best_state = _snapshot(policy.model)
+    bar = log.bar(config.policy.sft_epochs, "sft epochs")
     for epoch in range(1, config.policy.sft_epochs + 1):
         losses = sft_epoch(policy, optimizer, train.history, train.target, config.policy.sft_batch, generator,
                            config.grad_clip, scheduler, config.sft_micro_batch)
+        bar.update(1)
         score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
         log(f"sft epoch {epoch:3d}  loss {np.mean(losses):.4f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
         if score[_SELECT_ON] > best["valid_ndcg@10"]:
             best = {"epoch": float(epoch), "valid_ndcg@10": score[_SELECT_ON], "loss": float(np.mean(losses))}
             best_state = _snapshot(policy.model)
+    bar.close()
     policy.model.load_state_dict(best_state)
     return best
 
 
 def train_method(policy: GenerativePolicy, method: str, train: Rows, valid: Rows, config: OfflineConfig,
                  rng: np.random.Generator, generator: torch.Generator, exposure,
-                 log: Callable[[str], None]) -> dict[str, float]:
+                 log: Progress) -> dict[str, float]:
     """``grpo_steps`` steps of ``method`` (``rl.Trainer``, the loop the market uses) from the current
     (SFT) model; leaves the model at the step with the best validation NDCG@10.
 
@@ -420,9 +442,11 @@ def train_method(policy: GenerativePolicy, method: str, train: Rows, valid: Rows
     best_state = _snapshot(policy.model)
     hit_rates = []
     n_prompts = min(rl.users_per_step, len(train))
+    bar = log.bar(config.grpo_steps, f"{method} steps")
     for step in range(1, config.grpo_steps + 1):
         batch = train.take(np.sort(rng.choice(len(train), n_prompts, replace=False)))
         stats = trainer.step(Prompts(np.full(len(batch), -1), batch.history, batch.target), judge, generator)
+        bar.update(1)
         hit_rates.append(stats["train/hit_rate"])
         if step % config.grpo_eval_every == 0 or step == config.grpo_steps:
             score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
@@ -431,6 +455,7 @@ def train_method(policy: GenerativePolicy, method: str, train: Rows, valid: Rows
             if score[_SELECT_ON] > best["valid_ndcg@10"]:
                 best = {"step": float(step), "valid_ndcg@10": score[_SELECT_ON]}
                 best_state = _snapshot(policy.model)
+    bar.close()
     policy.model.load_state_dict(best_state)
     best["group_hit_rate"] = float(np.mean(hit_rates)) if hit_rates else float("nan")
     return best
@@ -449,7 +474,7 @@ def rank_sasrec(policy: SASRecPolicy, rows: Rows, k: int) -> np.ndarray:
 
 
 def train_sasrec(train: Rows, valid: Rows, n_items: int, config: OfflineConfig, rng: np.random.Generator,
-                 log: Callable[[str], None]) -> tuple[SASRecPolicy, dict[str, float]]:
+                 log: Progress) -> tuple[SASRecPolicy, dict[str, float]]:
     """SASRec on the training sequences, kept at the epoch with the best validation NDCG@10."""
     max_len = train.history.shape[1]
     policy = SASRecPolicy(dim=config.sasrec_dim, n_blocks=2, n_heads=1, max_len=max_len,
@@ -462,7 +487,9 @@ def train_sasrec(train: Rows, valid: Rows, n_items: int, config: OfflineConfig, 
     optimizer = torch.optim.Adam(policy.model.parameters(), lr=policy.lr)
     best = {"epoch": 0.0, "valid_ndcg@10": -1.0}
     best_state = _snapshot(policy.model)
+    bar = log.bar(config.sasrec_epochs, "sasrec epochs")
     for epoch in range(1, config.sasrec_epochs + 1):
+        bar.update(1)
         policy.model.train()
         order = torch.randperm(len(inputs), generator=generator)
         for start in range(0, len(order), policy.batch_size):
@@ -473,6 +500,7 @@ def train_sasrec(train: Rows, valid: Rows, n_items: int, config: OfflineConfig, 
             if score > best["valid_ndcg@10"]:
                 best = {"epoch": float(epoch), "valid_ndcg@10": score}
                 best_state = _snapshot(policy.model)
+    bar.close()
     log(f"sasrec: best epoch {best['epoch']:.0f} of {config.sasrec_epochs}  valid ndcg@10 "
         f"{best['valid_ndcg@10']:.4f}  ({len(inputs)} training windows)")
     policy.model.load_state_dict(best_state)
@@ -654,15 +682,12 @@ def evaluate(data_dir: str | Path | None = None, out_dir: str | Path = DEFAULT_O
     config = make_config(seed, quick, grpo_steps=grpo_steps, beams=beams, **overrides)
     check_output(out_dir, "--out")  # before hours of training, not after
 
-    def log(message: str) -> None:
-        if progress:
-            print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
-
+    log = Progress(progress, started)
     with torch_threads(config.policy.threads):
         return _evaluate(data_dir, Path(out_dir), config, log, started)
 
 
-def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig, log: Callable[[str], None],
+def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig, log: Progress,
               started: float) -> dict[str, float]:
     data = load_amazon(data_dir)
     if data.n_items < max(KS):

@@ -48,6 +48,7 @@ def check_config(config: Config) -> None:
     from agorasim.env.market import build_policy, reranker_params
     from agorasim.platform import make_reranker
     from agorasim.rl import check_reward_names
+    from agorasim.run.tracking import check_tracker
 
     try:  # names and parameters were checked with the config; this is what the constructors check
         build_policy(config)
@@ -58,6 +59,7 @@ def check_config(config: Config) -> None:
     except (TypeError, ValueError) as error:
         raise UserInputError(f"config platform: {str(error).splitlines()[0]}") from None
     check_reward_names(config.rl.rewards)
+    check_tracker(config.run.track)
     exp = config.experiment
     if exp.sweep_key:
         probe = config.model_dump(mode="json")

@@ -893,7 +893,7 @@ def _plot_tradeoff(groups: list[_Group], colours: dict[str, Any], out: Path, x_k
 
 
 # What may differ between the seeds of one group: the seed and where or how the run was written or executed.
-SEED_ONLY = ("run.seed", "run.out", "run.progress", "run.label", "run.executor", "run.workers", "run.ray_address",
+SEED_ONLY = ("run.seed", "run.out", "run.progress", "run.label", "run.track", "run.executor", "run.workers", "run.ray_address",
              "experiment.", "meta.", "description")
 
 
@@ -1037,3 +1037,46 @@ def check_run_folder(path: Path) -> None:
         raise UserInputError(f"{path / 'metrics.csv'}: not an agorasim metrics file (no column {missing[0]!r})")
     if len(metrics["round"]) == 0:
         raise UserInputError(f"{path / 'metrics.csv'}: no rounds recorded yet")
+
+
+EXPORT_FORMATS = ("csv", "parquet")
+
+
+def check_export_format(fmt: str) -> None:
+    """One line unless ``fmt`` can be written here (parquet needs pyarrow, the ``tables`` extra)."""
+    import importlib.util
+
+    if fmt not in EXPORT_FORMATS:
+        raise UserInputError(f"--format {fmt}: give one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise UserInputError("--format parquet: pyarrow is not installed (pip install 'agorasim[tables]'), or use --format csv")
+
+
+def runs_table(run_dirs: Sequence[Path]):
+    """Every round of every run as one pandas DataFrame: ``scenario``, ``label``, ``seed`` and
+    ``run`` (the folder's name) before the run's ``metrics.csv`` columns (a run lacking a column
+    has NaN there). The same as ``pd.concat(pd.read_csv(d / "metrics.csv").assign(run=d.name) ...)``."""
+    import pandas as pd
+
+    frames = []
+    for run_dir in run_dirs:
+        run = _load_run(Path(run_dir), with_metrics=False)
+        frame = pd.read_csv(Path(run_dir) / "metrics.csv")
+        frame.insert(0, "run", Path(run_dir).name)
+        frame.insert(0, "seed", pd.array([run.seed] * len(frame), dtype="Int64"))
+        frame.insert(0, "label", run.label)
+        frame.insert(0, "scenario", run.scenario)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def export_runs(run_dirs: Sequence[Path], out_dir: Path, fmt: str) -> Path:
+    """Write ``runs_table`` of the runs to ``out_dir/runs.<fmt>`` (csv or parquet)."""
+    table = runs_table(run_dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"runs.{fmt}"
+    if fmt == "parquet":
+        table.to_parquet(path, index=False)
+    else:
+        table.to_csv(path, index=False)
+    return path

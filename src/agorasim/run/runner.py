@@ -30,6 +30,7 @@ from agorasim.config import Config, dump_config, flatten, load_yaml, validate
 from agorasim.errors import UserInputError
 from agorasim.metrics import exposure
 from agorasim.run import checkpoint as ckpt
+from agorasim.run.tracking import make_tracker
 
 CHECKPOINT_GLOB = "round_*.ckpt"
 # What ``--resume`` may change: everything else would change the trajectory.
@@ -136,6 +137,7 @@ class Recorder:
         self.events_lines = events_lines
         self.log_saved = log_saved  # interaction-log chunks already in checkpoints/log/
         (run_dir / "checkpoints").mkdir(exist_ok=True)
+        self.tracker = make_tracker(config.run.track, run_dir)
         self._round_started = time.perf_counter()
 
     def run_round(self, market) -> None:
@@ -155,6 +157,8 @@ class Recorder:
         self.metrics.sync(market.rows)
         self.train.sync(market.train_rows)
         self.group_table.sync(getattr(market, "group_rows", []))
+        if self.tracker is not None:
+            self.tracker.sync(market.rows, market.train_rows)
         if rnd % cfg.lorenz_every == 0 or rnd == cfg.rounds - 1:
             _, shares = exposure.lorenz(window[alive], points=21)
             self.lorenz.append({"round": rnd, **{f"p{i}": float(s) for i, s in enumerate(shares)}})
@@ -294,6 +298,8 @@ def load_run(run_dir: Path, rounds: int | None = None, note=None):
     recorder.metrics.sync(market.rows)
     recorder.train.sync(market.train_rows)
     recorder.group_table.sync(getattr(market, "group_rows", []))
+    if recorder.tracker is not None:
+        recorder.tracker.skip(len(market.rows), len(market.train_rows))
     recorder.timing_table.sync(recorder.timings)
     recorder.lorenz_table.sync(recorder.lorenz)
     _truncate_lines(run_dir / "events.jsonl", recorder.events_lines)
