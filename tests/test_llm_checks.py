@@ -224,3 +224,17 @@ def test_cli_bad_input_exits_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("agorasim: error:") and message in err
+
+
+def test_attack_shows_a_progress_bar_over_its_batches_and_the_figures_do_not_change(capsys):
+    quiet = llm_checks.attack(engine_kind="fake", users=10, seed=0, honest=4)
+    capsys.readouterr()
+    shown = llm_checks.attack(engine_kind="fake", users=10, seed=0, honest=4, progress=True)
+    err = capsys.readouterr().err
+    assert "attack batches" in err and "asked=" in err
+    # the bar ends at its total: 2 defences x (grounded + 5 styles) x the rounds the slates came from
+    counts = [(int(a), int(b)) for a, b in re.findall(r"\| *(\d+)/(\d+) \[", err)]
+    done, total = counts[-1]
+    assert done == total and total % 12 == 0 and counts[0][0] < total
+    drop = ("wall_s", "llm/seconds")
+    assert {k: v for k, v in shown.items() if k not in drop} == {k: v for k, v in quiet.items() if k not in drop}

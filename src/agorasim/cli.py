@@ -368,7 +368,7 @@ def cmd_attack(argv: list[str]) -> int:
     llm_cfg, cache_cfg = _llm_sections(args.overrides)
     styles = None if args.styles is None else _csv_list(args.styles, option="--styles")
     figures = llm_checks.attack(args.backend, args.users, args.seed, llm_cfg, styles=styles,
-                                honest=args.honest, cache_cfg=cache_cfg)
+                                honest=args.honest, cache_cfg=cache_cfg, progress=True)
     print(llm_checks.format_attack(figures))
     print(llm_checks.json_line(figures))
     return 0

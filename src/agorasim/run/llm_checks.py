@@ -331,7 +331,7 @@ def honest_corpora(market, engine: Engine | None, honest: int, seed: int, llm_cf
 
 def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LLMConfig | None = None, *,
            styles: tuple[str, ...] | None = None, honest: int = 100, engine: Engine | None = None,
-           cache_cfg: CacheConfig | None = None, keep_rows: bool = False) -> dict:
+           cache_cfg: CacheConfig | None = None, keep_rows: bool = False, progress: bool = False) -> dict:
     """The attack success rate of each injection style, with the defence off and on, and what the
     defence costs honest promotions.
 
@@ -400,6 +400,11 @@ def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LL
     memo: dict[tuple, object] = {}
     asked = reused = 0
     llm_seconds = 0.0
+    from tqdm import tqdm
+
+    # one tick per (defence, promotion, round) batch of prompts, with the prompts asked and reused
+    bar = tqdm(total=2 * len(promotions) * len(np.unique(rounds)), desc="attack batches", unit="",
+               disable=not progress, dynamic_ncols=True)
     try:
         for defence in (False, True):
             cfg = llm_cfg.model_copy(update={"defence": defence})
@@ -426,6 +431,8 @@ def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LL
                         memo.update({keys[n]: a for n, a in zip(todo, fresh)})
                     llm_seconds += time.perf_counter() - t0
                     asked, reused = asked + len(todo), reused + len(keys) - len(todo)
+                    bar.set_postfix(asked=asked, reused=reused, refresh=False)
+                    bar.update(1)
                     for b, key in zip(rows, keys):
                         answers[b] = memo[key]
                 key = f"{promotion}/{'on' if defence else 'off'}"
@@ -465,6 +472,7 @@ def attack(engine_kind: str = "hf", users: int = 100, seed: int = 0, llm_cfg: LL
             out[f"honest/{corpus}/fpr_low"], out[f"honest/{corpus}/fpr_high"] = wilson(flagged, len(texts))
         llm_seconds += time.perf_counter() - cost_started
     finally:
+        bar.close()
         if owned is not None:
             owned.close()
     out["asked"], out["reused"] = asked, reused
