@@ -19,7 +19,6 @@ neither switches the caller's backend nor leaks figures; the PNGs are rendered b
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import warnings
@@ -91,34 +90,25 @@ COMPARE_TABLE = (
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_float(cell: str) -> float:
-    """One CSV cell as a float; empty or unparsable cells are NaN (a metric not measured)."""
-    cell = cell.strip()
-    if not cell:
-        return math.nan
-    try:
-        return float(cell)
-    except ValueError:
-        return math.nan
-
-
 def _read_table(path: Path) -> tuple[list[str], np.ndarray]:
-    """Header and a float matrix (rows × columns) from a CSV file; short rows are NaN-padded."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"{path}: empty file, expected a header row")
-        header = [name.strip() for name in header]
-        rows = []
-        for row in reader:
-            if not row or all(not cell.strip() for cell in row):
-                continue  # blank line, e.g. a trailing newline after an interrupted write
-            values = [_to_float(cell) for cell in row[: len(header)]]
-            values += [math.nan] * (len(header) - len(values))
-            rows.append(values)
-    table = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(header))
-    return header, table
+    """Header and a float matrix (rows x columns) from a CSV file, read by pandas: short rows are
+    NaN-padded, cells past the header dropped, blank lines skipped (e.g. after an interrupted
+    write), and empty or unparsable cells are NaN (a metric not measured)."""
+    import pandas as pd
+
+    try:
+        header = [name.strip() for name in pd.read_csv(path, nrows=0, encoding="utf-8").columns]
+    except pd.errors.EmptyDataError:
+        header = []
+    if not header:
+        raise ValueError(f"{path}: empty file, expected a header row")
+    width = len(header)
+    frame = pd.read_csv(path, header=None, skiprows=1, names=range(width), dtype=str, keep_default_na=False,
+                        skip_blank_lines=True, engine="python", on_bad_lines=lambda row: row[:width],
+                        encoding="utf-8")
+    frame = frame[~(frame.apply(lambda col: col.str.strip()) == "").all(axis=1)] if len(frame) else frame
+    table = frame.apply(lambda col: pd.to_numeric(col.str.strip(), errors="coerce")).to_numpy(np.float64)
+    return header, table.reshape(len(frame), width)
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, np.ndarray]:
