@@ -41,3 +41,14 @@ def test_unguided_text_respects_max_tokens(engine):
     response = engine.generate([request])[0]
     assert 0 < response.tokens_out <= 9 and response.text and response.error is None
     assert np.isfinite(response.latency_s)
+
+
+def test_progress_is_reported_batch_by_batch(engine):
+    slates = [[11, 250, 3], [7, 8, 9, 10], [4021, 77], [5, 6], [12, 13, 14]]
+    seen = []
+    engine.set_progress(seen.append)
+    try:
+        engine.generate([slate_request(s) for s in slates])
+    finally:
+        engine.set_progress(None)
+    assert seen == [4, 1]  # batch_size 4: five requests finish as a batch of four, then one

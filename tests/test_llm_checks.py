@@ -238,3 +238,33 @@ def test_attack_shows_a_progress_bar_over_its_batches_and_the_figures_do_not_cha
     assert done == total and total % 12 == 0 and counts[0][0] < total
     drop = ("wall_s", "llm/seconds")
     assert {k: v for k, v in shown.items() if k not in drop} == {k: v for k, v in quiet.items() if k not in drop}
+
+
+class BatchingFake(FakeEngine):
+    """A fake engine that reports its batches of 5 as the HF engine does."""
+
+    reported: list[int]
+
+    def generate(self, requests):
+        out = []
+        for start in range(0, len(requests), 5):
+            out += super().generate(requests[start:start + 5])
+            if self.progress is not None:
+                self.progress(len(requests[start:start + 5]))
+                self.reported = [*getattr(self, "reported", []), len(requests[start:start + 5])]
+        return out
+
+
+def test_fidelity_shows_requests_as_the_engine_finishes_batches(data, fake_title_vectors, capsys):
+    n = 12
+    quiet = llm_checks.fidelity(users=n, candidates=5, seed=3, engine=BatchingFake(first_listed))
+    capsys.readouterr()
+    engine = BatchingFake(first_listed)
+    shown = llm_checks.fidelity(users=n, candidates=5, seed=3, engine=engine, progress=True)
+    err = capsys.readouterr().err
+    assert "fidelity requests" in err and f"{n}/{n}" in err
+    counts = [int(a) for a, _ in re.findall(r"\| *(\d+)/(\d+) \[", err)]
+    assert counts[-1] == n and engine.reported == [5, 5, 2]  # batch by batch, as they finished
+    assert engine.progress is None  # the hook is taken off afterwards
+    drop = ("wall_s", "llm/seconds")
+    assert {k: v for k, v in shown.items() if k not in drop} == {k: v for k, v in quiet.items() if k not in drop}

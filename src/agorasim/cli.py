@@ -347,7 +347,7 @@ def cmd_fidelity(argv: list[str]) -> int:
     args = p.parse_args(argv)
     llm_cfg, cache_cfg = _llm_sections(args.overrides)
     figures = llm_checks.fidelity(args.backend, args.users, args.candidates, args.seed, llm_cfg, args.data,
-                                  cache_cfg=cache_cfg)
+                                  cache_cfg=cache_cfg, progress=True)
     print(llm_checks.format_fidelity(figures))
     print(llm_checks.json_line(figures))
     return 0

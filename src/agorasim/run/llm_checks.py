@@ -105,7 +105,7 @@ def interacted_items(data) -> dict[int, set[int]]:
 
 def fidelity(engine_kind: str = "hf", users: int = 200, candidates: int = 10, seed: int = 0,
              llm_cfg: LLMConfig | None = None, data_dir=None, *, engine: Engine | None = None,
-             cache_cfg: CacheConfig | None = None, keep_rows: bool = False) -> dict:
+             cache_cfg: CacheConfig | None = None, keep_rows: bool = False, progress: bool = False) -> dict:
     """Can the language-model user find a real user's next item among random ones?
 
     For ``users`` test users sampled at random (seeded), each one's latest test row gives the
@@ -189,7 +189,23 @@ def fidelity(engine_kind: str = "hf", users: int = 200, candidates: int = 10, se
         request = SlateRequest(users=users_arr, slates=slates_arr, true_utility=np.zeros(slates_arr.shape),
                                hype=np.zeros(slates_arr.shape), trust=np.zeros(users), round=0)
         llm_started = time.perf_counter()
-        answers = backend.ask(messages, request, np.arange(users), [set() for _ in range(users)])
+        from tqdm import tqdm
+
+        # requests answered, as the engine's batches finish (re-asks add to the total as they come)
+        bar = tqdm(total=users, desc="fidelity requests", unit="", disable=not progress, dynamic_ncols=True)
+
+        def tick(n: int) -> None:
+            if bar.n + n > bar.total:
+                bar.total = bar.n + n
+            bar.update(n)
+
+        engine.set_progress(tick if progress else None)
+        try:
+            answers = backend.ask(messages, request, np.arange(users), [set() for _ in range(users)])
+            bar.update(max(0, users - bar.n))  # engines that report only when generate returns
+        finally:
+            engine.set_progress(None)
+            bar.close()
         llm_seconds = time.perf_counter() - llm_started
     finally:
         if owned is not None:

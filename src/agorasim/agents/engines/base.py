@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -113,6 +114,13 @@ class Engine(ABC):
 
     backend = "engine"
     model = ""
+    progress: Callable[[int], None] | None = None  # told how many requests each finished batch held
+
+    def set_progress(self, callback: Callable[[int], None] | None) -> None:
+        """Report finished requests to ``callback`` as batches complete: the HF engine calls it per
+        batch and the response store per lookup; for the others the caller counts what
+        ``generate`` returned."""
+        self.progress = callback
 
     @abstractmethod
     def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:

@@ -51,7 +51,13 @@ class CachedEngine(Engine):
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = self.factory()
+            self._engine.set_progress(self.progress)
         return self._engine
+
+    def set_progress(self, callback) -> None:
+        super().set_progress(callback)
+        if self._engine is not None:
+            self._engine.set_progress(callback)
 
     def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
         if self.mode == "off":
@@ -66,6 +72,8 @@ class CachedEngine(Engine):
                 out[i] = ChatResponse(**entry, cached=True)
             else:
                 missing.append(i)
+        if self.progress is not None and len(requests) > len(missing):
+            self.progress(len(requests) - len(missing))  # answered from the store
         if missing and self.mode == "replay":
             raise UserInputError(
                 f"agents.cache replay: {len(missing)} of {len(requests)} responses are not in {self.path} "

@@ -187,6 +187,8 @@ class HFEngine(Engine):
                 rows = order[start:start + self.batch_size]
                 for i, response in zip(rows, self._batch([requests[i] for i in rows], [encoded[i] for i in rows])):
                     out[i] = response
+                if self.progress is not None:
+                    self.progress(len(rows))
         finally:
             torch.set_num_threads(previous)
         return out  # type: ignore[return-value]
