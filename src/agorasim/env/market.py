@@ -257,7 +257,7 @@ class Market(mesa.Model):
         if self.evaluator is not None:
             born = cat.born[: cat.n]
             self.evaluator.observe(w.round, slates, feedback.choice, feedback.stars, born)
-            if (w.round + 1) % self.config.platform.evaluator.train_every == 0:
+            if self.evaluator.due(w.round):
                 self.evaluator.fit(w.round, cat.content[: cat.n], born, self.rngs["evaluator"])
         item_exp = exposure.item_exposure(slates, cat.n)
         newly_seen = np.flatnonzero((item_exp > 0) & (cat.view("first_exposure") < 0))
@@ -318,7 +318,7 @@ class Market(mesa.Model):
             self.train_rows.append({"round": w.round, **train})
         row.update({k: v for k, v in train.items() if not k.startswith("time/")})
         if self.evaluator is not None:  # held-out figures of the fit this round, NaN in other rounds
-            figures = self.evaluator.last if (w.round + 1) % cfg.platform.evaluator.train_every == 0 else {}
+            figures = self.evaluator.figures(w.round)
             row.update({key: figures.get(key, float("nan")) for key in EVALUATOR_KEYS})
         self.reranker.end_round(row)
         self.rows.append(row)
@@ -370,9 +370,8 @@ class Market(mesa.Model):
         """The window's exposure share of every popularity group and its target share, over the
         alive items: the two vectors the row's ``exposure/dgu`` and ``exposure/mgu`` compare."""
         cfg, w = self.config.platform, self.world
-        groups = exposure.popularity_groups(w.popularity()[alive], cfg.n_groups)
-        share = exposure.group_shares(window[alive], groups, cfg.n_groups)
-        target = exposure.target_shares(cfg.target, groups, cfg.n_groups, w.catalogue.quality[alive])
+        share, target = exposure.group_vectors(window[alive], w.popularity()[alive], cfg.n_groups, cfg.target,
+                                               w.catalogue.quality[alive])
         return {"round": w.round, **{f"share/g{g}": float(v) for g, v in enumerate(share)},
                 **{f"target/g{g}": float(v) for g, v in enumerate(target)}}
 

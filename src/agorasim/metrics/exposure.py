@@ -314,6 +314,16 @@ def mgu(shares, target) -> float:
     return float(np.abs(gap).max()) if gap.size else 0.0
 
 
+def group_vectors(exposure, popularity, n_groups: int = 8, target: str = "uniform",
+                  quality=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(shares, target shares)`` of the popularity groups: the two vectors DGU and MGU compare.
+
+    Args: as :func:`exposure_summary`.
+    """
+    groups = popularity_groups(popularity, n_groups)
+    return group_shares(exposure, groups, n_groups), target_shares(target, groups, n_groups, quality)
+
+
 def exposure_summary(
     exposure,
     popularity,
@@ -335,9 +345,7 @@ def exposure_summary(
         Dict with keys ``exposure/gini``, ``exposure/hhi``, ``exposure/entropy``,
         ``exposure/coverage``, ``exposure/tail_share``, ``exposure/dgu``, ``exposure/mgu``.
     """
-    groups = popularity_groups(popularity, n_groups)
-    shares = group_shares(exposure, groups, n_groups)
-    goal = target_shares(target, groups, n_groups, quality)
+    shares, goal = group_vectors(exposure, popularity, n_groups, target, quality)
     return {
         "exposure/gini": gini(exposure),
         "exposure/hhi": hhi(exposure),

@@ -117,6 +117,15 @@ class ItemEvaluator:
         self.evaluated = np.zeros(0, dtype=bool)  # held-out figures already taken for the item
         self.fits = 0
         self.last: dict[str, float] = {}
+        self.fitted_round = -1  # the round of the last fit, whose held-out figures ``last`` holds
+
+    def due(self, round: int) -> bool:
+        """Whether the evaluator fits at the end of ``round`` (every ``train_every`` rounds)."""
+        return (round + 1) % self.cfg.train_every == 0
+
+    def figures(self, round: int) -> dict[str, float]:
+        """The held-out figures of the fit at the end of ``round`` ({} when it did not fit then)."""
+        return self.last if self.fitted_round == round else {}
 
     # -- outcome bookkeeping ------------------------------------------------------------------
     def observe(self, round: int, slates: np.ndarray, choice: np.ndarray, stars: np.ndarray,
@@ -203,7 +212,7 @@ class ItemEvaluator:
         if self.fits and fresh.sum() >= 3:
             figures = evaluate(self.scores(ids[fresh], content, born), outcome[fresh])
         self.evaluated[ids] = True
-        self.last = figures
+        self.last, self.fitted_round = figures, round
         if len(ids) < 2:
             return figures
         order = np.argsort(born[ids], kind="stable")[-cfg.max_items:]

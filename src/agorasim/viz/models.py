@@ -19,7 +19,6 @@ import mesa
 import numpy as np
 import pandas as pd
 
-from agorasim.agents.feedback import REASONS, feature_list, stars_to_rating
 from agorasim.config import Config, build_config
 from agorasim.env.market import Market
 from agorasim.metrics import exposure
@@ -116,19 +115,24 @@ class LiveMarket(Market):
         b = int(np.searchsorted(users, self.followed_user))
         if b >= len(users) or users[b] != self.followed_user:
             return  # not a visitor this round: the page keeps the last slate it saw
-        feedback, shown, titles = last["feedback"], last["shown"], self.world.catalogue.titles
-        slots = []
-        for slot, item in enumerate(last["slates"][b]):
-            if item < 0:
-                continue
-            clicked = bool(feedback.choice[b] == slot)
-            slots.append({
-                "item": int(item), "title": titles[item] if item < len(titles) else "",
-                "claimed": feature_list(shown.claimed[b, slot]), "unsupported": feature_list(shown.unsupported[b, slot]),
-                "hype": float(shown.hype[b, slot]), "click": clicked,
-                "rating": float(stars_to_rating(feedback.stars[b])) if clicked else None,
-                "reason": REASONS[int(feedback.reason[b, slot])]})
-        self._followed = {"user": self.followed_user, "round": int(last["row"]["round"]), "slots": slots}
+        # the record events.jsonl would hold for this user (FeedbackBatch.records), as a replay reads it
+        (record,) = last["feedback"].records(users, last["slates"], int(last["row"]["round"]), np.array([b]),
+                                             last["shown"])
+        self._followed = slate_view(record.model_dump(), self.world.catalogue.titles)
+
+
+def slate_view(record: dict, titles: list[str] | None = None) -> dict:
+    """The page's view of one user's slate from its ``SlateFeedback`` record (a line of
+    events.jsonl, or ``model_dump()`` of a live one): round, and per shown item its title (when
+    ``titles`` are known), the promotion shown (None where it was not recorded) and the feedback."""
+    slots = []
+    for judgement in record["judgements"]:
+        item, promotion = judgement["item_id"], judgement.get("promotion") or {}
+        slots.append({"item": item, "title": titles[item] if titles is not None and item < len(titles) else "",
+                      "claimed": promotion.get("claimed"), "unsupported": promotion.get("unsupported"),
+                      "hype": promotion.get("hype"), "click": judgement["click"], "rating": judgement["rating"],
+                      "reason": judgement["reason"]})
+    return {"user": record["user_id"], "round": record["round"], "slots": slots}
 
 
 def _group_vectors(row: dict) -> tuple[int, np.ndarray, np.ndarray]:
@@ -210,15 +214,7 @@ class RunReplay(mesa.Model):
                 break
             if record["user_id"] == self.followed_user:
                 found = record
-        if found is None:
-            return None
-        slots = []
-        for judgement in found["judgements"]:
-            promotion = judgement.get("promotion") or {}
-            slots.append({"item": judgement["item_id"], "title": "", "claimed": promotion.get("claimed"),
-                          "unsupported": promotion.get("unsupported"), "hype": promotion.get("hype"),
-                          "click": judgement["click"], "rating": judgement["rating"], "reason": judgement["reason"]})
-        return {"user": self.followed_user, "round": found["round"], "slots": slots}
+        return None if found is None else slate_view(found)
 
     def _latest(self, table: pd.DataFrame | None) -> dict | None:
         if table is None or self.cursor < 0:
