@@ -94,6 +94,12 @@ class UserAgentsConfig(_Section):
     drift: float = Field(0.05, ge=0, le=1, description="taste step toward a consumed item")
     patience: float = Field(5.0, gt=0, description="mean disappointing visits before churn")
     churn: bool = Field(True, description="users leave after `patience` bad visits in a row")
+    explanation_pull: float = Field(
+        1.0, ge=0, description="beta of SELLER's click model: an explanation adds trust_u * beta * (align - gamma * "
+        "misrep) to the perceived utility of its item (platform.explain)")
+    misrep_penalty: float = Field(
+        0.5, ge=0, description="gamma of SELLER's click model: how much of the share of named aspects the item lacks "
+        "users see through before they click (0: they cannot check a claim before consuming)")
 
 
 class ItemAgentsConfig(_Section):
@@ -204,6 +210,42 @@ class EvaluatorConfig(_Section):
         return self
 
 
+class ExplanationConfig(_Section):
+    """SELLER's explanations (``platform/explain.py``, ALGORITHMS.md section 8, a reconstruction [inf]):
+    an explanation names E aspects, the latent dimensions of the world's item vectors; an item's
+    catalogue lists the aspects its vector loads on at least ``aspect_threshold``."""
+
+    mode: Literal["grounded", "free"] = Field(
+        "grounded", description="grounded: name only aspects the item's catalogue lists; free: may name aspects the "
+        "item lacks (the template and llm explainers then name what the user likes, a persuasive-but-false "
+        "explanation; the learned one decodes without the item's constraint)")
+    n_aspects: int = Field(2, ge=1, le=8, description="E, aspects one explanation names")
+    aspect_threshold: float = Field(0.2, gt=0, lt=1, description="[inf] an item has aspect a when its unit vector's "
+                                    "coordinate a is at least this (about 4 of 32 aspects each)")
+    reasons: Literal["product", "attributes"] = Field(
+        "product", description="[inf] the true reasons of a user for an item: the top E of theta_u * phi_i over every "
+        "dimension (product, ALGORITHMS.md as written: a reason need not be a listed aspect), or the item's listed "
+        "aspects with the largest positive theta_ua * phi_ia (attributes)")
+    writer: Literal["fake", "hf", "vllm", "openai"] = Field(
+        "hf", description="engine of the llm explainer (agents.llm configures it; cached by agents.cache)")
+    hidden: int = Field(32, ge=1, description="learned: width of the explainer's tiny LM and encoders (a multiple of heads)")
+    layers: int = Field(1, ge=1, description="learned: transformer layers of the tiny LM")
+    heads: int = Field(2, ge=1, description="learned: attention heads of the tiny LM")
+    experts: int = Field(4, ge=1, description="learned: experts of the mixture-of-experts adapter")
+    prompt_tokens: int = Field(2, ge=1, description="learned: soft-prompt tokens the adapter writes into the LM")
+    lr: float = Field(3e-3, gt=0, description="learned: Adam learning rate")
+    steps: int = Field(20, ge=1, description="learned: optimiser steps per training round")
+    batch_size: int = Field(128, ge=1, description="learned: reviews per step")
+    train_every: int = Field(1, ge=1, description="learned: rounds between training rounds")
+    buffer: int = Field(20000, ge=1, description="learned: most recent reviews (clicked items' true reasons) kept to train on")
+
+    @model_validator(mode="after")
+    def _shape(self) -> ExplanationConfig:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} is not a multiple of heads {self.heads}")
+        return self
+
+
 class PlatformConfig(_Section):
     reranker: Literal["none", "trirec", "controller", "mmr", "new-item-boost"] = Field(
         "trirec", description="platform agent re-ranker")
@@ -229,6 +271,10 @@ class PlatformConfig(_Section):
         "age", description="new-item boost: every new item gets the bonus (age), or the bonus is spread over the "
         "new items by the evaluator's rank of their predicted outcome, the same mean (evaluator)")
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="PaperEval evaluator of new items")
+    explain: Literal["none", "template", "llm", "learned"] = Field(
+        "none", description="explanations attached to every shown item (SELLER): none, a template over the named "
+        "aspects, a language model (platform.explanation.writer), or the learned dual-path explainer")
+    explanation: ExplanationConfig = Field(default_factory=ExplanationConfig, description="the explainer's settings")
 
 
 class PolicyConfig(_Section):

@@ -41,6 +41,7 @@ class Judgement(BaseModel):
     reason: Reason = Field(description="reason code")
     why: str | None = Field(None, description="the language-model user's own words, if any")
     promotion: PromotionShown | None = Field(None, description="the promotion shown with the item, when recorded")
+    explanation: list[str] | None = Field(None, description="aspects the platform's explanation named, when recorded")
 
 
 class LLMJudgement(BaseModel):
@@ -109,9 +110,10 @@ class FeedbackBatch:
         assert np.all(np.isfinite(self.stars[rows])), "click without a rating"
 
     def records(self, users: np.ndarray, slates: np.ndarray, round: int, rows: np.ndarray,
-                shown=None) -> list[SlateFeedback]:
+                shown=None, explained: np.ndarray | None = None, aspect_names=()) -> list[SlateFeedback]:
         """Pydantic records for the given batch rows (e.g. a sample written to events.jsonl);
-        with ``shown`` (the slates' ``Promotions``), each judgement names its item's promotion."""
+        with ``shown`` (the slates' ``Promotions``), each judgement names its item's promotion, and
+        with ``explained`` ((B, K, E) aspect ids, -1 padded) the aspects its explanation named."""
         out = []
         for b in rows:
             judgements = []
@@ -126,7 +128,8 @@ class FeedbackBatch:
                     item_id=int(item), click=clicked,
                     rating=float(stars_to_rating(self.stars[b])) if clicked else None,
                     reason=REASONS[int(self.reason[b, slot])],
-                    why=(self.why or {}).get(int(b), {}).get(int(item)), promotion=promotion))
+                    why=(self.why or {}).get(int(b), {}).get(int(item)), promotion=promotion,
+                    explanation=None if explained is None else [aspect_names[a] for a in explained[b, slot] if a >= 0]))
             out.append(SlateFeedback(user_id=int(users[b]), round=round,
                                      slate=[int(i) for i in slates[b] if i >= 0], judgements=judgements))
         return out

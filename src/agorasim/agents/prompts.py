@@ -129,21 +129,24 @@ def persona(traits: dict[str, float], liked_titles: list[str]) -> str:
     return " ".join(parts)
 
 
-def user_messages(persona_text: str, history: list[str], slate: list[tuple[int, str, str]],
+def user_messages(persona_text: str, history: list[str], slate: list[tuple],
                   defence: bool) -> list[Message]:
-    """Messages for one user and one slate of ``(item_id, title, promotion)``."""
+    """Messages for one user and one slate of ``(item_id, title, promotion)`` or ``(item_id,
+    title, promotion, explanation)``: the seller's promotion and the platform's explanation."""
     lines = [f"You: {persona_text}"]
     if history:
         lines.append("Bought: " + "; ".join(history) + ".")
     lines.append("Items shown:")
-    for item_id, title, promotion in slate:
+    for item_id, title, promotion, *explanation in slate:
         line = f"[{item_id}] {title}"
-        if promotion:
+        for text, tag, label in ((promotion, "promo", "Seller says"), (next(iter(explanation), ""), "why", "Platform says")):
+            if not text:
+                continue
             if defence:
-                clean, _ = sanitize(promotion)
-                line += f" <promo>{clean}</promo>" if clean else ""
+                clean, _ = sanitize(text)
+                line += f" <{tag}>{clean}</{tag}>" if clean else ""
             else:
-                line += f" Seller says: {promotion}"
+                line += f" {label}: {text}"
         lines.append(line)
     lines.append(ANSWER_FORMAT)
     system = USER_SYSTEM_DEFENDED if defence else USER_SYSTEM

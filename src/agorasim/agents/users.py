@@ -16,13 +16,45 @@ them (no click, or a rating under 3 stars) run out of patience and churn.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from agorasim.agents.backends import SlateRequest, UserBackend
-from agorasim.agents.backends.utility import stars_from_utility
+from agorasim.agents.backends.utility import choice_probabilities, perceived_utility, stars_from_utility
 from agorasim.agents.feedback import FeedbackBatch, stars_to_rating
 from agorasim.config import UserAgentsConfig
 from agorasim.env.world import World, unit_rows
+
+
+@dataclass
+class Reaction:
+    """The users' reaction to a round's explanations (all (B, K) but ``named`` and ``reasons``).
+
+    Attributes:
+        named: (B, K, E) aspects the explanations named, -1 padded.
+        align: mean taste of the user for the named aspects (0 where none).
+        misrep: share of the named aspects the item lacks.
+        n_named: aspects named.
+        pull: the explanation's pull on perceived utility (before trust).
+        reasons: (B, K, E) the users' true reasons for the items, -1 padded.
+        lift: (B,) click-probability lift of the explanations (NaN for language-model users).
+    """
+
+    named: np.ndarray
+    align: np.ndarray
+    misrep: np.ndarray
+    n_named: np.ndarray
+    pull: np.ndarray
+    reasons: np.ndarray
+    lift: np.ndarray | None = None
+
+    def accuracy(self, promotion_claims: np.ndarray, promotion_accuracy: np.ndarray) -> np.ndarray:
+        """(B, K) share of every claim made about a shown item (its promotion's features and its
+        explanation's aspects) that was true; 1 where nothing was claimed. Trust moves toward it."""
+        true = promotion_claims * promotion_accuracy + self.n_named * (1 - self.misrep)
+        total = promotion_claims + self.n_named
+        return np.where(total > 0, true / np.maximum(total, 1), 1.0)
 
 
 class UserAgents:
@@ -92,15 +124,69 @@ class UserAgents:
                 "click": np.where(valid, 1.0 / (1.0 + np.exp(-logit)), 0.0)}
 
     def respond(self, world: World, users: np.ndarray, slates: np.ndarray, hype: np.ndarray,
-                rng: np.random.Generator, promotion_text: np.ndarray | None = None) -> tuple[FeedbackBatch, np.ndarray]:
-        """Feedback on the slates and the true utility of every shown item."""
+                rng: np.random.Generator, promotion_text: np.ndarray | None = None,
+                reaction: Reaction | None = None, explanation_text: np.ndarray | None = None,
+                ) -> tuple[FeedbackBatch, np.ndarray]:
+        """Feedback on the slates and the true utility of every shown item; with ``reaction`` (the
+        users' reaction to the platform's explanations) its pull enters the perceived utility, and
+        language-model users read ``explanation_text``."""
         utility = self.true_utility(world, users, slates, rng)
         request = SlateRequest(users=users, slates=slates, true_utility=utility, hype=hype,
                                trust=world.population.trust[users], round=world.round, world=world,
-                               promotion_text=promotion_text)
+                               promotion_text=promotion_text, explain_pull=None if reaction is None else reaction.pull,
+                               explanation_text=explanation_text)
         feedback = self.backend.decide(request, rng)
         feedback.validate(slates)
+        if reaction is not None:
+            reaction.lift = self.click_lift(request)
         return feedback, utility
+
+    # -- explanations (SELLER, ALGORITHMS.md section 8) ------------------------------------------
+    def reasons(self, world: World, users: np.ndarray, items: np.ndarray, listed: np.ndarray, e: int,
+                over: str = "attributes") -> np.ndarray:
+        """(B, K, e) each user's true reasons for each item, the aspects that drive its match
+        ``theta_u . phi_i``: ``attributes``, the item's listed aspects with the largest positive
+        ``theta_ua phi_ia`` (fewer when fewer contribute); ``product``, the top ``e`` of
+        ``theta_u * phi_i`` over every dimension. -1 padded (and on padding items)."""
+        taste = world.population.taste[users]
+        contribution = taste[:, None, :] * world.catalogue.embedding[np.maximum(items, 0)]
+        allowed = listed & (contribution > 0) if over == "attributes" else np.ones(contribution.shape, bool)
+        masked = np.where(allowed, contribution, -np.inf)
+        order = np.argsort(-masked, axis=-1, kind="stable")[..., :e]
+        keep = np.take_along_axis(allowed, order, -1) & (items >= 0)[..., None]
+        return np.where(keep, order, -1)
+
+    def react(self, world: World, users: np.ndarray, slates: np.ndarray, named: np.ndarray, listed: np.ndarray,
+              reasons: np.ndarray) -> Reaction:
+        """The users' reaction to explanations naming aspects ``named`` (B, K, E) of items whose
+        catalogues list ``listed`` (B, K, d): ``align`` = mean over the named aspects of the user's
+        taste for them, ``max(theta_ua, 0) / max_b theta_ub``; ``misrep`` = share of the named aspects
+        the item lacks; the pull on perceived utility ``beta (align - gamma misrep)`` (0 where
+        nothing is named; the backend weights it by trust, as a promotion's)."""
+        cfg = self.cfg
+        taste = world.population.taste[users]
+        liking = np.maximum(taste, 0) / np.maximum(taste.max(1, keepdims=True), 1e-12)  # (B, d)
+        valid = named >= 0
+        n = valid.sum(2)
+        safe = np.maximum(named, 0)
+        align = np.where(valid, np.take_along_axis(liking[:, None, :].repeat(named.shape[1], 1), safe, 2), 0).sum(2)
+        lacks = valid & ~np.take_along_axis(listed, safe, 2)
+        align = np.where(n > 0, align / np.maximum(n, 1), 0.0)
+        misrep = np.where(n > 0, lacks.sum(2) / np.maximum(n, 1), 0.0)
+        pull = np.where(n > 0, cfg.explanation_pull * (align - cfg.misrep_penalty * misrep), 0.0)
+        return Reaction(named=named, align=align, misrep=misrep, n_named=n, pull=pull, reasons=reasons)
+
+    def click_lift(self, request: SlateRequest) -> np.ndarray:
+        """(B,) each utility user's probability of clicking anything with the explanations minus
+        without them, from the choice model on this round's utilities (NaN for language-model
+        users, whose counterfactual would need a second call)."""
+        cfg = self.cfg
+        with_pull = choice_probabilities(perceived_utility(request, cfg.position_bias), cfg.outside_utility,
+                                         cfg.temperature)[:, -1]
+        bare = SlateRequest(**{**request.__dict__, "explain_pull": None})
+        without = choice_probabilities(perceived_utility(bare, cfg.position_bias), cfg.outside_utility,
+                                       cfg.temperature)[:, -1]
+        return np.where(self.backend.llm_rows(request.users), np.nan, without - with_pull)
 
     def update(self, world: World, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch,
                claim_accuracy: np.ndarray) -> np.ndarray:

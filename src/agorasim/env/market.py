@@ -22,15 +22,16 @@ from agorasim.data import worlds
 from agorasim.env.retrieval import Retriever
 from agorasim.env.round_graph import build_round_graph
 from agorasim.metrics import accuracy, exposure
-from agorasim.metrics.round import RoundArrays, round_row
+from agorasim.metrics.round import EXPLANATION_KEYS, RoundArrays, explanation_row, round_row
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker, take_columns
 from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
 from agorasim.platform.evaluator import ItemEvaluator
+from agorasim.platform.explain import ExplainRequest, Explanations, build_explainer, item_aspects
 from agorasim.policy import RecommendRequest, make_policy
 from agorasim.policy.base import ExposureState
 from agorasim.policy.observation import Observation
 
-RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval", "evaluator")
+RNG_STREAMS = ("mesa", "arrivals", "activity", "retrieval", "policy", "items", "users", "eval", "evaluator", "explain")
 
 
 class ProviderAgent(mesa.Agent):
@@ -87,6 +88,9 @@ class Market(mesa.Model):
         self.ledger = ExposureLedger(config.platform.ledger_window)
         self.evaluator = build_evaluator(config, self.world.catalogue.content.shape[1])  # None: off
         self.retriever = Retriever(config.env.retrieval)
+        cat = self.world.catalogue
+        self.explainer = build_explainer(config.platform.explain, config.platform.explanation, cat.embedding.shape[1],
+                                         cat.content.shape[1], self.engines, agents.llm, config.run.seed)  # None: off
         self.cumulative_exposure = np.zeros(0)
         self.leaving = np.zeros(0, np.int64)  # providers leaving after this round (delisted next round)
         self.last_round: dict = {}  # the last round's row and arrays, for the run folder's writer
@@ -103,6 +107,7 @@ class Market(mesa.Model):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("explainer", None)  # a checkpoint from before explanations
         self.__dict__.update(state)
         self.policy.bind(self)  # the policy's oracle reference is not pickled
 
@@ -188,12 +193,37 @@ class Market(mesa.Model):
         ranked, promotions = append_unpromoted(ranked, promotions, slates)
         return slates, _columns_of(ranked, slates), ranked, promotions
 
-    def respond(self, users: np.ndarray, slates: np.ndarray, columns: np.ndarray, promotions: Promotions):
-        """The users' feedback on their slates; ``columns`` find each shown item's promotion."""
+    def explain(self, users: np.ndarray, slates: np.ndarray) -> Explanations:
+        """The platform's explanation of every shown item (``platform/explain.py``), from what it
+        knows: the items' listed aspects and content, and the users' purchase histories."""
+        w, cat = self.world, self.world.catalogue
+        history = w.population.history[users]
+        request = ExplainRequest(
+            users=users, slates=slates, listed=self.listed_aspects(slates), profile=w.profiles(users)[0], history=history,
+            content=cat.content[: cat.n], titles=cat.titles, writes=self.users.backend.llm_rows(users), round=w.round)
+        return self.explainer.explain(request, self.rngs["explain"])
+
+    def listed_aspects(self, items: np.ndarray) -> np.ndarray:
+        """(..., d) the aspects the catalogue lists for ``items`` (none for padding, -1)."""
+        cat = self.world.catalogue
+        listed = item_aspects(cat.embedding[np.maximum(items, 0)], self.config.platform.explanation.aspect_threshold)
+        return listed & (items >= 0)[..., None]
+
+    def respond(self, users: np.ndarray, slates: np.ndarray, columns: np.ndarray, promotions: Promotions,
+                explanations: Explanations | None = None):
+        """The users' feedback on their slates; ``columns`` find each shown item's promotion. With
+        explanations, the users' reaction to them (``UserAgents.react``) comes back too (else None)."""
         shown = promotions.take(columns)
         text = self.promotion_text(users, slates, shown)
-        feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"], text)
-        return feedback, utility, shown
+        reaction = explanation_text = None
+        if explanations is not None:
+            listed, e = self.listed_aspects(slates), self.config.platform.explanation
+            reasons = self.users.reasons(self.world, users, slates, listed, e.n_aspects, e.reasons)
+            reaction = self.users.react(self.world, users, slates, explanations.aspects, listed, reasons)
+            explanation_text = explanations.text
+        feedback, utility = self.users.respond(self.world, users, slates, shown.hype, self.rngs["users"], text,
+                                               reaction, explanation_text)
+        return feedback, utility, shown, reaction
 
     def promotion_text(self, users: np.ndarray, slates: np.ndarray, shown: Promotions) -> np.ndarray | None:
         """(B, K) promotion texts of the shown items, written only for language-model users (the
@@ -244,10 +274,28 @@ class Market(mesa.Model):
         w = self.world
         return self.policy.update(Observation.of(w.log, w.catalogue, w.round), self.rngs["policy"])
 
+    def train_explainer(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch, reaction) -> dict:
+        """The explainer learns from the round's reviews: each click's true reasons for its item,
+        with the history the user had when served (before the users' update)."""
+        if reaction is None:  # nobody visited
+            return {}
+        w, cat = self.world, self.world.catalogue
+        rows = np.flatnonzero(feedback.choice >= 0)
+        slots = feedback.choice[rows]
+        items = slates[rows, slots]
+        return self.explainer.learn(w.population.history[users[rows]], items, reaction.reasons[rows, slots],
+                                    cat.content[: cat.n], self.listed_aspects(items), w.round, self.rngs["explain"])
+
     def update_users(self, users: np.ndarray, slates: np.ndarray, feedback: FeedbackBatch,
-                     shown: Promotions) -> np.ndarray:
-        """The users' own update (trust, drift, fatigue, churn); returns who churned."""
-        return self.users.update(self.world, users, slates, feedback, shown.accuracy)
+                     shown: Promotions, reaction=None) -> np.ndarray:
+        """The users' own update (trust, drift, fatigue, churn); returns who churned. Trust moves
+        toward the truth of every claim about the consumed item: its promotion's and, with
+        explanations, its explanation's."""
+        accuracy = shown.accuracy
+        if reaction is not None:
+            claims = np.bitwise_count(shown.claimed.astype(np.uint64)).astype(np.float64)
+            accuracy = reaction.accuracy(claims, shown.accuracy)
+        return self.users.update(self.world, users, slates, feedback, accuracy)
 
     def update_ledger(self, slates: np.ndarray, feedback: FeedbackBatch) -> tuple[np.ndarray, np.ndarray]:
         """The platform's bookkeeping: the round's exposure into the ledger and the cumulative
@@ -309,7 +357,7 @@ class Market(mesa.Model):
             fairness_weight=float(getattr(self.reranker, "fairness_weight", float("nan")))))
         # -- language-model agents: calls, tokens, price, fallbacks (latency goes to timings.csv) --
         self.last_timings = {}
-        for part in (p for p in (self.users.backend, self.writer, self.grounder) if p is not None):
+        for part in (p for p in (self.users.backend, self.writer, self.grounder, self.explainer) if p is not None):
             metrics, timings = part.flush()
             row.update(metrics)
             self.last_timings.update(timings)
@@ -317,6 +365,15 @@ class Market(mesa.Model):
         if train:
             self.train_rows.append({"round": w.round, **train})
         row.update({k: v for k, v in train.items() if not k.startswith("time/")})
+        if self.explainer is not None:  # SELLER's evaluation; NaN in a round nobody visits
+            reaction = state.get("reaction")
+            if reaction is None:
+                row.update(dict.fromkeys(EXPLANATION_KEYS, float("nan")))
+            else:
+                row.update(explanation_row(reaction.named, reaction.reasons, reaction.misrep, reaction.align,
+                                           reaction.lift))
+            trained = state.get("explain_train") or {}
+            row.update({key: trained.get(key, float("nan")) for key in self.explainer.keys})
         if self.evaluator is not None:  # held-out figures of the fit this round, NaN in other rounds
             figures = self.evaluator.figures(w.round)
             row.update({key: figures.get(key, float("nan")) for key in EVALUATOR_KEYS})
@@ -325,7 +382,8 @@ class Market(mesa.Model):
         self.group_rows.append(self._group_row(alive, window))
         # what the run folder's writer (and the dashboard) read after the step (no graph node writes to disk)
         self.last_round = {"row": row, "users": users, "slates": slates, "feedback": feedback, "alive": alive,
-                           "window": window, "shown": shown}
+                           "window": window, "shown": shown,
+                           "explained": None if state.get("reaction") is None else state["reaction"].named}
         return row
 
     # -- the feedback oracle the policy may query (counterfactual, noiseless, no rng) ----------

@@ -12,7 +12,10 @@ fatigue, churn), then ``measure``: the round's metrics row, a pure function of t
 
 With ``agents.grounding.enabled`` (MGFRec, ``agents/grounding.py``) a ``ground`` node runs between
 ``rerank`` and ``respond``: its own compiled subgraph puts grounded items at the top of a share of
-the language-model users' slates. Off, the graph is the one above.
+the language-model users' slates. With ``platform.explain`` (SELLER, ``platform/explain.py``) an
+``explain`` node attaches the platform's explanations just before ``respond``, and a learned
+explainer trains on the round's reviews in an ``explainer`` node after ``learn``. Off, the graph is
+the one above.
 Each node calls one batched method of the market (``env/market.py``) for all active users at once;
 the state holds arrays, never per-user dicts. A round with no visiting user skips straight from
 ``world`` to ``learn`` with empty batches (a conditional edge, not an ``if`` inside the nodes).
@@ -40,6 +43,9 @@ class RoundState(TypedDict, total=False):
     feedback: Any  # FeedbackBatch
     utility: np.ndarray  # (B, K) true utility of shown items
     shown: Any  # Promotions of the shown items
+    explanations: Any  # Explanations of the shown items (platform.explain)
+    reaction: Any  # the users' Reaction to them
+    explain_train: dict  # the explainer's training figures
     train: dict  # policy training metrics
     churned: np.ndarray  # users who churned this round
     item_exposure: np.ndarray  # (n_items,) position-weighted exposure this round
@@ -75,10 +81,13 @@ def build_round_graph(market) -> Any:
                                                             state["promotions"])
         return {"slates": slates, "columns": columns, "ranked": ranked, "promotions": promotions}
 
+    def explain(state: RoundState) -> RoundState:
+        return {"explanations": market.explain(state["users"], state["slates"])}
+
     def respond(state: RoundState) -> RoundState:
-        feedback, utility, shown = market.respond(state["users"], state["slates"], state["columns"],
-                                                  state["promotions"])
-        return {"feedback": feedback, "utility": utility, "shown": shown}
+        feedback, utility, shown, reaction = market.respond(state["users"], state["slates"], state["columns"],
+                                                            state["promotions"], state.get("explanations"))
+        return {"feedback": feedback, "utility": utility, "shown": shown, "reaction": reaction}
 
     def log(state: RoundState) -> RoundState:
         market.log(state["users"], state["slates"], state["feedback"])
@@ -87,8 +96,13 @@ def build_round_graph(market) -> Any:
     def learn(state: RoundState) -> RoundState:
         return {"train": market.learn()}
 
+    def explainer(state: RoundState) -> RoundState:
+        return {"explain_train": market.train_explainer(state["users"], state["slates"], state["feedback"],
+                                                        state.get("reaction"))}
+
     def users(state: RoundState) -> RoundState:
-        return {"churned": market.update_users(state["users"], state["slates"], state["feedback"], state["shown"])}
+        return {"churned": market.update_users(state["users"], state["slates"], state["feedback"], state["shown"],
+                                               state.get("reaction"))}
 
     def ledger(state: RoundState) -> RoundState:
         item_exposure, newly_seen = market.update_ledger(state["slates"], state["feedback"])
@@ -113,12 +127,22 @@ def build_round_graph(market) -> Any:
     graph.add_conditional_edges("world", anyone_visits, {"retrieve": "retrieve", "empty": "empty_round"})
     graph.add_node("empty_round", lambda state: market.empty_round())
     graph.add_edge("empty_round", "learn")
-    shown = [("rerank", "respond")]
+    # optional phases: grounding after the re-ranker, explanations before the users respond, the
+    # explainer's training after the policy's
+    before_respond = ["rerank"]
     if market.grounder is not None:
         graph.add_node("ground", ground)
-        shown = [("rerank", "ground"), ("ground", "respond")]
-    for a, b in [("retrieve", "recommend"), ("recommend", "promote"), ("promote", "rerank"), *shown,
-                 ("respond", "log"), ("log", "learn"), ("learn", "users"), ("users", "ledger"),
+        before_respond.append("ground")
+    if market.explainer is not None:
+        graph.add_node("explain", explain)
+        before_respond.append("explain")
+    after_learn = ["learn"]
+    if market.explainer is not None and market.explainer.learns:
+        graph.add_node("explainer", explainer)
+        after_learn.append("explainer")
+    chain = [*zip(before_respond, [*before_respond[1:], "respond"]), *zip(after_learn, [*after_learn[1:], "users"])]
+    for a, b in [("retrieve", "recommend"), ("recommend", "promote"), ("promote", "rerank"), *chain,
+                 ("respond", "log"), ("log", "learn"), ("users", "ledger"),
                  ("ledger", "providers"), ("providers", "measure"), ("measure", END)]:
         graph.add_edge(a, b)
     return graph.compile()

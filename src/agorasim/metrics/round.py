@@ -134,3 +134,35 @@ def round_row(a: RoundArrays) -> dict[str, float]:
     row["providers/active"] = float(a.providers_active)
     row["platform/fairness_weight"] = float(a.fairness_weight)
     return row
+
+
+EXPLANATION_KEYS = ("explain/precision", "explain/recall", "explain/f1", "explain/misrep", "explain/align",
+                    "explain/click_lift")
+
+
+def explanation_row(named: np.ndarray, reasons: np.ndarray, misrep: np.ndarray, align: np.ndarray,
+                    lift: np.ndarray | None) -> dict[str, float]:
+    """SELLER's utility-aware evaluation of one round's explanations, over the explained shown items.
+
+    Text quality: micro precision and recall of the named aspects against the users' true reasons,
+    and their F1. Effect: ``misrep``, the share of named aspects the items lack; ``align``, the
+    users' mean taste for what was named; ``click_lift``, the mean over utility users of the click
+    probability with the explanations minus without (the decision accuracy is ``users/decision_auc``).
+
+    Args:
+        named, reasons: (B, K, E) aspect ids, -1 padded.
+        misrep, align: (B, K) per shown item (``agents.users.Reaction``).
+        lift: (B,) per user, NaN for language-model users; None: not measured.
+    """
+    explained = (named >= 0).any(2)
+    hits = ((named[..., :, None] == reasons[..., None, :]) & (named[..., :, None] >= 0)).any(3).sum()
+    n_named, n_reasons = (named >= 0).sum(), (reasons[explained] >= 0).sum()
+    precision = hits / n_named if n_named else float("nan")
+    recall = hits / n_reasons if n_reasons else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if n_named and n_reasons and precision + recall > 0 else (
+        0.0 if n_named and n_reasons else float("nan"))
+    finite = lift is not None and np.isfinite(lift).any()
+    return {"explain/precision": float(precision), "explain/recall": float(recall), "explain/f1": float(f1),
+            "explain/misrep": float(misrep[explained].mean()) if explained.any() else float("nan"),
+            "explain/align": float(align[explained].mean()) if explained.any() else float("nan"),
+            "explain/click_lift": float(np.nanmean(lift)) if finite else float("nan")}

@@ -78,6 +78,10 @@ def check_config(config: Config) -> None:
     if config.market.world == "synthetic" and config.market.n_items < config.platform.k:
         raise UserInputError(f"config market.n_items: a slate shows platform.k={config.platform.k} items, so the "
                              f"catalogue needs at least that many at round 0, got {config.market.n_items}")
+    explanation = config.platform.explanation
+    if config.platform.explain != "none" and explanation.n_aspects > config.market.dim:
+        raise UserInputError(f"config platform.explanation.n_aspects: an explanation names aspects of the "
+                             f"market.dim={config.market.dim} dimensions, got {explanation.n_aspects}")
     need, have = memory_estimate(config), physical_memory()
     if have is not None and need > have:
         raise UserInputError(
@@ -142,6 +146,9 @@ def engines_used(config: Config) -> set[str]:
         used.add(users.backend)
     if config.agents.items.writer in ("hf", "vllm", "openai") and config.agents.items.promotion != "off":
         used.add(config.agents.items.writer)
+    explanation = config.platform.explanation
+    if config.platform.explain == "llm" and explanation.writer != "fake":
+        used.add(explanation.writer)
     return used
 
 

@@ -166,7 +166,8 @@ class Recorder:
         if cfg.events_users and len(users):
             rows = np.arange(min(cfg.events_users, len(users)))
             with open(self.run_dir / "events.jsonl", "a") as f:
-                for record in feedback.records(users, slates, rnd, rows, last.get("shown")):
+                for record in feedback.records(users, slates, rnd, rows, last.get("shown"), last.get("explained"),
+                                               getattr(getattr(market, "explainer", None), "names", ())):
                     f.write(record.model_dump_json() + "\n")
                     self.events_lines += 1
         self.timings.append({"round": rnd, "seconds": time.perf_counter() - self._round_started,

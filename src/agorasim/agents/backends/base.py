@@ -31,6 +31,9 @@ class SlateRequest:
         world: the world, for backends that render prompts (titles, histories, traits).
         promotion_text: (B, K) promotion text of each shown item, for language-model backends
             ("" where the item says nothing); None when no text was written.
+        explain_pull: (B, K) pull of the platform's explanation of each shown item on perceived
+            utility, weighted by trust as a promotion's (None: no explanations).
+        explanation_text: (B, K) the explanations language-model users read (None: none).
     """
 
     users: np.ndarray
@@ -41,6 +44,8 @@ class SlateRequest:
     round: int
     world: Any = None
     promotion_text: np.ndarray | None = None
+    explain_pull: np.ndarray | None = None
+    explanation_text: np.ndarray | None = None
 
 
 class UserBackend(ABC):

@@ -197,7 +197,8 @@ class LLMUserBackend(UserBackend):
                 text = "" if request.promotion_text is None else str(request.promotion_text[b, k])
                 if text and prompts.is_injection(text):
                     flagged.add(int(item))
-                slate.append((int(item), cat.titles[item], text))
+                why = "" if request.explanation_text is None else str(request.explanation_text[b, k])
+                slate.append((int(item), cat.titles[item], text, why))
             out.append(prompts.user_messages(persona, history, slate, self.cfg.defence))
             injected.append(flagged)
         return out, injected

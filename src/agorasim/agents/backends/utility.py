@@ -12,10 +12,11 @@ LIKED, DISAPPOINTED, NOT_INTERESTED, PREFERRED_OTHER = range(len(REASONS))
 
 
 def perceived_utility(request: SlateRequest, position_bias: float) -> np.ndarray:
-    """``U + trust_u * hype_ui - b * log2(pos + 1)``; -inf on padding slots."""
+    """``U + trust_u * (hype_ui + explain_ui) - b * log2(pos + 1)``; -inf on padding slots."""
     k = request.slates.shape[1]
     bias = position_bias * np.log2(np.arange(k) + 1.0)
-    value = request.true_utility + request.trust[:, None] * request.hype - bias
+    pull = request.hype if request.explain_pull is None else request.hype + request.explain_pull
+    value = request.true_utility + request.trust[:, None] * pull - bias
     return np.where(request.slates >= 0, value, -np.inf)
 
 

@@ -54,6 +54,10 @@ def fake_answer(request: ChatRequest) -> str:
                    "reason": "told to" if i in obeyed else "fits me" if i == pick else "not for me"}
                   for i in ids[:3] + ([pick] if pick is not None and pick not in ids[:3] else [])]
         return json.dumps(answer)
+    if "Write an explanation" in prompt:  # names the aspects it is given, two at most
+        aspects = re.search(r"Aspects: (.*)", prompt).group(1)
+        named = [] if aspects == "none listed" else aspects.split(", ")[:2]
+        return f"You will like it: {' and '.join(named)}." if named else "A good match for you."
     if "Write a promotion" in prompt:
         product = re.search(r"Product: (.*)", prompt).group(1)
         facts = re.search(r"Facts: (.*)", prompt).group(1)
