@@ -155,22 +155,25 @@ def test_the_learned_explainer_learns_the_reasons_and_grounded_decoding_never_mi
 
 
 # -- in the market -------------------------------------------------------------------------------
-def test_explanations_in_the_market_persuasion_raises_clicks_but_not_decisions():
-    """The paper's claim on a small world, 1 seed: against no explanation, the persuasive template
-    raises clicks; against the honest one it decides worse, misrepresents, and its text F1 is close."""
+def test_a_persuasive_explainer_raises_clicks_costs_trust_and_text_f1_hides_most_of_it():
+    """The paper's check on a small world, 1 seed, 40 rounds (the explanations scenario has 3 seeds):
+    against no explanation, the persuasive (free) template raises clicks; against the honest one it
+    misrepresents a share of what it names and costs trust, while its text F1 against the users'
+    true reasons falls by much less than the share it gets wrong."""
     base = ["market.n_users=2000", "market.n_items=1000", "market.n_providers=100", "market.dim=32"]
+    keys = ("users/click_rate", "users/trust", "explain/f1", "explain/misrep", "explain/click_lift")
 
     def run(sets):
         rows = _rows(_market(base + sets), 40)[10:]
-        return {k: float(np.nanmean([r.get(k, np.nan) for r in rows]))
-                for k in ("users/click_rate", "users/decision_auc", "explain/f1", "explain/misrep", "explain/click_lift")}
+        return {k: float(np.mean([r.get(k, np.nan) for r in rows])) for k in keys}
 
     none, honest = run([]), run(["platform.explain=template"])
     persuasive = run(["platform.explain=template", "platform.explanation.mode=free"])
     assert persuasive["users/click_rate"] > none["users/click_rate"] + 0.05 and persuasive["explain/click_lift"] > 0.03
-    assert honest["explain/misrep"] == 0 and persuasive["explain/misrep"] > 0.03
-    assert persuasive["users/decision_auc"] < honest["users/decision_auc"] - 0.03
-    assert abs(persuasive["explain/f1"] - honest["explain/f1"]) < 0.1
+    assert honest["explain/misrep"] == 0 and persuasive["explain/misrep"] > 0.15
+    assert persuasive["users/trust"] < honest["users/trust"] - 0.01
+    assert 0 < honest["explain/f1"] - persuasive["explain/f1"] < 0.5 * persuasive["explain/misrep"]
+    assert math.isnan(none["explain/f1"])
 
 
 def test_the_round_graph_has_the_explanation_phases_only_when_asked():

@@ -62,6 +62,10 @@ class MarketConfig(_Section):
     social_rewire: float = Field(0.1, ge=0, le=1, description="Watts-Strogatz rewiring prob")
     social_window: int = Field(5, ge=1, description="rounds of friends' clicks that count")
     history_length: int = Field(20, ge=1, description="clicked items kept per user (prompt)")
+    features: Literal["independent", "category"] = Field(
+        "independent", description="how item features are drawn: each with probability 0.3 (independent), or with "
+        "rates of the item's subcategory (category: similar items share features, the world in which auditing a "
+        "claim against the neighbours' features can work; platform.audit=neighbours)")
     content_noise: float = Field(
         0.3, ge=0, description="noise of the observable content embedding the platform sees "
         "(the true vector phi is hidden from the platform)")
@@ -271,6 +275,14 @@ class PlatformConfig(_Section):
         "age", description="new-item boost: every new item gets the bonus (age), or the bonus is spread over the "
         "new items by the evaluator's rank of their predicted outcome, the same mean (evaluator)")
     evaluator: EvaluatorConfig = Field(default_factory=EvaluatorConfig, description="PaperEval evaluator of new items")
+    audit: Literal["none", "attributes", "neighbours"] = Field(
+        "none", description="how far the platform believes promotions when it estimates item utility (EIU): wholly "
+        "(none), only the claims the item's catalogue supports (attributes), or only the claims the features of its "
+        "audit_k nearest items by content support (neighbours, PaperEval-style retrieval; audit/* metrics)")
+    audit_k: int = Field(8, ge=1, description="neighbours the neighbour audit reads")
+    audit_threshold: float = Field(
+        0.25, ge=0, le=1, description="the neighbour audit flags a claimed feature fewer than this share of the "
+        "neighbours list")
     explain: Literal["none", "template", "llm", "learned"] = Field(
         "none", description="explanations attached to every shown item (SELLER): none, a template over the named "
         "aspects, a language model (platform.explanation.writer), or the learned dual-path explainer")

@@ -59,6 +59,7 @@ class WorldSpec:
     top_centres: np.ndarray  # (n_categories, d)
     sub_centres: np.ndarray  # (n_categories, n_subcategories, d)
     provider_home: np.ndarray  # (n_providers,) home top category of each provider
+    feature_rates: np.ndarray | None = None  # (n_categories, n_subcategories, F) with market.features=category
 
     @classmethod
     def sample(cls, rng: np.random.Generator, cfg: MarketConfig) -> WorldSpec:
@@ -66,7 +67,8 @@ class WorldSpec:
         sub = _unit(top[:, None, :] + 0.6 * rng.normal(size=(cfg.n_categories, cfg.n_subcategories, cfg.dim))
                     / np.sqrt(cfg.dim) * np.sqrt(cfg.dim) / 2)
         home = rng.integers(0, cfg.n_categories, cfg.n_providers)
-        return cls(top, sub, home)
+        rates = feature_rates(rng, cfg.n_categories, cfg.n_subcategories) if cfg.features == "category" else None
+        return cls(top, sub, home, rates)
 
     def add_providers(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """Register ``count`` new providers; returns their ids."""
@@ -74,6 +76,13 @@ class WorldSpec:
         self.provider_home = np.concatenate(
             [self.provider_home, rng.integers(0, len(self.top_centres), count)])
         return np.arange(start, start + count)
+
+
+def feature_rates(rng: np.random.Generator, n_top: int, n_sub: int) -> np.ndarray:
+    """(n_top, n_sub, F) feature rates of each subcategory for ``market.features=category``: each
+    feature common (0.8) or rare (0.05) in a subcategory, common with probability 0.3, so the mean
+    rate stays near the independent world's 0.3 while similar items share their features."""
+    return np.where(rng.random((n_top, n_sub, N_FEATURES)) < 0.3, 0.8, 0.05)
 
 
 def sample_items(rng: np.random.Generator, spec: WorldSpec, providers: np.ndarray) -> dict:
@@ -88,8 +97,9 @@ def sample_items(rng: np.random.Generator, spec: WorldSpec, providers: np.ndarra
     sub = rng.integers(0, n_sub, count)
     embedding = _unit(spec.sub_centres[top, sub] + 0.35 * rng.normal(size=(count, dim)) / np.sqrt(dim) * 2)
     price_band = rng.integers(0, len(PRICE_BANDS), count)
-    # each feature present with probability 0.3, as a bit mask
-    features = (rng.random((count, N_FEATURES)) < 0.3) @ (1 << np.arange(N_FEATURES))
+    # each feature present with probability 0.3 (or its subcategory's rate), as a bit mask
+    rate = 0.3 if spec.feature_rates is None else spec.feature_rates[top, sub]
+    features = (rng.random((count, N_FEATURES)) < rate) @ (1 << np.arange(N_FEATURES))
     quality = rng.normal(0.0, 0.5, count).astype(np.float32)
     titles = [render_title(int(p), int(t), int(s), int(b), int(f))
               for p, t, s, b, f in zip(providers, top, sub, price_band, features)]

@@ -115,6 +115,10 @@ def _amazon_world(config: Config, rng: np.random.Generator) -> World:
     rank = np.empty(len(names), np.int64)
     rank[np.argsort(-counts, kind="stable")] = np.arange(len(names))
     provider = np.minimum(rank[brand_ids], cfg.n_providers - 1)
+    feature_rate = 0.3
+    if cfg.features == "category":  # rates of the item's k-means (coarse, fine) category
+        rates = synthetic.feature_rates(rng, len(coarse.centroids), len(fine.centroids))
+        feature_rate = rates[top[:, 0], sub[:, 0]]
     spec = synthetic.WorldSpec(top_centres=unit_rows(coarse.centroids),
                                sub_centres=unit_rows(coarse.centroids[:, None, :] + fine.centroids[None, :, :]),
                                provider_home=np.zeros(int(provider.max()) + 1, np.int64))
@@ -125,7 +129,7 @@ def _amazon_world(config: Config, rng: np.random.Generator) -> World:
         titles=list(data.titles), embedding=embedding, quality=quality, provider=provider,
         category=np.stack([top[:, 0], sub[:, 0]], 1).astype(np.int64), brand=brand_ids.astype(np.int64),
         price_band=rng.integers(0, len(synthetic.PRICE_BANDS), n_items),
-        features=(rng.random((n_items, synthetic.N_FEATURES)) < 0.3) @ (1 << np.arange(synthetic.N_FEATURES)),
+        features=(rng.random((n_items, synthetic.N_FEATURES)) < feature_rate) @ (1 << np.arange(synthetic.N_FEATURES)),
     )
     # hold back the items first seen last for arrivals, when the scenario asks for arrivals
     first_seen = np.full(n_items, np.iinfo(np.int64).max)

@@ -24,6 +24,7 @@ from agorasim.env.round_graph import build_round_graph
 from agorasim.metrics import accuracy, exposure
 from agorasim.metrics.round import EXPLANATION_KEYS, RoundArrays, explanation_row, round_row
 from agorasim.platform import ExposureLedger, RerankRequest, make_reranker, take_columns
+from agorasim.platform.audit import NeighbourAuditor, audit_row
 from agorasim.platform.estimates import expected_item_utility, group_targets, popularity_groups
 from agorasim.platform.evaluator import ItemEvaluator
 from agorasim.platform.explain import ExplainRequest, Explanations, build_explainer, item_aspects
@@ -88,6 +89,8 @@ class Market(mesa.Model):
         self.ledger = ExposureLedger(config.platform.ledger_window)
         self.evaluator = build_evaluator(config, self.world.catalogue.content.shape[1])  # None: off
         self.retriever = Retriever(config.env.retrieval)
+        p = config.platform
+        self.auditor = NeighbourAuditor(p.audit_k, p.audit_threshold) if p.audit == "neighbours" else None
         cat = self.world.catalogue
         self.explainer = build_explainer(config.platform.explain, config.platform.explanation, cat.embedding.shape[1],
                                          cat.content.shape[1], self.engines, agents.llm, config.run.seed)  # None: off
@@ -161,14 +164,26 @@ class Market(mesa.Model):
 
     def promote(self, profiles: np.ndarray, ranked: np.ndarray) -> tuple[Promotions, np.ndarray]:
         """Item agents promote themselves to each user; returns promotions and expected item
-        utility EIU = sigmoid(3 * content match with the user's profile + promotion pull)."""
+        utility EIU = sigmoid(3 * content match with the user's profile + believed pull), the pull
+        discounted by the platform's audit (``platform.audit``, ``platform/audit.py``)."""
         cat = self.world.catalogue
         self.items.choose_strategies(self.rngs["items"])
         safe = np.maximum(ranked, 0)
         promotions = self.items.promote(cat.provider[safe], cat.features[safe], ranked >= 0, self.rngs["items"])
         if not self.reranker.uses_item_utility:
             return promotions, np.ones(ranked.shape)
-        return promotions, expected_item_utility(profiles, cat.content[safe], promotions.hype)
+        believed = promotions.hype
+        if self.config.platform.audit == "attributes":
+            believed = promotions.hype * promotions.accuracy
+        elif self.auditor is not None:
+            believed = promotions.hype * self.audit(ranked, promotions.claimed).supported_share(promotions.claimed)
+        return promotions, expected_item_utility(profiles, cat.content[safe], believed)
+
+    def audit(self, items: np.ndarray, claimed: np.ndarray):
+        """The neighbour audit of the promotions ``claimed`` of ``items`` (B, K), against the
+        features of the items listed now."""
+        cat = self.world.catalogue
+        return self.auditor.audit(items, claimed, cat.content[: cat.n], cat.features[: cat.n], cat.alive_ids())
 
     def rerank(self, ranked: np.ndarray, scores: np.ndarray, eiu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The platform's slates: (slates, their columns in ``ranked``)."""
@@ -365,6 +380,8 @@ class Market(mesa.Model):
         if train:
             self.train_rows.append({"round": w.round, **train})
         row.update({k: v for k, v in train.items() if not k.startswith("time/")})
+        if self.auditor is not None:  # the neighbour audit of the shown promotions against the catalogue
+            row.update(audit_row(shown.claimed, shown.unsupported, self.audit(slates, shown.claimed) if len(slates) else None))
         if self.explainer is not None:  # SELLER's evaluation; NaN in a round nobody visits
             reaction = state.get("reaction")
             if reaction is None:

@@ -33,8 +33,8 @@ The adaptation, in the market ([inf] where the paper is silent, each a config fi
 
 Two uses: ``scores`` gives the platform's prior for new items (``platform.boost_score=evaluator``
 ranks new items by it in the new-item boost, ``platform/rerankers.py``); the prequential figures go
-to the metrics row as ``evaluator/*``. Not built: the promotion auditor that checks claims against
-the neighbours' attributes.
+to the metrics row as ``evaluator/*``. The same retrieval idea audits promotions against the
+neighbours' features in ``platform/audit.py``.
 """
 
 from __future__ import annotations
