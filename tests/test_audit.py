@@ -98,9 +98,12 @@ def test_eiu_believes_only_audited_claims():
         market.rngs["items"].bit_generator.state = state
         cat = market.world.catalogue
         content = cat.content[np.maximum(ranked, 0)]
-        believed = {"none": lambda: promotions.hype, "attributes": lambda: promotions.hype * promotions.accuracy,
-                    "neighbours": lambda: promotions.hype * market.audit(ranked, promotions.claimed).supported_share(
-                        promotions.claimed)}[audit]()
+        if audit == "none":
+            believed = promotions.hype
+        elif audit == "attributes":
+            believed = promotions.hype * promotions.accuracy
+        else:
+            believed = promotions.hype * market.audit(ranked, promotions.claimed).supported_share(promotions.claimed)
         assert np.allclose(eiu, expected_item_utility(profiles, content, believed))
         results[audit] = (promotions.accuracy < 1).any() and not np.allclose(believed, promotions.hype)
     assert results == {"none": False, "attributes": True, "neighbours": True}
