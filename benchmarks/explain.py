@@ -9,7 +9,9 @@ the next round are then explained N times by each explainer (``platform/explain.
   every shown item (one batch), and one training round (``steps`` Adam steps) timed apart;
 - llm: a text engine writes each explanation (``--engine fake`` by default, ``hf`` for the embedded
   SmolLM2-135M-Instruct); only the first ``--llm-items`` shown items are explained, each a
-  distinct request (the memo is cleared), so the figure is the engine's own throughput.
+  distinct request (the memo is cleared), so the figure is the engine's own throughput;
+  ``llm_read_share`` is the share of them whose aspects were read from the engine's text (the
+  rest named no aspect and fell back to the template).
 
 The last line printed is one JSON object.
 
@@ -50,7 +52,7 @@ def main() -> None:
 
     from agorasim.config import build_config
     from agorasim.env.market import Market
-    from agorasim.platform.explain import ExplainRequest, LLMExplainer, TemplateExplainer
+    from agorasim.platform.explain import ExplainRequest, LLMExplainer, TemplateExplainer, render
 
     torch.set_num_threads(args.threads)
     market = Market(build_config({}, SMALL + ["platform.explain=learned"]))
@@ -86,6 +88,10 @@ def main() -> None:
         llm.explain(small, rng)
 
     t_llm = best_of(fresh, 1 if args.engine == "hf" else args.repeats)
+    out = llm.explain(small, rng)
+    shown = small.slates >= 0
+    # explanations whose aspects were read from the engine's text (the rest fell back to the template)
+    read = np.mean([text != render(a, llm.names) for text, a in zip(out.text[shown], out.aspects[shown])])
     result = {
         "benchmark": "explain", "shown_items": n_items, "aspects": cfg.n_aspects,
         "template_per_s": round(n_items / t_template, 1),
@@ -93,6 +99,7 @@ def main() -> None:
         "learned_train_round_s": round(t_train, 3), "learned_train_steps": cfg.steps,
         "learned_vs_template": round(t_learned / t_template, 1),
         "llm_engine": args.engine, "llm_items": n_llm, "llm_per_s": round(n_llm / t_llm, 2),
+        "llm_read_share": round(float(read), 3),
         "threads": args.threads,
     }
     print(f"template {result['template_per_s']}/s, learned {result['learned_per_s']}/s "

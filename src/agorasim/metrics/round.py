@@ -159,8 +159,10 @@ def explanation_row(named: np.ndarray, reasons: np.ndarray, misrep: np.ndarray, 
     n_named, n_reasons = (named >= 0).sum(), (reasons[explained] >= 0).sum()
     precision = hits / n_named if n_named else float("nan")
     recall = hits / n_reasons if n_reasons else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if n_named and n_reasons and precision + recall > 0 else (
-        0.0 if n_named and n_reasons else float("nan"))
+    if not (n_named and n_reasons):
+        f1 = float("nan")
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
     finite = lift is not None and np.isfinite(lift).any()
     return {"explain/precision": float(precision), "explain/recall": float(recall), "explain/f1": float(f1),
             "explain/misrep": float(misrep[explained].mean()) if explained.any() else float("nan"),

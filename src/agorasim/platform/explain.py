@@ -29,6 +29,7 @@ in ``agents/users.py``.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,7 +129,7 @@ class Explanations:
     text: np.ndarray
 
 
-class Explainer:
+class Explainer(ABC):
     """Base explainer: subclasses choose the aspects; text is the template's unless overridden."""
 
     name = "explainer"
@@ -142,8 +143,9 @@ class Explainer:
         aspects = np.where((request.slates >= 0)[:, :, None], self.choose(request, rng), -1)
         return Explanations(aspects, self.texts(request, aspects))
 
+    @abstractmethod
     def choose(self, request: ExplainRequest, rng: np.random.Generator) -> np.ndarray:
-        raise TypeError(f"{type(self).__name__} must choose its aspects")
+        """(B, K, E) the aspects to name for every slot (padding slots are blanked by ``explain``)."""
 
     def texts(self, request: ExplainRequest, aspects: np.ndarray) -> np.ndarray:
         out = np.full(request.slates.shape, "", dtype=object)
@@ -179,8 +181,10 @@ class TemplateExplainer(Explainer):
 
 class LLMExplainer(Explainer):
     """A text engine writes each explanation (memoised per item, liked aspects and last purchase);
-    the aspects it names are read back from the text (at most E, in the order written). A failed
-    call falls back to the template's choice and text, so the round goes on."""
+    the aspects it names are read back from the text (at most E, in the order written), so a model
+    that names an aspect the item lacks in grounded mode is counted as misrepresenting. A failed
+    call, or a text that names no aspect, falls back to the template's choice and text, so the
+    round goes on."""
 
     name = "llm"
     MEMO_LIMIT = 200_000
@@ -192,8 +196,11 @@ class LLMExplainer(Explainer):
         self.meter = Meter("explain", llm_cfg.price_in, llm_cfg.price_out)
         self.memo: dict[tuple, str | None] = {}
 
+    def choose(self, request, rng):  # what a failed call falls back to
+        return self.fallback.choose(request, rng)
+
     def explain(self, request, rng):
-        template = self.fallback.choose(request, rng)
+        template = self.choose(request, rng)
         liked = top_aspects(request.profile, np.ones(request.profile.shape, bool), 3)
         rows, slots = np.nonzero(request.slates >= 0)
         keys, todo = [], {}
@@ -222,9 +229,7 @@ class LLMExplainer(Explainer):
                 aspects[b, k] = template[b, k]
                 text[b, k] = render(template[b, k], self.names)
                 continue
-            if self.cfg.mode == "grounded":  # a grounded explainer may name only listed aspects
-                named = [a for a in named if request.listed[b, k, a]]
-            aspects[b, k, : len(named)] = named
+            aspects[b, k, : len(named)] = named  # what the text names, listed or not (misrep counts it)
             text[b, k] = written
         return Explanations(aspects, text)
 
