@@ -13,8 +13,15 @@ from agorasim.config import build_config
 from agorasim.env.conformance import check_policy
 from agorasim.env.market import Market
 from agorasim.policy import parse_policy_params
-from agorasim.policy.mindrec import (MASK, ItemSpace, MindRecPolicy, build_encoder, child_index_codes,
-                                     diffusion_beam_search, masked_diffusion_loss)
+from agorasim.policy.mindrec import (
+    MASK,
+    ItemSpace,
+    MindRecPolicy,
+    build_encoder,
+    child_index_codes,
+    diffusion_beam_search,
+    masked_diffusion_loss,
+)
 from agorasim.run import checkpoint
 from agorasim.scenarios import load_scenario
 
@@ -205,3 +212,21 @@ def test_market_run_is_deterministic_and_resumable():
     resumed = checkpoint.loads(checkpoint.dumps(first))
     resumed.step()
     assert json.dumps(resumed.rows) == json.dumps(straight.rows)
+
+
+@pytest.mark.slow  # title embeddings (cached after the first run), then tiny models
+def test_offline_eval_reports_the_mindrec_arms_deterministically(tmp_path):
+    from agorasim.run.offline import evaluate
+
+    tiny = dict(quick=True, progress=False, valid_rows=30, test_rows=30, train_users=100, methods=[], mindrec=True,
+                beams=10)
+    a = evaluate(out_dir=tmp_path / "a", seed=1, **tiny)
+    b = evaluate(out_dir=tmp_path / "b", seed=1, **tiny)
+    for arm in ("mindrec_faithful", "mindrec_trie", "mindrec_l2r"):
+        assert 0 <= a[f"{arm}/test/hr@1"] <= a[f"{arm}/test/hr@10"] <= 1
+        assert f"info/{arm}/test_ndcg@10_gain_se" in a
+    assert a["info/mindrec_trie/invalid_share"] == 0 and a["info/mindrec_l2r/invalid_share"] == 0
+    assert 0 <= a["info/mindrec_faithful/invalid_share"] <= 1
+    assert "mindrec_faithful" in (tmp_path / "a" / "offline.md").read_text()
+    drop = {"info/time/seconds"}
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}

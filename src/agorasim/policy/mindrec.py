@@ -694,7 +694,7 @@ class MindRecPolicy(Policy):
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return losses
 
     def _train_step(self, obs: Observation, rng: np.random.Generator) -> dict[str, float]:

@@ -93,6 +93,30 @@ def mindrec_arms(policy: MindRecPolicy, test: Rows, beams: int) -> tuple[dict[st
     return ranked, stats
 
 
+def offline_arms(generative, embeddings: np.ndarray, train: Rows, valid: Rows, splits: dict[str, Rows], config,
+                 streams, info: dict, log) -> dict[str, dict[str, np.ndarray]]:
+    """The MindRec arms inside ``agorasim eval --mindrec``: the offline config's model size, SFT
+    epochs, learning rate and beams; rankings per arm and split (statistics of the test split into
+    ``info``)."""
+    params = config.policy
+    policy = build_mindrec(generative, embeddings, dict(hidden=params.hidden, layers=params.layers, heads=params.heads,
+                                                        prompt_items=params.prompt_items, max_len=params.max_len,
+                                                        sft_lr=params.sft_lr, sft_batch=params.sft_batch,
+                                                        beams=config.beams),
+                           seed=int(np.random.default_rng(streams[4]).integers(2**31)))
+    best = train_mindrec(policy, train, valid, params.sft_epochs, 1, config.valid_beams,
+                         int(np.random.default_rng(streams[5]).integers(2**31)), log)
+    info.update({f"mindrec/{k}": v for k, v in best.items()})
+    ranked: dict[str, dict[str, np.ndarray]] = {arm: {} for arm in ARMS}
+    for split, rows in splits.items():
+        arms, stats = mindrec_arms(policy, rows, config.beams)
+        for arm in ARMS:
+            ranked[arm][split] = arms[arm]
+        if split == "test":
+            info.update({k: v for k, v in stats.items() if not k.endswith("seconds")})
+    return ranked
+
+
 def report_table(results: dict[str, dict[str, float]], gains: dict[str, dict[str, tuple[float, float]]]) -> str:
     """Markdown: HR@K / NDCG@K per model, then paired differences against SFT."""
     cols = [f"hr@{k}" for k in KS] + [f"ndcg@{k}" for k in KS]
@@ -112,9 +136,8 @@ def run(out_dir: str | Path, seed: int = 0, train_users: int | None = None, vali
     """The comparison end to end on the vendored Industrial_and_Scientific data; writes
     ``mindrec.json`` and ``mindrec.md`` in ``out_dir``."""
     from agorasim.data.amazon import item_embeddings, load_amazon
-    from agorasim.run.offline import (Progress, build_generative, load_rows, make_config, rank_generative,
-                                      train_sft)
     from agorasim.policy.threads import torch_threads
+    from agorasim.run.offline import Progress, build_generative, load_rows, make_config, rank_generative, train_sft
 
     log = Progress(True)
     config = make_config(seed, train_users=train_users, valid_rows=valid_rows, test_rows=test_rows, beams=max(beams, 10),
