@@ -204,6 +204,7 @@ def test_invalid_outputs_are_replaced_by_listed_items_not_in_the_row():
 
 def test_market_run_is_deterministic_and_resumable():
     straight = tiny_market("policy.params.mode=trie")
+    assert straight.policy.mode == "trie"
     for _ in range(4):
         straight.step()
     first = tiny_market("policy.params.mode=trie")
