@@ -20,6 +20,7 @@ def main() -> None:
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--sft-epochs", type=int, default=16)
     p.add_argument("--mindrec-epochs", type=int, default=16)
+    p.add_argument("--no-ar", action="store_true", help="skip the SFT (AR) model; compare MindRec's decodings")
     p.add_argument("--quick", action="store_true", help="a tiny run to check the set-up")
     args = p.parse_args()
     if args.quick:
@@ -27,7 +28,7 @@ def main() -> None:
             mindrec_epochs=2, eval_every=1, hidden=32)
     else:
         run(args.out, args.seed, valid_rows=args.valid_rows, test_rows=args.test_rows, beams=args.beams,
-            sft_epochs=args.sft_epochs, mindrec_epochs=args.mindrec_epochs)
+            sft_epochs=args.sft_epochs, mindrec_epochs=args.mindrec_epochs, ar=not args.no_ar)
 
 
 if __name__ == "__main__":
