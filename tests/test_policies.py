@@ -81,7 +81,7 @@ def test_conformance_rejects_broken_policies(broken, message):
 
 
 def test_make_policy_explains_bad_input():
-    with pytest.raises(ValueError, match="allowed: bpr, generative, popularity, random, sasrec"):
+    with pytest.raises(ValueError, match="allowed: bpr, generative, mindrec, popularity, random, sasrec"):
         make_policy("nope")
     with pytest.raises(ValueError, match="unknown parameter.*colour"):
         make_policy("bpr", colour=3)

@@ -95,11 +95,15 @@ def make_policy(name: str, params: PolicyParams | None = None, /, **kwargs) -> P
     return POLICIES[name](**{field: getattr(typed, field) for field in type(typed).model_fields})
 
 
+from agorasim.policy.mindrec import MindRecPolicy  # noqa: E402 - registers after the registry exists
+
+register_policy("mindrec", MindRecPolicy)
+
 __all__ = [
     "CatalogueView",
     "LogView",
     "Observation",
-    "POLICIES", "BPRPolicy", "Policy", "PopularityPolicy", "RandomPolicy", "RecommendRequest",
+    "POLICIES", "BPRPolicy", "MindRecPolicy", "Policy", "PopularityPolicy", "RandomPolicy", "RecommendRequest",
     "PolicyParams", "RefittingPolicy", "SASRecPolicy", "ScoringPolicy", "make_policy", "params_model",
     "parse_policy_params", "policy_params",
     "register_policy", "top_k",

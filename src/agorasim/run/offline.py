@@ -138,6 +138,10 @@ class OfflineConfig(BaseModel):
     sasrec_eval_every: int = Field(10, ge=1, description="SASRec epochs between validation scores")
     # -- report ---------------------------------------------------------------------------------
     beams: int = Field(50, ge=10, description="beams of the reported generative rankings (>= 10)")
+    mindrec: bool = Field(
+        False, description="also train MindRec (policy/mindrec.py: 8x4 k-means category tree before the same "
+        "semantic ids, masked diffusion) and report it decoded paper-faithfully, trie-consistently and left to "
+        "right at the same beams (run/mindrec_offline.py)")
     report_valid: bool = Field(
         False, description="also report the selected models on the validation rows, with the test "
         "decoding (costs two more 50-beam passes)")
@@ -220,7 +224,9 @@ def rl_config(config: OfflineConfig, method: str):
 
 def model_names(config: OfflineConfig) -> tuple[str, ...]:
     """Reported models: SASRec, SFT, then ``sft+<method>`` for each method."""
-    return BASE_MODELS + tuple(f"sft+{m}" for m in config.methods)
+    from agorasim.run.mindrec_offline import ARMS
+
+    return BASE_MODELS + tuple(f"sft+{m}" for m in config.methods) + (ARMS if config.mindrec else ())
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -513,6 +519,8 @@ def _label(model: str) -> str:
         return "SASRec"
     if model == "sft":
         return "SFT (generative)"
+    if "+" not in model:
+        return model
     return f"SFT+{model.split('+', 1)[1].upper()} (generative)"
 
 
@@ -725,6 +733,13 @@ def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig,
     log(f"sft: test ndcg@10 {results['test']['sft']['ndcg@10']:.4f}")
     sft_state = _snapshot(generative.model)
     exposure = offline_exposure(interactions)
+    if config.mindrec:
+        from agorasim.run.mindrec_offline import offline_arms
+
+        for arm, ranked in offline_arms(generative, embeddings, train, valid, splits, config, streams, info, log).items():
+            report(arm, ranked)
+            gain, error = paired_difference(ranked_sft["test"], ranked["test"], test.target)
+            info.update({f"{arm}/test_ndcg@10_gain": gain, f"{arm}/test_ndcg@10_gain_se": error})
 
     for method in config.methods:
         key = f"sft+{method}"
@@ -790,6 +805,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="comma-separated training methods run from the SFT model (rl.method "
                    "names; default grpo)")
     p.add_argument("--beams", type=int, default=50, help="beams of the generative rankings (default 50)")
+    p.add_argument("--mindrec", action="store_true", help="also report MindRec (faithful, trie-consistent, "
+                   "left to right) at the same beams")
     return p
 
 
@@ -801,5 +818,5 @@ def main(argv: list[str] | None = None) -> int:
     if args.method is not None and not methods:
         raise UserInputError(f"eval --method: expected comma-separated method names, got {args.method!r}")
     evaluate(data_dir=args.data, out_dir=args.out, seed=args.seed, quick=args.quick, sft_epochs=args.sft_epochs,
-             grpo_steps=args.grpo_steps, beams=args.beams, methods=methods)
+             grpo_steps=args.grpo_steps, beams=args.beams, methods=methods, mindrec=args.mindrec or None)
     return 0
