@@ -183,15 +183,17 @@ def _batches(n: int, batch: int, generator: torch.Generator):
 
 
 def train_prompts(lm: RatingLM, head: RatingHead, table: torch.Tensor, users: np.ndarray, items: np.ndarray,
-                  stars: np.ndarray, epochs: int, lr: float, batch: int, generator: torch.Generator) -> int:
+                  stars: np.ndarray, epochs: int, lr: float, batch: int, generator: torch.Generator,
+                  prompts_learn: bool = True) -> int:
     """Train the prompts of ``users`` (rows of ``table``, updated in place) and ``head`` on their
     ratings, the LM frozen; returns the optimiser steps. Only the rows in the data are optimised
-    (a fresh Adam over them), so other users' prompts never drift on stale moments."""
+    (a fresh Adam over them), so other users' prompts never drift on stale moments.
+    ``prompts_learn=False``: the head alone learns (the prompts stay as they are)."""
     if len(users) == 0 or epochs == 0:
         return 0
     rows, index = np.unique(users, return_inverse=True)
-    own = table[torch.from_numpy(rows)].clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([own, *head.parameters()], lr=lr)
+    own = table[torch.from_numpy(rows)].clone().requires_grad_(prompts_learn)
+    optimizer = torch.optim.Adam([own, *head.parameters()] if prompts_learn else list(head.parameters()), lr=lr)
     target = torch.as_tensor(stars, dtype=torch.float32)
     steps = 0
     head.train()
@@ -203,7 +205,8 @@ def train_prompts(lm: RatingLM, head: RatingHead, table: torch.Tensor, users: np
                 loss.backward()
                 optimizer.step()
                 steps += 1
-    table[torch.from_numpy(rows)] = own.detach()
+    if prompts_learn:
+        table[torch.from_numpy(rows)] = own.detach()
     return steps
 
 
@@ -339,8 +342,9 @@ def select_users(prompts: np.ndarray, variance: np.ndarray, budget: int, cluster
     """PUMA's user selection: sorted rows of ``prompts`` (one per eligible user) to train on.
 
     1. k-means (``clusters``; ``kmeans``) on the source prompts;
-    2. from each cluster, ``min(min_per_cluster, size)`` users drawn per rating-variance bin
-       (``stratified_pick``);
+    2. from each cluster, ``min(min_per_cluster, size, budget // clusters)`` users drawn per
+       rating-variance bin (``stratified_pick``; the last cap is ours, so that a budget smaller
+       than ``clusters x min_per_cluster`` still reaches every cluster);
     3. the rest of the budget split by cluster size, drawn the same way from the users not taken;
     4. any shortfall (short bins, rounding) filled at random.
     """
@@ -355,7 +359,7 @@ def select_users(prompts: np.ndarray, variance: np.ndarray, budget: int, cluster
     sizes = np.bincount(labels, minlength=k)
     for c in range(k):
         members = np.flatnonzero(labels == c)
-        want = min(min_per_cluster, len(members), budget - int(chosen.sum()))
+        want = min(min_per_cluster, len(members), max(1, budget // k), budget - int(chosen.sum()))
         if want > 0:
             chosen[stratified_pick(members, variance[members], want, bins, rng)] = True
     remaining = budget - int(chosen.sum())
