@@ -7,7 +7,10 @@ before the upgrade (mean of the ``--before`` rounds up to it) and in the first r
 serves; the dip between them; the rounds until recovery (the first round from the upgrade on whose
 utility is back within one standard deviation of the rounds before it; 0: no dip beyond that
 noise; NaN: not recovered before the run or the next upgrade ended); the prequential rating RMSE of
-the prompts on the first round's ratings (``puma/rmse``); and the migration's compute (seconds from
+the prompts on the first round's ratings (``puma/rmse``); utility and accuracy over the rounds
+after the upgrade (up to the next one), also as the paired difference with the cold arm of the
+same seed (every arm of a seed is the same run until the upgrade, and gets the same new model);
+and the migration's compute (seconds from
 ``train.csv``, optimiser steps ``puma/steps``). Means over seeds [95% percentile-bootstrap interval
 over seeds], as the other studies of the README.
 """
@@ -39,10 +42,12 @@ def around(metrics: pd.DataFrame, train: pd.DataFrame, upgrade: int, end: int, b
         post = by_round.loc[upgrade:end - 1, key].to_numpy(np.float64)
         out[f"{name} before"], out[f"{name} at"] = float(pre.mean()), float(post[0])
         out[f"{name} dip"] = float(pre.mean() - post[0])
+        out[f"{name} after"] = float(post.mean())
         if name == "utility":
             back = np.flatnonzero(post >= pre.mean() - pre.std())
             out["rounds to recovery"] = float(back[0]) if len(back) else float("nan")
     out["rating RMSE at"] = float(by_round.loc[upgrade].get("puma/rmse", np.nan))
+    out["rating RMSE after"] = float(by_round.loc[upgrade:end - 1, "puma/rmse"].mean())
     out["rating RMSE before"] = float(by_round.loc[upgrade - before:upgrade - 1, "puma/rmse"].mean())
     row = by_round.loc[upgrade - 1]  # the policy learned (upgraded) after this round
     out["steps"] = float(row.get("puma/steps", np.nan))
@@ -53,25 +58,38 @@ def around(metrics: pd.DataFrame, train: pd.DataFrame, upgrade: int, end: int, b
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("experiment", type=Path)
+    parser.add_argument("experiments", type=Path, nargs="+", help="experiment folders (their arms are pooled)")
     parser.add_argument("--before", type=int, default=3, help="rounds before the upgrade averaged")
     args = parser.parse_args(argv)
-    arms: dict[tuple[str, int], list[dict[str, float]]] = {}
-    for run_dir in sorted((args.experiment / "arms").glob("*__*")):
-        if not (run_dir / "summary.md").is_file():
-            continue
-        label = run_dir.name.rsplit("__", 1)[0]
+    arms: dict[tuple[str, int], dict[int, dict[str, float]]] = {}
+    run_dirs = sorted(d for e in args.experiments for d in (e / "arms").glob("*__*") if (d / "summary.md").is_file())
+    scheduled = next((upgrade_rounds(d)[:1] for d in run_dirs if upgrade_rounds(d)), [])
+    for run_dir in run_dirs:
+        label, seed = run_dir.name.rsplit("__", 1)
         metrics = pd.read_csv(run_dir / "metrics.csv")
         train = pd.read_csv(run_dir / "train.csv") if (run_dir / "train.csv").is_file() else pd.DataFrame()
-        rounds = upgrade_rounds(run_dir)
+        rounds = upgrade_rounds(run_dir) or scheduled  # a control without upgrades: read at the first one's round
         ends = rounds[1:] + [int(metrics["round"].max()) + 1]
         for n, (upgrade, end) in enumerate(zip(rounds, ends)):
-            arms.setdefault((label, n), []).append(around(metrics, train, upgrade, end, args.before))
-    keys = ["utility before", "utility at", "utility dip", "rounds to recovery", "ndcg before", "ndcg at",
-            "rating RMSE before", "rating RMSE at", "seconds", "steps"]
+            arms.setdefault((label, n), {})[int(seed)] = around(metrics, train, upgrade, end, args.before)
+    # every arm of a seed is the same run until its first upgrade (same world, same new model): the
+    # arms' differences after it are the migration's alone, so they are also read paired with the
+    # cold arm and the no-upgrade control of the same seed
+    for (_label, n), seeds in arms.items():
+        for against in ("cold", "no-upgrade"):
+            control = arms.get((against, n), {})
+            for seed, row in seeds.items():
+                for name in ("utility", "ndcg"):
+                    row[f"{name} after - {against}"] = row[f"{name} after"] - control.get(seed, {}).get(
+                        f"{name} after", np.nan)
+    keys = ["utility before", "utility at", "utility dip", "rounds to recovery", "utility after",
+            "utility after - cold", "utility after - no-upgrade", "ndcg before", "ndcg at", "ndcg after - cold",
+            "ndcg after - no-upgrade", "rating RMSE before", "rating RMSE at", "rating RMSE after", "seconds",
+            "steps"]
     print("| arm | upgrade | seeds | " + " | ".join(keys) + " |")
     print("|---|---|---:|" + "---:|" * len(keys))
-    for (label, n), rows in arms.items():
+    for (label, n), by_seed in sorted(arms.items(), key=lambda a: (a[0][1], a[0][0])):
+        rows = list(by_seed.values())
         cells = []
         for key in keys:
             values = np.array([r[key] for r in rows])
