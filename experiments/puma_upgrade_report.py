@@ -43,6 +43,7 @@ def around(metrics: pd.DataFrame, train: pd.DataFrame, upgrade: int, end: int, b
         out[f"{name} before"], out[f"{name} at"] = float(pre.mean()), float(post[0])
         out[f"{name} dip"] = float(pre.mean() - post[0])
         out[f"{name} after"] = float(post.mean())
+        out[f"{name} window"] = (upgrade, end)
         if name == "utility":
             back = np.flatnonzero(post >= pre.mean() - pre.std())
             out["rounds to recovery"] = float(back[0]) if len(back) else float("nan")
@@ -64,9 +65,11 @@ def main(argv=None) -> int:
     arms: dict[tuple[str, int], dict[int, dict[str, float]]] = {}
     run_dirs = sorted(d for e in args.experiments for d in (e / "arms").glob("*__*") if (d / "summary.md").is_file())
     scheduled = next((upgrade_rounds(d)[:1] for d in run_dirs if upgrade_rounds(d)), [])
+    series: dict[tuple[str, int], pd.DataFrame] = {}
     for run_dir in run_dirs:
         label, seed = run_dir.name.rsplit("__", 1)
         metrics = pd.read_csv(run_dir / "metrics.csv")
+        series[(label, int(seed))] = metrics.set_index("round")
         train = pd.read_csv(run_dir / "train.csv") if (run_dir / "train.csv").is_file() else pd.DataFrame()
         rounds = upgrade_rounds(run_dir) or scheduled  # a control without upgrades: read at the first one's round
         ends = rounds[1:] + [int(metrics["round"].max()) + 1]
@@ -77,11 +80,12 @@ def main(argv=None) -> int:
     # cold arm and the no-upgrade control of the same seed
     for (_label, n), seeds in arms.items():
         for against in ("cold", "no-upgrade"):
-            control = arms.get((against, n), {})
             for seed, row in seeds.items():
-                for name in ("utility", "ndcg"):
-                    row[f"{name} after - {against}"] = row[f"{name} after"] - control.get(seed, {}).get(
-                        f"{name} after", np.nan)
+                for key, name in (("users/utility", "utility"), ("accuracy/ndcg@10", "ndcg")):
+                    control = series.get((against, seed))
+                    start, end = row[f"{name} window"]
+                    base = np.nan if control is None or n > 0 else float(control.loc[start:end - 1, key].mean())
+                    row[f"{name} after - {against}"] = row[f"{name} after"] - base
     keys = ["utility before", "utility at", "utility dip", "rounds to recovery", "utility after",
             "utility after - cold", "utility after - no-upgrade", "ndcg before", "ndcg at", "ndcg after - cold",
             "ndcg after - no-upgrade", "rating RMSE before", "rating RMSE at", "rating RMSE after", "seconds",
