@@ -143,19 +143,20 @@ class GenerativeParams(PolicyParams):
                                    "transformers directory (hidden, layers, heads are then its own)")
     title_tokens: int = Field(0, ge=0, description="with pretrained: title tokens of each history item "
                               "before its codes")
-    puma: PumaParams = Field(default_factory=lambda: PumaParams(), description="per-user soft prompts and "
-                             "their migration across model upgrades (PUMA; policy/puma.py)")
+    puma: PumaParams | None = Field(None, description="per-user soft prompts and their migration across model "
+                                    "upgrades (PUMA; policy/puma.py; None: off)")
 
     @model_validator(mode="after")
     def _upgrades_fit(self) -> GenerativeParams:
-        for up in self.puma.upgrades:
+        upgrades = self.puma.upgrades if self.puma is not None else []
+        for up in upgrades:
             heads = up.heads or self.heads
             if up.round <= self.warmup_rounds:
                 raise ValueError(f"puma.upgrades: round {up.round} must come after the warm-up "
                                  f"(warmup_rounds={self.warmup_rounds})")
             if up.hidden % heads:
                 raise ValueError(f"puma.upgrades: hidden ({up.hidden}) must be a multiple of heads ({heads})")
-        if self.puma.upgrades and self.pretrained is not None:
+        if upgrades and self.pretrained is not None:
             raise ValueError("puma.upgrades: a pretrained LM cannot be upgraded (tiny models only)")
         return self
 
