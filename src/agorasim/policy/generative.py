@@ -14,7 +14,9 @@ Life of the policy in a run:
    mode, by the served items' real feedback and a learned critic for the rest; ``rl.method=none``
    trains by SFT only, the control arm of every method;
 4. optionally, every ``sft_every`` rounds, SFT again on the clicks of the last ``sft_window``
-   rounds (the arm that tells a drifting world from what in-loop RL adds).
+   rounds (the arm that tells a drifting world from what in-loop RL adds);
+5. optionally (``puma``), per-user soft prompts that re-score the served beams, and model
+   upgrades (``puma.upgrades``) after which the prompts are migrated (``policy/puma.py``).
 The policy is the model, its vocabulary and its decoder; the training loop is ``rl.Trainer``,
 shared with the offline protocol (``agorasim eval``). Model, trainer (optimiser, reference) and
 quantiser are plain attributes, so a checkpoint of the market (a pickle) holds them and
@@ -31,7 +33,18 @@ import torch
 from agorasim.policy.base import FeedbackOracle, Policy, RecommendRequest
 from agorasim.policy.baselines import PopularityPolicy
 from agorasim.policy.observation import CatalogueView, LogView, Observation
-from agorasim.policy.params import GenerativeParams
+from agorasim.policy.params import GenerativeParams, PumaParams
+from agorasim.policy.puma import (
+    RatingLM,
+    Ratings,
+    RatingVocabulary,
+    SoftPrompts,
+    migrate,
+    predict_stars,
+    rating_sft,
+    rmse_mae,
+    train_prompts,
+)
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
 from agorasim.policy.threads import torch_threads
 from agorasim.policy.trie import CatalogueTrie, token_logprobs
@@ -87,6 +100,7 @@ class GenerativePolicy(Policy):
             and ``arch`` are then the model's own.
         title_tokens: with ``pretrained``, the first tokens of each history item's title are put
             before its codes in the prompt (ReRe's titles-in-the-prompt; 0: codes only).
+        puma: per-user soft prompts and model upgrades (``PumaParams``; ``policy/puma.py``).
     """
 
     name = "generative"
@@ -97,7 +111,8 @@ class GenerativePolicy(Policy):
                  sft_epochs: int = 10, sft_lr: float = 3e-3, sft_batch: int = 256, sft_every: int = 0,
                  sft_window: int = 20, sft_refit_epochs: int = 2, rl: dict | None = None,
                  max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, device: str = "cpu",
-                 exclude_history: bool = False, pretrained: str | None = None, title_tokens: int = 0):
+                 exclude_history: bool = False, pretrained: str | None = None, title_tokens: int = 0,
+                 puma: PumaParams | dict | None = None):
         if arch not in ("qwen2", "llama"):
             raise ValueError(f"generative: arch must be qwen2 or llama, got {arch!r}")
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, codebook_size=codebook_size, hidden=hidden,
@@ -147,6 +162,10 @@ class GenerativePolicy(Policy):
         self.ready = False  # SFT done: the model serves
         self._served: tuple[np.ndarray, np.ndarray] | None = None  # (users, history) of the round
         self.critic = ServedCritic()
+        self.puma = PumaParams.model_validate(puma.model_dump() if isinstance(puma, PumaParams) else puma or {})
+        self.ratings = Ratings(self.puma.ratings_per_user, self.puma.holdout) if self.puma.enabled else None
+        self.soft_prompts: SoftPrompts | None = None  # trained with the first model (puma.enabled)
+        self.upgrades_done = 0
 
     # -- contract ------------------------------------------------------------------------------
     def bind(self, oracle: FeedbackOracle) -> None:
@@ -169,6 +188,8 @@ class GenerativePolicy(Policy):
                 items, scores = self.beam_search(request.history, k)
             else:
                 items, scores = self.method.serve(self, request.history, k, request.round)
+            if self.soft_prompts is not None and self.puma.rescore_weight > 0:
+                items, scores = self.personalise(request.users, items, scores)
         pad = request.k - items.shape[1]
         if pad > 0:
             items = np.pad(items, ((0, 0), (0, pad)), constant_values=-1)
@@ -183,6 +204,7 @@ class GenerativePolicy(Policy):
         log, catalogue, round = obs.log, obs.catalogue, obs.round
         started = time.perf_counter()
         self._grow(catalogue, rng)
+        puma_metrics = self.observe_ratings(log, round, rng) if self.ratings is not None else {}
         if not self.ready:
             self.behaviour.update(obs, rng)
             if round + 1 < self.warmup_rounds:
@@ -191,11 +213,18 @@ class GenerativePolicy(Policy):
             self.ready = True
             if self.trainer is not None:
                 self.trainer.begin()
+            if self.ratings is not None:
+                metrics.update({**puma_metrics, **self.first_prompts(rng)})
             metrics["time/seconds"] = time.perf_counter() - started
             return metrics
-        metrics = {}
+        metrics = puma_metrics
+        upgrade = self.due_upgrade(round)
+        if upgrade is not None:
+            metrics.update(self.upgrade(upgrade, log, rng))
+        elif self.soft_prompts is not None and self.puma.online_epochs:
+            metrics.update(self.train_visitors(rng))
         if self.sft_every and (round + 1 - self.warmup_rounds) % self.sft_every == 0:
-            metrics = self.sft(log, rng, self.sft_refit_epochs, since_round=round - self.sft_window + 1)
+            metrics.update(self.sft(log, rng, self.sft_refit_epochs, since_round=round - self.sft_window + 1))
             metrics["time/sft_seconds"] = time.perf_counter() - started
         if self.trainer is None or (round + 1) % self.grpo_every or self._served is None or self.oracle is None:
             return metrics
@@ -227,6 +256,8 @@ class GenerativePolicy(Policy):
         """The LM over the current semantic-id vocabulary (plus the method's special tokens), and
         the trainer that owns its optimiser; ``self.ids`` must be fitted."""
         methods = [self.method] if self.method is not None else []
+        if self.puma.enabled:
+            methods.append(RatingVocabulary())
         self.build_lm(methods, seed)
         if self.method is not None:
             from agorasim.rl.trainer import Trainer
@@ -432,3 +463,102 @@ class GenerativePolicy(Policy):
             found = clicked_users[where] == users
             target[found] = clicked_items[where[found]]
         return target
+
+    # -- PUMA: soft prompts and model upgrades (policy/puma.py) ----------------------------------------
+    def observe_ratings(self, log: LogView, round: int, rng: np.random.Generator) -> dict[str, float]:
+        """Keep the round's ratings of what the visitors were shown (the oracle's expected stars),
+        after scoring the users' current prompts on them (prequential ``puma/rmse``, ``puma/mae``)."""
+        shown = log.arrays(since_round=round)
+        users, items = shown["user"][shown["round"] == round], shown["item"][shown["round"] == round]
+        if len(users) == 0 or self.oracle is None:
+            return {}
+        stars = 1.0 + self.oracle.judge(users, items[:, None])["rating"][:, 0] / 2.5
+        metrics = {}
+        if self.soft_prompts is not None:
+            self.soft_prompts.grow(int(users.max()) + 1, torch.Generator().manual_seed(int(rng.integers(2**31))))
+            known = self.soft_prompts.ready[users]
+            if known.any():
+                with torch_threads(self.threads):
+                    predicted = predict_stars(RatingLM.of(self), self.soft_prompts.head,
+                                              self.soft_prompts.table[torch.from_numpy(users[known])], items[known])
+                metrics["puma/rmse"], metrics["puma/mae"] = rmse_mae(predicted, stars[known])
+            metrics["puma/personalised_share"] = float(known.mean())
+        self.ratings.add(users, items, stars.astype(np.float32), rng)
+        return metrics
+
+    def first_prompts(self, rng: np.random.Generator) -> dict[str, float]:
+        """The first model's rating SFT and every user's prompt trained on it (PUMA stage 1)."""
+        started = time.perf_counter()
+        seed = int(rng.integers(2**31))
+        steps = self.fit_rating_tokens(seed)
+        self.soft_prompts = SoftPrompts.fresh(self.hidden, len(self.ratings.count), seed)
+        users, items, stars = self.ratings.rows()
+        steps += train_prompts(RatingLM.of(self), self.soft_prompts.head, self.soft_prompts.table, users, items, stars,
+                               self.puma.prompt_epochs, self.puma.prompt_lr, self.puma.batch,
+                               torch.Generator().manual_seed(seed + 3))
+        self.soft_prompts.ready[np.unique(users)] = True
+        return {"puma/steps": float(steps), "time/puma_seconds": time.perf_counter() - started}
+
+    def fit_rating_tokens(self, seed: int) -> int:
+        """Population rating SFT of the current LM (``puma.rating_sft_epochs``) on every kept rating."""
+        _, items, stars = self.ratings.rows()
+        return rating_sft(RatingLM.of(self), items, stars, self.puma.rating_sft_epochs, self.sft_lr, self.puma.batch,
+                          torch.Generator().manual_seed(seed))
+
+    def train_visitors(self, rng: np.random.Generator) -> dict[str, float]:
+        """One round's online prompt training: the visitors' prompts on their kept ratings."""
+        visitors = np.unique(self._served[0]) if self._served is not None else np.zeros(0, np.int64)
+        users, items, stars = self.ratings.rows(visitors)
+        steps = train_prompts(RatingLM.of(self), self.soft_prompts.head, self.soft_prompts.table, users, items, stars,
+                              self.puma.online_epochs, self.puma.prompt_lr, self.puma.batch,
+                              torch.Generator().manual_seed(int(rng.integers(2**31))))
+        self.soft_prompts.ready[np.unique(users)] = True
+        return {"puma/online_steps": float(steps)}
+
+    def due_upgrade(self, round: int):
+        """The upgrade whose first served round is the next one, if any."""
+        for n, upgrade in enumerate(self.puma.upgrades):
+            if n >= self.upgrades_done and upgrade.round == round + 1:
+                return upgrade
+        return None
+
+    def upgrade(self, upgrade, log: LogView, rng: np.random.Generator) -> dict[str, float]:
+        """Replace the LM by a new one of another shape and seed (``UpgradeParams``), SFT it on the
+        log (it must serve), then migrate the prompts by ``puma.arm``; returns the upgrade's row
+        (``puma/upgrade``, the new width, the migration's cost)."""
+        started = time.perf_counter()
+        self.hidden, self.layers = upgrade.hidden, upgrade.layers
+        self.heads = upgrade.heads or self.heads
+        self.build_model(seed=upgrade.seed)
+        metrics = self.sft(log, rng, self.sft_epochs)
+        if self.trainer is not None:
+            self.trainer.begin()
+        self.upgrades_done += 1
+        metrics.update({"puma/upgrade": float(self.upgrades_done), "puma/hidden": float(self.hidden)})
+        seed = int(rng.integers(2**31))
+        if self.soft_prompts is not None:
+            self.fit_rating_tokens(seed)
+            metrics["time/upgrade_sft_seconds"] = time.perf_counter() - started
+            self.soft_prompts, cost = migrate(self.puma.arm, self.puma, self.soft_prompts, RatingLM.of(self),
+                                              self.ratings, seed)
+            metrics.update(cost)
+        return metrics
+
+    def personalise(self, users: np.ndarray, items: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Re-score the beams of users with a trained prompt: log-probability + ``rescore_weight`` x
+        predicted stars under the prompt, best first (padding stays last)."""
+        prompts = self.soft_prompts
+        prompts.grow(int(users.max()) + 1 if len(users) else 0, torch.Generator().manual_seed(len(prompts.table)))
+        rows = np.flatnonzero(prompts.ready[users])
+        if len(rows) == 0:
+            return items, scores
+        sub = items[rows]
+        r, c = np.nonzero(sub >= 0)
+        stars = predict_stars(RatingLM.of(self), prompts.head, prompts.table[torch.from_numpy(users[rows][r])], sub[r, c])
+        new = np.full(sub.shape, -np.inf)
+        new[r, c] = scores[rows][r, c] + self.puma.rescore_weight * stars
+        order = np.argsort(-new, axis=1, kind="stable")
+        items, scores = items.copy(), scores.copy()
+        items[rows] = np.take_along_axis(sub, order, 1)
+        scores[rows] = np.take_along_axis(new, order, 1)
+        return items, scores

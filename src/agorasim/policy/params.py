@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agorasim.config import ComponentParams
 
@@ -60,6 +60,61 @@ class SASRecParams(RefitParams):
     threads: int | None = Field(1, ge=1, description="torch threads while training (None: torch's default)")
 
 
+class UpgradeParams(PolicyParams):
+    """One model upgrade of the generative policy (PUMA's scenario: the platform replaces its LM)."""
+
+    round: int = Field(..., ge=1, description="first round served by the new model (it is built, SFT-trained on the "
+                       "log and the users' prompts migrated after round - 1)")
+    hidden: int = Field(..., ge=1, description="width of the new LM (a multiple of heads)")
+    layers: int = Field(..., ge=1, description="transformer layers of the new LM")
+    heads: int | None = Field(None, ge=1, description="attention heads of the new LM (None: the current model's)")
+    seed: int = Field(..., ge=0, description="seed of the new LM's initial weights (a different seed: an "
+                      "incompatible model)")
+
+
+class PumaParams(PolicyParams):
+    """Per-user soft prompts and their migration across model upgrades (PUMA, arXiv 2601.12034;
+    ``policy/puma.py``). Off by default: the policy then has no prompts and ``upgrades`` swap the
+    model only."""
+
+    enabled: bool = Field(False, description="learn one soft prompt per user (rating prediction on the user's "
+                          "own ratings) and re-score the served beams by it")
+    rescore_weight: float = Field(1.0, ge=0, description="served score = beam log-probability + this x the "
+                                  "predicted stars under the user's prompt (users with a trained prompt)")
+    ratings_per_user: int = Field(40, ge=2, description="most recent ratings kept per user (the prompts' data)")
+    holdout: float = Field(0.2, ge=0, lt=1, description="share of each user's ratings held out of training "
+                           "(puma/rmse and the offline protocol read them)")
+    prompt_lr: float = Field(1e-2, gt=0, description="Adam learning rate of the prompts and the rating head")
+    prompt_epochs: int = Field(15, ge=1, description="epochs of the full prompt training (the first model's, "
+                               "and every user's prompt again in the retrain arm; PUMA stage 1: 15)")
+    online_epochs: int = Field(1, ge=0, description="epochs each round over the round's visitors' ratings "
+                               "(0: prompts frozen between upgrades)")
+    batch: int = Field(256, ge=1, description="ratings per optimiser step of prompt and adapter training")
+    rating_sft_epochs: int = Field(2, ge=0, description="epochs of population rating SFT of each new LM (no "
+                                   "user prompt) before it is frozen, so its rating tokens mean stars")
+    arm: Literal["cold", "retrain", "puma", "puma-random"] = Field(
+        "puma", description="migration at an upgrade: cold (new prompts, untrained: no personalisation until "
+        "visits retrain them), retrain (every user's prompt trained again on the new model), puma (adapter "
+        "trained on selected users maps every old prompt), puma-random (the adapter on random users)")
+    budget: int = Field(200, ge=1, description="users whose ratings train the adapter (PUMA's user budget)")
+    clusters: int = Field(15, ge=1, description="k-means clusters of the source prompts in user selection")
+    bins: int = Field(5, ge=1, description="rating-variance bins per cluster in user selection")
+    min_per_cluster: int = Field(50, ge=0, description="users taken from every cluster first (at most its size)")
+    adapter_hidden: int = Field(256, ge=1, description="hidden width of the adapter's MLPs (the paper: 4096)")
+    adapter_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the adapter and the new rating head")
+    adapter_epochs: int = Field(20, ge=1, description="epochs over the selected users' ratings")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout of the adapter's MLPs")
+    upgrades: list[UpgradeParams] = Field(default_factory=list, description="model upgrades in round order (two: "
+                                          "a chained A -> B -> C migration)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PumaParams:
+        rounds = [u.round for u in self.upgrades]
+        if rounds != sorted(set(rounds)):
+            raise ValueError(f"puma.upgrades: rounds must be strictly increasing, got {rounds}")
+        return self
+
+
 class GenerativeParams(PolicyParams):
     """The generative recommender over semantic item ids, trained in the loop (``rl``)."""
 
@@ -88,3 +143,20 @@ class GenerativeParams(PolicyParams):
                                    "transformers directory (hidden, layers, heads are then its own)")
     title_tokens: int = Field(0, ge=0, description="with pretrained: title tokens of each history item "
                               "before its codes")
+    puma: PumaParams | None = Field(None, description="per-user soft prompts and their migration across model "
+                                    "upgrades (PUMA; policy/puma.py; None: off)")
+
+    @model_validator(mode="after")
+    def _upgrades_fit(self) -> GenerativeParams:
+        upgrades = self.puma.upgrades if self.puma is not None else []
+        for up in upgrades:
+            heads = up.heads or self.heads
+            if up.round <= self.warmup_rounds:
+                raise ValueError(f"puma.upgrades: round {up.round} must come after the warm-up "
+                                 f"(warmup_rounds={self.warmup_rounds})")
+            if up.hidden % heads:
+                raise ValueError(f"puma.upgrades: hidden ({up.hidden}) must be a multiple of heads ({heads})")
+        if upgrades and self.pretrained is not None:
+            raise ValueError("puma.upgrades: a pretrained LM cannot be upgraded (tiny models only)")
+        return self
+
