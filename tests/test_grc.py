@@ -238,13 +238,19 @@ def test_bad_settings_are_one_line_errors():
         GRCPolicy(**TINY, rl={"method": "ugr"})
 
 
-def test_bad_settings_exit_2_from_the_cli(tmp_path, capsys):
+@pytest.mark.parametrize("setting, message", [
+    ("policy.params={correct_top: 0, draft_beams: 0}", "draft_beams"),
+    ("policy.params={decoding: sample}", "decoding"),
+    ("rl.method=ugr", "rl.method must be grpo"),
+])
+def test_bad_settings_exit_2_from_the_cli(tmp_path, capsys, setting, message):
     from agorasim.cli import main
 
-    code = main(["run", "--scenario", "cold-start", "--out", str(tmp_path), "--no-progress", "--set",
-                 "policy.name=grc", "--set", "policy.params={correct_top: 0, draft_beams: 0}"])
+    code = main(["run", "--scenario", "cold-start", "--out", str(tmp_path / "runs"), "--no-progress", "--set",
+                 "policy.name=grc", "--set", setting])
     err = capsys.readouterr().err
-    assert code == 2 and "draft_beams" in err and err.count("\n") == 1
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def tiny_market(*extra):
