@@ -286,3 +286,11 @@ def test_offline_grc_arm_reports_drafts_corrections_and_entropy_ranks(tmp_path):
         assert 0 <= metrics[f"{model}/test/hr@1"] <= metrics[f"{model}/test/hr@10"] <= 1
     report = (tmp_path / "offline.md").read_text()
     assert "## GRC" in report and "| supervised+RL | 3 |" in report
+
+
+def test_after_placement_keeps_the_drafts():
+    drafts = np.array([[10, 11, 12, 13]])
+    columns = np.array([[2, 0]])
+    corrected = np.array([[30, 11]])  # the correction of slot 0 repeats slot 1: dropped
+    np.testing.assert_array_equal(apply_corrections(drafts, columns, corrected, "after"), [[10, 11, 12, 30]])
+    np.testing.assert_array_equal(apply_corrections(drafts, columns, np.array([[-1, -1]]), "after"), drafts)

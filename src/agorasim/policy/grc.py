@@ -42,6 +42,9 @@ class GRCSettings(PolicyParams):
     draft_beams: int = Field(10, ge=1, description="B: top draft beams whose reflection entropy EGRS compares")
     correct_top: int = Field(3, ge=0, description="correction budget: drafts corrected per user, highest "
                              "reflection entropy first (0: none)")
+    placement: Literal["replace", "after"] = Field(
+        "replace", description="where a correction goes: replace = its draft's slot (the spec), after = right "
+        "after its draft, which stays listed (a variant)")
     triple_beams: int = Field(6, ge=1, description="drafts per SFT pair for the triples: the SFT model's top beams")
     grc_sft_epochs: int = Field(2, ge=1, description="epochs of the supervised GRC stage after each SFT")
     grc_sft_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the supervised GRC stage")
@@ -70,7 +73,7 @@ class GRCPolicy(GenerativePolicy):
     """GRC with EGRS on the generative recommender (module docstring).
 
     Args:
-        decoding, draft_beams, correct_top, triple_beams, grc_sft_epochs, grc_sft_lr, lambda_rc,
+        decoding, draft_beams, correct_top, placement, triple_beams, grc_sft_epochs, grc_sft_lr, lambda_rc,
             lambda_loc, lambda_imp, task_reward: ``GRCSettings``.
         **generative: ``GenerativePolicy``'s arguments (``rl.method`` must be grpo or none).
     """
@@ -78,12 +81,13 @@ class GRCPolicy(GenerativePolicy):
     name = "grc"
     Params = GRCParams
 
-    def __init__(self, decoding: str = "grc", draft_beams: int = 10, correct_top: int = 3, triple_beams: int = 6,
+    def __init__(self, decoding: str = "grc", draft_beams: int = 10, correct_top: int = 3, placement: str = "replace",
+                 triple_beams: int = 6,
                  grc_sft_epochs: int = 2, grc_sft_lr: float = 1e-3, lambda_rc: float = 1.0, lambda_loc: float = 0.5,
                  lambda_imp: float = 0.5, task_reward: str = "rating", **generative):
         super().__init__(**generative)
         self.settings = GRCSettings(decoding=decoding, draft_beams=draft_beams, correct_top=correct_top,
-                                    triple_beams=triple_beams, grc_sft_epochs=grc_sft_epochs, grc_sft_lr=grc_sft_lr,
+                                    placement=placement, triple_beams=triple_beams, grc_sft_epochs=grc_sft_epochs, grc_sft_lr=grc_sft_lr,
                                     lambda_rc=lambda_rc, lambda_loc=lambda_loc, lambda_imp=lambda_imp,
                                     task_reward=task_reward)
         if self.rl.method not in ("grpo", "none"):

@@ -131,14 +131,28 @@ def egrs_select(entropy, budget: int) -> np.ndarray:
     return np.argsort(-entropy, axis=1, kind="stable")[:, :budget]
 
 
-def apply_corrections(drafts: np.ndarray, columns: np.ndarray, corrected: np.ndarray) -> np.ndarray:
-    """``(B, n)`` the drafts with column ``columns[b, j]`` replaced by ``corrected[b, j]`` where that
-    is an item (``-1``: left as drafted), then deduplicated: an item keeps its first slot, later
-    repeats are dropped and the row is ``-1`` padded at the end."""
-    final = drafts.copy()
+PLACEMENTS = ("replace", "after")
+
+
+def apply_corrections(drafts: np.ndarray, columns: np.ndarray, corrected: np.ndarray,
+                      placement: str = "replace") -> np.ndarray:
+    """``(B, n)`` the final lists: the drafts with the correction ``corrected[b, j]`` of column
+    ``columns[b, j]`` where that is an item (``-1``: left as drafted), deduplicated (an item keeps
+    its first slot, later repeats are dropped, the row is ``-1`` padded at the end).
+
+    ``placement``: ``replace`` (the spec) puts the correction in its draft's slot; ``after`` keeps
+    the draft and lists the correction right after it, pushing the rest down (a variant that
+    cannot drop a draft from the top n + corrections)."""
     rows = np.repeat(np.arange(len(drafts)), columns.shape[1]).reshape(columns.shape)
     change = corrected >= 0
-    final[rows[change], columns[change]] = corrected[change]
+    if placement == "replace":
+        final = drafts.copy()
+        final[rows[change], columns[change]] = corrected[change]
+    else:
+        assert placement == "after", placement
+        final = np.full((len(drafts), 2 * drafts.shape[1]), -1, np.int64)
+        final[:, 0::2] = drafts
+        final[rows[change], 2 * columns[change] + 1] = corrected[change]
     return merge_ranked(final, np.zeros((len(final), 0), np.int64), drafts.shape[1])
 
 
@@ -228,11 +242,11 @@ class EGRSResult:
 
 @torch.no_grad()
 def egrs_decode(policy, history: np.ndarray, beams: int, draft_beams: int, budget: int,
-                chunk: int = 256, shared_prompt: bool | None = None) -> EGRSResult:
+                chunk: int = 256, shared_prompt: bool | None = None, placement: str = "replace") -> EGRSResult:
     """EGRS at serving: ``beams + budget`` draft beams (so that ``beams`` distinct items remain
     whatever the corrections repeat); the reflection entropy of the top ``draft_beams``; greedy
-    reflection and correction of the ``budget`` highest-entropy ones; in-place replacement,
-    deduplication (``apply_corrections``) and the first ``beams`` items kept. ``drafts`` are the
+    reflection and correction of the ``budget`` highest-entropy ones; in-place replacement (or
+    ``placement=after``), deduplication (``apply_corrections``) and the first ``beams`` items kept. ``drafts`` are the
     first ``beams`` drafts (the draft ranking of the same decoding)."""
     policy.model.eval()
     depth = policy.levels + 1
@@ -256,7 +270,7 @@ def egrs_decode(policy, history: np.ndarray, beams: int, draft_beams: int, budge
         corrected, _ = correct(policy, ids[index], mask[index], policy.tokens[np.maximum(chosen, 0)].reshape(-1, depth),
                                loc.reshape(-1), greedy=True, item_mask=exclude)
         corrected = corrected.reshape(chosen.shape)
-        ranked = apply_corrections(drafts, columns, corrected)[:, :beams]
+        ranked = apply_corrections(drafts, columns, corrected, placement)[:, :beams]
         parts.append(EGRSResult(drafts[:, :beams], entropy, columns, loc, corrected, ranked))
     if not parts:
         empty = np.zeros((0, beams), np.int64)
@@ -362,7 +376,7 @@ class GRCMethod(Method):
         if s.decoding == "draft":
             items, _ = policy.beam_search(history, k)
         else:
-            items = egrs_decode(policy, history, k, s.draft_beams, s.correct_top).ranked
+            items = egrs_decode(policy, history, k, s.draft_beams, s.correct_top, placement=s.placement).ranked
         scores = np.where(items >= 0, -np.arange(items.shape[1], dtype=np.float64)[None, :], -np.inf)
         return items, scores
 

@@ -23,7 +23,7 @@ import torch
 
 from agorasim.metrics.accuracy import dcg_weights
 from agorasim.policy.grc import GRCSettings, supervised_stage
-from agorasim.rl.grc import EGRSResult, GRCMethod, egrs_decode, first_wrong
+from agorasim.rl.grc import PLACEMENTS, EGRSResult, GRCMethod, apply_corrections, egrs_decode, first_wrong
 from agorasim.rl.judges import TargetJudge
 from agorasim.rl.trainer import Prompts, Trainer
 
@@ -37,7 +37,8 @@ def grc_method(rl, settings: GRCSettings, levels: int) -> GRCMethod:
 
 def rank_grc(policy, history: np.ndarray, beams: int, settings: GRCSettings) -> EGRSResult:
     """The EGRS decoding of ``history`` rows with ``beams`` listed items (shared-prompt cache)."""
-    return egrs_decode(policy, history, beams, settings.draft_beams, settings.correct_top, shared_prompt=True)
+    return egrs_decode(policy, history, beams, settings.draft_beams, settings.correct_top, shared_prompt=True,
+                       placement=settings.placement)
 
 
 def per_row(ranked: np.ndarray, target: np.ndarray, metric: str) -> np.ndarray:
@@ -167,15 +168,21 @@ def grc_report(stages: dict[str, EGRSResult], ranked_sft: np.ndarray, ranked_grp
     check, and the gain per corrected beam by entropy rank, for each stage."""
     lines = ["", "## GRC (generation, reflection, correction) with EGRS", "",
              f"Same test rows and {ranked_sft.shape[1]} listed items for every row. EGRS: the reflection entropy of "
-             f"the top {settings.draft_beams} drafts, the {settings.correct_top} highest corrected in place "
-             "(greedy reflection and correction), the list deduplicated. Paired difference against plain SFT "
+             f"the top {settings.draft_beams} drafts, the {settings.correct_top} highest corrected (greedy "
+             "reflection and correction; replace = in the draft's slot, after = right after the kept draft), the "
+             "list deduplicated. Paired difference against plain SFT "
              "(mean, standard error over the test rows):", "",
              "| model | " + " | ".join(m.replace("hr", "HR").replace("ndcg", "NDCG") for m in metrics) + " |",
              "|" + "---|" * (len(metrics) + 1)]
     compared = dict(ranked_grpo)
+    other = next(p for p in PLACEMENTS if p != settings.placement)
     for stage, result in stages.items():
         compared[f"GRC {stage}, draft"] = result.drafts
-        compared[f"GRC {stage}, corrected"] = result.ranked
+        compared[f"GRC {stage}, corrected ({settings.placement})"] = result.ranked
+        # the other placement of the same corrections (serving-only: no model call; its list is cut
+        # from the first n drafts, so it can differ from a served one below rank n - budget)
+        compared[f"GRC {stage}, corrected ({other})"] = apply_corrections(result.drafts, result.columns,
+                                                                          result.corrected, other)
     for name, ranked in compared.items():
         diffs = paired(ranked_sft, ranked, target, metrics)
         lines.append(f"| {name} | " + " | ".join(f"{d:+.4f} ({se:.4f})" for d, se in diffs.values()) + " |")
