@@ -199,7 +199,7 @@ def grc_report(stages: dict[str, EGRSResult], ranked_sft: np.ndarray, ranked_grp
             lines.append(f"| {stage} | {row['rank']:.0f} | {row['entropy']:.3f} | {row['draft_rank']:.2f} | "
                          f"{row['changed']:.3f} | {row['draft_hit']:.4f} | {row['hit']:+.4f} | {row['prefix']:+.4f} |")
     lines += ["", "Stages: supervised epoch {:.0f} of {} (valid NDCG@10 corrected {:.4f}; greedy reflection = l* on "
-              "{:.1%} of the training triples), RL step {:.0f} (valid NDCG@10 corrected {:.4f}).".format(
+              "{:.1%} of the training triples after the last epoch), RL step {:.0f} (valid NDCG@10 corrected {:.4f}).".format(
                   info["sft+grc/sft_epoch"], settings.grc_sft_epochs, info["sft+grc/sft_valid_ndcg@10"],
                   info["sft+grc/reflection_accuracy"], info["sft+grc/step"], info["sft+grc/valid_ndcg@10"]), ""]
     return "\n".join(lines)
