@@ -294,3 +294,21 @@ def test_after_placement_keeps_the_drafts():
     corrected = np.array([[30, 11]])  # the correction of slot 0 repeats slot 1: dropped
     np.testing.assert_array_equal(apply_corrections(drafts, columns, corrected, "after"), [[10, 11, 12, 30]])
     np.testing.assert_array_equal(apply_corrections(drafts, columns, np.array([[-1, -1]]), "after"), drafts)
+
+
+def test_entropy_rank_gains_by_hand():
+    from agorasim.rl.grc import EGRSResult
+    from agorasim.run.offline_grc import entropy_rank_gains
+
+    tokens = np.array([[3, 13], [3, 14], [4, 13], [4, 14]])  # D = 2
+    # row 0: draft 0 (the target) corrected to 1; row 1: draft 2 corrected to 0 (the target, not listed);
+    # row 2: draft 3 corrected to 0 (the target, already listed by draft 0: no list gain)
+    result = EGRSResult(drafts=np.array([[0, 2], [2, 3], [0, 3]]), entropy=np.ones((3, 2)),
+                        columns=np.array([[0], [0], [1]]), loc=np.full((3, 1), 2),
+                        corrected=np.array([[1], [0], [0]]), ranked=np.zeros((3, 2), np.int64))
+    (row,) = entropy_rank_gains(result, np.array([0, 0, 0]), tokens)
+    assert row["hit"] == pytest.approx((-1 + 1 + 1) / 3)
+    assert row["list_hit"] == pytest.approx((-1 + 1 + 0) / 3)
+    # prefix match / 2: row 0 1 -> 1/2, row 1 0 -> 1, row 2 0 -> 1
+    assert row["prefix"] == pytest.approx(((0.5 - 1) + (1 - 0) + (1 - 0)) / 3)
+    assert row["draft_hit"] == pytest.approx(1 / 3) and row["changed"] == 1.0

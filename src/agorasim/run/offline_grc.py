@@ -63,9 +63,13 @@ def paired(ranked_a: np.ndarray, ranked_b: np.ndarray, target: np.ndarray, metri
 
 def entropy_rank_gains(result: EGRSResult, target: np.ndarray, tokens: np.ndarray) -> list[dict[str, float]]:
     """Per entropy rank j of the corrected drafts (0 = highest entropy): the mean gain of the final
-    item over its draft in hit (``hit``) and prefix match (``prefix``, shared leading tokens / D),
-    the share of drafts really changed (``changed``: a correction exists), the share whose draft
-    was the target (``draft_hit``), the mean entropy and the mean draft rank (1-based)."""
+    item over its draft in hit (``hit``: 1[final = target] - 1[draft = target] at that slot) and
+    prefix match (``prefix``, shared leading tokens / D); ``list_hit``, the beam's own change to
+    whether the list holds the target (+1 when its correction is the target and no draft was,
+    -1 when its draft was the target: ``hit`` also counts a correction that repeats a target another
+    draft already lists, which the deduplicated list does not gain); the share of drafts really
+    changed (``changed``: a correction exists), the share whose draft was the target
+    (``draft_hit``), the mean entropy and the mean draft rank (1-based)."""
     depth = tokens.shape[1]
     drafts = np.take_along_axis(result.drafts, result.columns, 1)
     final = np.where(result.corrected >= 0, result.corrected, drafts)
@@ -75,10 +79,13 @@ def entropy_rank_gains(result: EGRSResult, target: np.ndarray, tokens: np.ndarra
         return np.where(items >= 0, (first_wrong(tokens[np.maximum(items, 0)], target_tokens) - 1) / depth, 0.0)
 
     hit_final, hit_draft = (final == target[:, None]), (drafts == target[:, None])
+    listed = (result.drafts == target[:, None]).any(1, keepdims=True)
+    list_gain = (hit_final & ~listed).astype(float) - hit_draft
     entropy = np.take_along_axis(result.entropy, result.columns, 1)
     rows = []
     for j in range(result.columns.shape[1]):
         rows.append({"rank": float(j + 1), "hit": float((hit_final[:, j].astype(float) - hit_draft[:, j]).mean()),
+                     "list_hit": float(list_gain[:, j].mean()),
                      "prefix": float((prefix(final[:, j]) - prefix(drafts[:, j])).mean()),
                      "changed": float((result.corrected[:, j] >= 0).mean()),
                      "draft_hit": float(hit_draft[:, j].mean()), "entropy": float(entropy[:, j].mean()),
@@ -193,11 +200,12 @@ def grc_report(stages: dict[str, EGRSResult], ranked_sft: np.ndarray, ranked_grp
     lines += ["", "Gain of each corrected beam over its draft, by entropy rank (1 = highest reflection entropy; "
               "hit and prefix match with the target, means over the test rows):", "",
               "| stage | entropy rank | mean entropy | mean draft rank | corrected share | draft was the target | "
-              "hit gain | prefix gain |", "|---|---|---|---|---|---|---|---|"]
+              "hit gain | list hit gain | prefix gain |", "|---|---|---|---|---|---|---|---|---|"]
     for stage, result in stages.items():
         for row in entropy_rank_gains(result, target, tokens):
             lines.append(f"| {stage} | {row['rank']:.0f} | {row['entropy']:.3f} | {row['draft_rank']:.2f} | "
-                         f"{row['changed']:.3f} | {row['draft_hit']:.4f} | {row['hit']:+.4f} | {row['prefix']:+.4f} |")
+                         f"{row['changed']:.3f} | {row['draft_hit']:.4f} | {row['hit']:+.4f} | {row['list_hit']:+.4f} | "
+                         f"{row['prefix']:+.4f} |")
     lines += ["", "Stages: supervised epoch {:.0f} of {} (valid NDCG@10 corrected {:.4f}; greedy reflection = l* on "
               "{:.1%} of the training triples after the last epoch), RL step {:.0f} (valid NDCG@10 corrected {:.4f}).".format(
                   info["sft+grc/sft_epoch"], settings.grc_sft_epochs, info["sft+grc/sft_valid_ndcg@10"],
