@@ -17,6 +17,7 @@ from agorasim.policy.base import Policy, RecommendRequest, ScoringPolicy, top_k
 from agorasim.policy.baselines import PopularityPolicy, RandomPolicy, RefittingPolicy
 from agorasim.policy.bpr import BPRPolicy
 from agorasim.policy.generative import GenerativePolicy
+from agorasim.policy.grc import GRCPolicy
 from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.params import PolicyParams
 from agorasim.policy.sasrec import SASRecPolicy
@@ -27,6 +28,7 @@ POLICIES: dict[str, type[Policy]] = {
     "bpr": BPRPolicy,
     "sasrec": SASRecPolicy,
     "generative": GenerativePolicy,
+    "grc": GRCPolicy,
 }
 
 

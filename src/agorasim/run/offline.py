@@ -47,6 +47,7 @@ from agorasim.errors import UserInputError
 from agorasim.metrics import exposure as exposure_metrics
 from agorasim.metrics.accuracy import dcg_weights, hr_at_k, ndcg_next_item_at_k
 from agorasim.policy.generative import GenerativePolicy
+from agorasim.policy.grc import GRCSettings
 from agorasim.policy.params import GenerativeParams
 from agorasim.policy.sasrec import SASRec, SASRecPolicy, next_item_windows, torch_threads
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
@@ -130,6 +131,9 @@ class OfflineConfig(BaseModel):
         "policy near it)")
     grpo_eval_every: int = Field(10, ge=1, description="training steps between validation scores")
     grad_clip: float = Field(1.0, gt=0, description="max gradient norm (SFT and GRPO)")
+    grc: GRCSettings | None = Field(
+        None, description="the GRC arm's settings (policy.grc.GRCSettings; run/offline_grc.py), reported as "
+        "sft+grc-draft and sft+grc; None: no GRC arm (--grc: task_reward prefix, the other defaults)")
     # -- SASRec ---------------------------------------------------------------------------------
     sasrec_dim: int = Field(64, ge=2, description="SASRec embedding width")
     sasrec_epochs: int = Field(200, ge=1, description="SASRec epochs over the training windows")
@@ -224,9 +228,11 @@ def rl_config(config: OfflineConfig, method: str):
 
 def model_names(config: OfflineConfig) -> tuple[str, ...]:
     """Reported models: SASRec, SFT, then ``sft+<method>`` for each method."""
-    from agorasim.run.mindrec_offline import ARMS
+    from agorasim.run.mindrec_offline import ARMS as MINDREC_ARMS
+    from agorasim.run.offline_grc import ARMS as GRC_ARMS
 
-    return BASE_MODELS + tuple(f"sft+{m}" for m in config.methods) + (ARMS if config.mindrec else ())
+    return (BASE_MODELS + tuple(f"sft+{m}" for m in config.methods) + (GRC_ARMS if config.grc is not None else ())
+            + (MINDREC_ARMS if config.mindrec else ()))
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -343,7 +349,12 @@ def build_generative(embeddings: np.ndarray, config: OfflineConfig, rng: np.rand
     # the vocabulary holds every method's special tokens (none for grpo, so its model is unchanged)
     from agorasim.rl.methods import make_method
 
-    policy.build_lm([make_method(rl_config(config, m)) for m in config.methods], seed=int(rng.integers(2**31)))
+    methods = [make_method(rl_config(config, m)) for m in config.methods]
+    if config.grc is not None:  # its reflection tokens
+        from agorasim.run.offline_grc import grc_method
+
+        methods.append(grc_method(rl_config(config, "grpo"), config.grc, params.levels))
+    policy.build_lm(methods, seed=int(rng.integers(2**31)))
     policy.ready = True
     return policy
 
@@ -741,6 +752,7 @@ def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig,
             gain, error = paired_difference(ranked_sft["test"], ranked["test"], test.target)
             info.update({f"{arm}/test_ndcg@10_gain": gain, f"{arm}/test_ndcg@10_gain_se": error})
 
+    ranked_methods = {}
     for method in config.methods:
         key = f"sft+{method}"
         generative.model.load_state_dict(sft_state)
@@ -750,12 +762,22 @@ def _evaluate(data_dir: str | Path | None, out_dir: Path, config: OfflineConfig,
         info.update({f"{key}/{k}": v for k, v in best.items()})
         ranked = {split: rank_generative(generative, rows, config.beams) for split, rows in splits.items()}
         report(key, ranked)
+        ranked_methods[_label(key).split(" ")[0]] = ranked["test"]
         gain, error = paired_difference(ranked_sft["test"], ranked["test"], test.target)
         info.update({f"{key}/test_ndcg@10_gain": gain, f"{key}/test_ndcg@10_gain_se": error})
         log(f"{key}: test ndcg@10 {results['test'][key]['ndcg@10']:.4f} ({gain:+.4f} +- {error:.4f} over SFT)")
 
+    grc_section = ""
+    if config.grc is not None:
+        from agorasim.run.offline_grc import run_arm
+
+        grc_section = run_arm(generative, sft_state, train, valid, splits, config, streams, exposure, ranked_sft,
+                              ranked_methods, report, info, log)
     info["time/seconds"] = time.perf_counter() - started
     table = write_report(out_dir, results, info, config, data.source)
+    if grc_section:
+        with open(out_dir / "offline.md", "a") as f:
+            f.write(grc_section)
     log("test split:\n" + table)
     log(f"report: {out_dir / 'offline.md'}  ({info['time/seconds']:.0f} s)")
     metrics = {f"{model}/{split}/{metric}": value for split, by_model in results.items()
@@ -807,6 +829,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--beams", type=int, default=50, help="beams of the generative rankings (default 50)")
     p.add_argument("--mindrec", action="store_true", help="also report MindRec (faithful, trie-consistent, "
                    "left to right) at the same beams")
+    p.add_argument("--grc", action="store_true", help="add the GRC arm (sft+grc-draft, sft+grc; prefix-match reward)")
     return p
 
 
@@ -818,5 +841,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.method is not None and not methods:
         raise UserInputError(f"eval --method: expected comma-separated method names, got {args.method!r}")
     evaluate(data_dir=args.data, out_dir=args.out, seed=args.seed, quick=args.quick, sft_epochs=args.sft_epochs,
-             grpo_steps=args.grpo_steps, beams=args.beams, methods=methods, mindrec=args.mindrec or None)
+             grpo_steps=args.grpo_steps, beams=args.beams, methods=methods, mindrec=args.mindrec or None,
+             grc={"task_reward": "prefix"} if args.grc else None)
     return 0
