@@ -81,7 +81,7 @@ def test_conformance_rejects_broken_policies(broken, message):
 
 
 def test_make_policy_explains_bad_input():
-    with pytest.raises(ValueError, match="allowed: bpr, generative, mindrec, popularity, random, sasrec"):
+    with pytest.raises(ValueError, match="allowed: bpr, generative, grc, mindrec, popularity, random, sasrec"):
         make_policy("nope")
     with pytest.raises(ValueError, match="unknown parameter.*colour"):
         make_policy("bpr", colour=3)
@@ -315,6 +315,9 @@ def test_every_policy_documents_its_parameters_in_a_typed_model():
         signature = inspect.signature(cls.__init__)
         ctor = {p.name: p.default for p in list(signature.parameters.values())[1:]
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        base = next((b for b in cls.__mro__[1:] if b in POLICIES.values()), None)
+        if base is not None and any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+            ctor = {**{f: i.default for f, i in base.Params.model_fields.items()}, **ctor}  # the rest goes to its base
         assert {f: i.default for f, i in model.model_fields.items()} == ctor, name
         assert all(info.description for info in model.model_fields.values()), name
     with pytest.raises(ValueError, match=r"policy 'bpr': dim: Input should be greater than or equal to 1 \(got 0\)"):

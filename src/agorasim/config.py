@@ -174,11 +174,11 @@ class GroundingConfig(_Section):
 
 
 class AgentsConfig(_Section):
-    users: UserAgentsConfig = Field(default_factory=UserAgentsConfig)
-    items: ItemAgentsConfig = Field(default_factory=ItemAgentsConfig)
-    llm: LLMConfig = Field(default_factory=LLMConfig)
-    cache: CacheConfig = Field(default_factory=CacheConfig)
-    grounding: GroundingConfig = Field(default_factory=GroundingConfig)
+    users: UserAgentsConfig = Field(default_factory=UserAgentsConfig, description="the user agents: utility, reactions, dynamics")
+    items: ItemAgentsConfig = Field(default_factory=ItemAgentsConfig, description="the item agents: promotion, exits")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="the language model behind every text engine")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="record or replay language-model responses")
+    grounding: GroundingConfig = Field(default_factory=GroundingConfig, description="MGFRec multi-round grounding")
 
 
 class EvaluatorConfig(_Section):
@@ -516,14 +516,14 @@ class RunConfig(_Section):
 class Config(_Section):
     scenario: str = Field("custom", description="scenario name")
     description: str = Field("", description="what the scenario studies")
-    market: MarketConfig = Field(default_factory=MarketConfig)
-    agents: AgentsConfig = Field(default_factory=AgentsConfig)
-    platform: PlatformConfig = Field(default_factory=PlatformConfig)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
-    env: EnvConfig = Field(default_factory=EnvConfig)
-    rl: RLConfig = Field(default_factory=RLConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    market: MarketConfig = Field(default_factory=MarketConfig, description="the world: population, catalogue, arrivals")
+    agents: AgentsConfig = Field(default_factory=AgentsConfig, description="users, items and their language models")
+    platform: PlatformConfig = Field(default_factory=PlatformConfig, description="the platform agent: re-ranking, audits, explanations")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="the recommender policy")
+    env: EnvConfig = Field(default_factory=EnvConfig, description="retrieval of the candidate pools")
+    rl: RLConfig = Field(default_factory=RLConfig, description="in-loop training of a generative policy")
+    run: RunConfig = Field(default_factory=RunConfig, description="rounds, seed, outputs, checkpoints")
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="variants, seeds and sweeps of an experiment")
 
     @model_validator(mode="after")
     def _fill_policy_params(self) -> Config:
