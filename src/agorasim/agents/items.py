@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agorasim.agents import prompts
-from agorasim.agents.engines import ChatRequest, Engine, Meter
+from agorasim.agents.engines import ChatRequest, Engine, Meter, fill_memo
 from agorasim.config import ItemAgentsConfig
 from agorasim.metrics.round import unsupported_share
 
@@ -192,15 +192,8 @@ class PromotionWriter:
                                                       "grounded" if self.mode == "grounded" else "free", key[2])
                 todo[key] = ChatRequest(messages=messages, max_tokens=80, temperature=self.cfg.temperature,
                                         top_p=self.cfg.top_p, seed=(self.seed * 7919 + key[0] * 31 + key[1]) % 2**31)
-        if todo:
-            if len(self.memo) + len(todo) > self.MEMO_LIMIT:
-                self.memo.clear()
-            responses = self.engine.generate(list(todo.values()))
-            self.meter.add(responses)
-            for key, response in zip(todo, responses):
-                # a failed call falls back to the template text, so the round goes on
-                self.memo[key] = (prompts.clip_words(response.text.strip().strip('"'))
-                                  if response.error is None and response.text.strip() else None)
+        # a failed call falls back to the template text, so the round goes on
+        fill_memo(self.engine, self.meter, self.memo, todo, self.MEMO_LIMIT, prompts.clip_words)
         out = []
         for n, key in enumerate(keys):
             text = self.memo.get(key) if intensity[n] > 0 else ""

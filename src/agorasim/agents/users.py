@@ -16,6 +16,7 @@ them (no click, or a rating under 3 stars) run out of patience and churn.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,7 +170,7 @@ class UserAgents:
         valid = named >= 0
         n = valid.sum(2)
         safe = np.maximum(named, 0)
-        align = np.where(valid, np.take_along_axis(liking[:, None, :].repeat(named.shape[1], 1), safe, 2), 0).sum(2)
+        align = np.where(valid, np.take_along_axis(liking[:, None, :], safe, 2), 0).sum(2)
         lacks = valid & ~np.take_along_axis(listed, safe, 2)
         align = np.where(n > 0, align / np.maximum(n, 1), 0.0)
         misrep = np.where(n > 0, lacks.sum(2) / np.maximum(n, 1), 0.0)
@@ -183,7 +184,7 @@ class UserAgents:
         cfg = self.cfg
         with_pull = choice_probabilities(perceived_utility(request, cfg.position_bias), cfg.outside_utility,
                                          cfg.temperature)[:, -1]
-        bare = SlateRequest(**{**request.__dict__, "explain_pull": None})
+        bare = dataclasses.replace(request, explain_pull=None)
         without = choice_probabilities(perceived_utility(bare, cfg.position_bias), cfg.outside_utility,
                                        cfg.temperature)[:, -1]
         return np.where(self.backend.llm_rows(request.users), np.nan, without - with_pull)

@@ -208,13 +208,14 @@ class Market(mesa.Model):
         ranked, promotions = append_unpromoted(ranked, promotions, slates)
         return slates, _columns_of(ranked, slates), ranked, promotions
 
-    def explain(self, users: np.ndarray, slates: np.ndarray) -> Explanations:
+    def explain(self, users: np.ndarray, slates: np.ndarray, profiles: np.ndarray) -> Explanations:
         """The platform's explanation of every shown item (``platform/explain.py``), from what it
-        knows: the items' listed aspects and content, and the users' purchase histories."""
+        knows: the items' listed aspects and content, the users' purchase histories and their
+        profiles (the ones retrieval searched with)."""
         w, cat = self.world, self.world.catalogue
         history = w.population.history[users]
         request = ExplainRequest(
-            users=users, slates=slates, listed=self.listed_aspects(slates), profile=w.profiles(users)[0], history=history,
+            users=users, slates=slates, listed=self.listed_aspects(slates), profile=profiles, history=history,
             content=cat.content[: cat.n], titles=cat.titles, writes=self.users.backend.llm_rows(users), round=w.round)
         return self.explainer.explain(request, self.rngs["explain"])
 

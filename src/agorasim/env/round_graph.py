@@ -82,7 +82,7 @@ def build_round_graph(market) -> Any:
         return {"slates": slates, "columns": columns, "ranked": ranked, "promotions": promotions}
 
     def explain(state: RoundState) -> RoundState:
-        return {"explanations": market.explain(state["users"], state["slates"])}
+        return {"explanations": market.explain(state["users"], state["slates"], state["profiles"])}
 
     def respond(state: RoundState) -> RoundState:
         feedback, utility, shown, reaction = market.respond(state["users"], state["slates"], state["columns"],

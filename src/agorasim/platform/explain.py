@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from agorasim.agents import prompts
-from agorasim.agents.engines import ChatRequest, Engine, Message, Meter
+from agorasim.agents.engines import ChatRequest, Engine, Message, Meter, fill_memo
 from agorasim.config import ExplanationConfig
 from agorasim.policy.threads import torch_threads
 
@@ -211,14 +211,8 @@ class LLMExplainer(Explainer):
             keys.append(key)
             if key not in self.memo and key not in todo:
                 todo[key] = self.request(request, b, k, key)
-        if todo:
-            if len(self.memo) + len(todo) > self.MEMO_LIMIT:
-                self.memo.clear()
-            responses = self.engine.generate(list(todo.values()))
-            self.meter.add(responses)
-            for key, response in zip(todo, responses):
-                text = response.text.strip().strip('"')
-                self.memo[key] = prompts.clip_words(text, MAX_EXPLANATION_WORDS) if response.error is None and text else None
+        fill_memo(self.engine, self.meter, self.memo, todo, self.MEMO_LIMIT,
+                  lambda text: prompts.clip_words(text, MAX_EXPLANATION_WORDS))
         aspects = np.full(template.shape, -1, np.int64)
         text = np.full(request.slates.shape, "", dtype=object)
         e = self.cfg.n_aspects

@@ -443,26 +443,13 @@ class GenerativePolicy(Policy):
             return {}
         pick = np.sort(rng.choice(len(users), min(self.rl.users_per_step, len(users)), replace=False))
         users, history = users[pick], history[pick]
-        target = self._clicked(log, round, users)
+        target = log.clicked_item(round, users)
         generator = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**31)))
         if self.rl.mode == "counterfactual":
             judge = OracleJudge(self.oracle)
         else:
             judge = CriticJudge(self.oracle, self.critic, log, catalogue, round)
         return self.trainer.step(Prompts(users, history, target, round), judge, generator)
-
-    @staticmethod
-    def _clicked(log: LogView, round: int, users: np.ndarray) -> np.ndarray:
-        """The item each user clicked in ``round`` (-1 if none): the ReRe-style target."""
-        clicked_users, clicked_items = log.clicked_in_round(round)
-        order = np.argsort(clicked_users, kind="stable")
-        clicked_users, clicked_items = clicked_users[order], clicked_items[order]
-        target = np.full(len(users), -1, np.int64)
-        if len(clicked_users):
-            where = np.minimum(np.searchsorted(clicked_users, users), len(clicked_users) - 1)
-            found = clicked_users[where] == users
-            target[found] = clicked_items[where[found]]
-        return target
 
     # -- PUMA: soft prompts and model upgrades (policy/puma.py) ----------------------------------------
     def observe_ratings(self, log: LogView, round: int, rng: np.random.Generator) -> dict[str, float]:

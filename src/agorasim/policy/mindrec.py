@@ -706,7 +706,7 @@ class MindRecPolicy(Policy):
             return {}
         pick = np.sort(rng.choice(len(users), min(self.rl.users_per_step, len(users)), replace=False))
         users, history = users[pick], history[pick]
-        target = clicked_in_round(obs.log, obs.round, users)
+        target = obs.log.clicked_item(obs.round, users)
         generator = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**31)))
         if self.rl.mode == "counterfactual":
             judge = OracleJudge(self.oracle)
@@ -735,19 +735,6 @@ class MindRecPolicy(Policy):
         token = torch.gather(sequences, 1, position)
         rows = torch.arange(n, device=sequences.device)[:, None]
         return logp[rows, steps[None, :], position, token]
-
-
-def clicked_in_round(log: LogView, round: int, users: np.ndarray) -> np.ndarray:
-    """The item each of ``users`` clicked in ``round`` (``-1`` if none): the step's targets."""
-    clicked_users, clicked_items = log.clicked_in_round(round)
-    order = np.argsort(clicked_users, kind="stable")
-    clicked_users, clicked_items = clicked_users[order], clicked_items[order]
-    target = np.full(len(users), -1, np.int64)
-    if len(clicked_users):
-        where = np.minimum(np.searchsorted(clicked_users, users), len(clicked_users) - 1)
-        found = clicked_users[where] == users
-        target[found] = clicked_items[where[found]]
-    return target
 
 
 # -- in-loop training: GRPO over the denoising trajectory ------------------------------------------------------

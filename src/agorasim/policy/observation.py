@@ -74,6 +74,19 @@ class LogView:
         """(user, item) of every click of round ``round``."""
         return self._log.clicked_in_round(round)
 
+    def clicked_item(self, round: int, users: np.ndarray) -> np.ndarray:
+        """The item each of ``users`` clicked in round ``round`` (-1 if none; at most one click
+        per user and round): the in-loop training target."""
+        clicked_users, clicked_items = self.clicked_in_round(round)
+        order = np.argsort(clicked_users, kind="stable")
+        clicked_users, clicked_items = clicked_users[order], clicked_items[order]
+        target = np.full(len(users), -1, np.int64)
+        if len(clicked_users):
+            where = np.minimum(np.searchsorted(clicked_users, users), len(clicked_users) - 1)
+            found = clicked_users[where] == users
+            target[found] = clicked_items[where[found]]
+        return target
+
     def arrays(self, since_round: int = 0) -> dict[str, np.ndarray]:
         """Every impression of rounds ``>= since_round``: round, user, item, position, click, rating."""
         return self._log.arrays(since_round)

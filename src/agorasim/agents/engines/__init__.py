@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, Message, Meter
+from agorasim.agents.engines.base import ChatRequest, ChatResponse, Engine, Message, Meter, fill_memo
 from agorasim.agents.engines.cache import CachedEngine
 
 ENGINES = ("fake", "hf", "vllm", "openai")
@@ -72,5 +72,5 @@ class Engines:
             engine.close()
 
 
-__all__ = ["ChatRequest", "ChatResponse", "Engine", "Message", "Meter", "CachedEngine", "Engines",
+__all__ = ["ChatRequest", "ChatResponse", "Engine", "Message", "Meter", "fill_memo", "CachedEngine", "Engines",
            "build_engine", "ENGINES"]

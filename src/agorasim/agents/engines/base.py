@@ -172,3 +172,17 @@ class Meter:
         self._round = {k: 0 for k in self.totals}
         self._latency = 0.0
         return metrics, timings
+
+
+def fill_memo(engine: Engine, meter: Meter, memo: dict, todo: dict, limit: int, clean: Callable[[str], str]) -> None:
+    """Answer the requests ``todo`` (key -> ChatRequest) in one batched ``generate`` call, metered,
+    into ``memo`` (key -> ``clean(text)``, or None for a failed or empty answer, so the caller falls
+    back); ``memo`` is emptied first when it would grow past ``limit`` entries."""
+    if not todo:
+        return
+    if len(memo) + len(todo) > limit:
+        memo.clear()
+    responses = engine.generate(list(todo.values()))
+    meter.add(responses)
+    for key, response in zip(todo, responses):
+        memo[key] = clean(response.text.strip().strip('"')) if response.error is None and response.text.strip() else None
