@@ -404,16 +404,24 @@ class GenerativePolicy(Policy):
         return np.concatenate(items).astype(np.int64), np.concatenate(scores).astype(np.float64)
 
     # -- SFT ----------------------------------------------------------------------------------------
-    def sft(self, log: LogView, rng: np.random.Generator, epochs: int, since_round: int = 0) -> dict[str, float]:
-        """Next-item prediction on the clicks of rounds ``>= since_round`` (prompt = the user's
-        earlier clicks, from the whole log), ``epochs`` passes of ``rl.sft_epoch``."""
-        from agorasim.rl.sft import click_pairs, sft_epoch
+    def sft_pairs(self, log: LogView, since_round: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt histories, next items) of the clicks of rounds ``>= since_round``, each prompt
+        the user's earlier clicks from the whole log."""
+        from agorasim.rl.sft import click_pairs
 
         users, items, rounds = log.clicks()
         history, targets = click_pairs(users, items, self.prompt_items)
         if since_round > 0:
             keep = rounds[np.argsort(users, kind="stable")] >= since_round  # click_pairs' order
             history, targets = history[keep], targets[keep]
+        return history, targets
+
+    def sft(self, log: LogView, rng: np.random.Generator, epochs: int, since_round: int = 0) -> dict[str, float]:
+        """Next-item prediction on the clicks of rounds ``>= since_round`` (prompt = the user's
+        earlier clicks, from the whole log), ``epochs`` passes of ``rl.sft_epoch``."""
+        from agorasim.rl.sft import sft_epoch
+
+        history, targets = self.sft_pairs(log, since_round)
         if len(targets) == 0:
             return {"train/sft_loss": float("nan"), "train/sft_examples": 0.0}
         generator = torch.Generator().manual_seed(int(rng.integers(2**31)))

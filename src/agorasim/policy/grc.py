@@ -107,14 +107,8 @@ class GRCPolicy(GenerativePolicy):
     def sft(self, log: LogView, rng: np.random.Generator, epochs: int, since_round: int = 0) -> dict[str, float]:
         """``GenerativePolicy.sft``, then the supervised GRC stage on triples from the SFT model's
         beams over the same pairs."""
-        from agorasim.rl.sft import click_pairs
-
         metrics = super().sft(log, rng, epochs, since_round)
-        users, items, rounds = log.clicks()
-        history, targets = click_pairs(users, items, self.prompt_items)
-        if since_round > 0:
-            keep = rounds[np.argsort(users, kind="stable")] >= since_round  # click_pairs' order
-            history, targets = history[keep], targets[keep]
+        history, targets = self.sft_pairs(log, since_round)
         if len(targets) == 0:
             return {**metrics, "train/grc_sft_loss": float("nan"), "train/grc_rc_loss": float("nan")}
         return {**metrics, **supervised_stage(self, history, targets, self.settings, self.sft_batch, rng)}
