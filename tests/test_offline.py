@@ -27,6 +27,7 @@ from agorasim.run.offline import (
     rank_generative,
     ranking_metrics,
     rl_config,
+    settings_from,
     training_interactions,
     training_windows,
 )
@@ -169,7 +170,28 @@ def test_bad_settings_and_data_are_user_errors(tmp_path):
         make_config(sft_epoch=3)
     with pytest.raises(UserInputError):
         main(["--no-such-flag"])
+    out = ["--out", str(tmp_path / "out")]
+    for given, message in ((["--set", "policy.foo=1"], "unknown setting 'policy.foo'"),
+                           (["--set", "polcy.hidden=16"], "unknown setting 'polcy'"),
+                           (["--set", "policy.hidden=17"], "policy.heads: must divide"),
+                           (["--set", "test_rows=0"], "eval test_rows"),
+                           (["--set", "beams=20"], "use --beams"),
+                           (["--set", "policy.sft_epochs=2"], "use --sft-epochs"),
+                           (["--set", "policy.pretrained=no/such/model"], "eval policy.pretrained 'no/such/model'"),
+                           (["--set", "test_rows"], "dotted.key=value")):
+        with pytest.raises(UserInputError, match=message):
+            main([*given, *out])
     assert not (tmp_path / "out").exists()
+
+
+def test_set_texts_become_nested_settings():
+    assert settings_from(["policy.pretrained=smollm2", "train_users=500", "policy.title_tokens=8",
+                          "rl={ugr: {alpha_min: 0.1}}", "grc.correct_top=2"]) == {
+        "policy": {"pretrained": "smollm2", "title_tokens": 8}, "train_users": 500,
+        "rl": {"ugr": {"alpha_min": 0.1}}, "grc": {"correct_top": 2}}
+    config = make_config(quick=True, **settings_from(["policy.layers=2", "test_rows=33"]))
+    assert config.policy.layers == 2 and config.test_rows == 33
+    assert config.policy.hidden == quick_config().policy.hidden  # the other policy fields keep the base's
 
 
 def read_rows(path):
@@ -204,7 +226,7 @@ def test_quick_evaluate_writes_the_report(tmp_path):
 
 @pytest.mark.slow
 def test_cli_quick_run(tmp_path, capsys):
-    assert main(["--quick", "--seed", "1", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--seed", "1", "--out", str(tmp_path), "--set", "test_rows=60"]) == 0
     captured = capsys.readouterr()
     assert "NDCG@10" in captured.out and "] sft epoch   1" in captured.out
     # progress bars on stderr over SASRec and SFT epochs and the method's steps, each with its ETA
@@ -212,6 +234,7 @@ def test_cli_quick_run(tmp_path, capsys):
         assert bar in captured.err, bar
     assert "<" in captured.err and "/s]" in captured.err
     assert (tmp_path / "offline.csv").is_file() and (tmp_path / "offline.md").is_file()
+    assert "Test split, 60 rows" in (tmp_path / "offline.md").read_text()  # --set reached the protocol
 
 
 @pytest.mark.slow

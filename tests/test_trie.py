@@ -511,3 +511,32 @@ def test_sample_list_is_reproducible_from_the_generator(qwen):
     assert not torch.equal(draw[0][0], draw[4][0])
     with pytest.raises(ValueError, match="length"):
         trie.sample_list(qwen, input_ids, mask, 0)
+
+
+def test_remove_allowed_equals_rebuilding_the_tables_without_the_items():
+    """The in-place update sample_list uses: taking an item out of a row touches L+1 entries and
+    leaves exactly the tables (and counts) built from the mask without it. A prefix whose last
+    allowed item goes must turn False, one with items left must stay True."""
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive)
+    mask = random_item_mask(4, len(codes), p=0.5) & torch.from_numpy(alive)
+    tables, counts = trie.allowed_children(mask, 4, torch.device("cpu"), with_counts=True)
+    # per row, an allowed item under the row's most populated 1-prefix (that prefix stays True)
+    rows, items = [], []
+    for b in range(4):
+        allowed = np.flatnonzero(mask[b].numpy())
+        first = trie.item_prefix[allowed, 1]
+        shared = allowed[np.isin(first, first[np.bincount(first).argmax()])][0]
+        rows.append(b), items.append(int(shared))
+    trie.remove_allowed(tables, counts, torch.tensor(rows), torch.tensor(items))
+    expected = mask.clone()
+    expected[rows, items] = False
+    want_tables, want_counts = trie.allowed_children(expected, 4, torch.device("cpu"), with_counts=True)
+    for got, want in zip(tables + counts, want_tables + want_counts):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # remove every allowed item of row 0 one by one: all its tables end all-False
+    for item in np.flatnonzero(expected[0].numpy()):
+        trie.remove_allowed(tables, counts, torch.tensor([0]), torch.tensor([int(item)]))
+    assert not any(t[0].any() for t in tables) and all(int(c[0].sum()) == 0 for c in counts)
+    assert tables[-1][1:].equal(want_tables[-1][1:])

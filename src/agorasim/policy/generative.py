@@ -130,7 +130,7 @@ class GenerativePolicy(Policy):
         if pretrained is not None:
             from agorasim.agents.engines.models import model_dir
 
-            model_dir(pretrained)  # a missing model is a one-line error now, not after the warm-up
+            model_dir(pretrained, "policy.params.pretrained")  # a missing model: one line now, not after the warm-up
         from agorasim.config import RLConfig
         from agorasim.rl.methods import make_method
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from agorasim.policy.trie import token_logprobs
+from agorasim.policy.trie import gumbel, token_logprobs
 from agorasim.rl.advantages import group_advantages
 from agorasim.rl.rollouts import item_rollout, merge_ranked
 from agorasim.rl.trainer import Method, Rollout, Scored
@@ -386,8 +386,8 @@ class GRCMethod(Method):
         b, g = draft.items.shape
         draft_tokens = policy.tokens[np.maximum(draft.items, 0)].reshape(b * g, depth)
         log_p = reflection_logprobs(policy, draft.prompt_ids, draft.prompt_mask, draft_tokens)
-        race = torch.empty_like(log_p).exponential_(generator=generator)
-        loc = (log_p / rl.temperature - race.log()).argmax(-1).cpu().numpy() + 1  # Gumbel-max draw of l_hat
+        noise = gumbel(log_p.shape, generator, log_p.device)
+        loc = (log_p / rl.temperature + noise).argmax(-1).cpu().numpy() + 1  # Gumbel-max draw of l_hat
         ids = draft.prompt_ids.repeat_interleave(g, 0)
         mask = draft.prompt_mask.repeat_interleave(g, 0)
         exclude = policy.item_mask(prompts.history)

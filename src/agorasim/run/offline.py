@@ -197,7 +197,7 @@ def make_config(seed: int = 0, quick: bool = False, **overrides) -> OfflineConfi
     if model.pretrained is not None:
         from agorasim.agents.engines.models import model_dir
 
-        model_dir(model.pretrained)  # a missing model: one line now, not after SASRec's training
+        model_dir(model.pretrained, "eval policy.pretrained")  # a missing model: one line now, not after SASRec's training
     return config
 
 
@@ -830,7 +830,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mindrec", action="store_true", help="also report MindRec (faithful, trie-consistent, "
                    "left to right) at the same beams")
     p.add_argument("--grc", action="store_true", help="add the GRC arm (sft+grc-draft, sft+grc; prefix-match reward)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other protocol setting, dotted, value read as YAML; repeatable (e.g. "
+                   "policy.pretrained=smollm2, train_users=500, test_rows=300, sft_micro_batch=16)")
     return p
+
+
+_FLAGGED = {"seed": "--seed", "grpo_steps": "--grpo-steps", "beams": "--beams", "methods": "--method",
+            "mindrec": "--mindrec", "policy.sft_epochs": "--sft-epochs"}
+
+
+def settings_from(texts: list[str]) -> dict[str, Any]:
+    """``--set`` texts as nested ``OfflineConfig`` overrides: ``['policy.pretrained=smollm2']`` ->
+    ``{'policy': {'pretrained': 'smollm2'}}``. Names are checked later, with the values
+    (``make_config``); a setting that has its own flag must be given by the flag (``grc.*``
+    settings go with or without ``--grc``: they add the arm)."""
+    from agorasim.config import parse_override
+
+    out: dict[str, Any] = {}
+    for text in texts:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        flagged = key if key in _FLAGGED else parts[0]
+        if flagged in _FLAGGED:
+            raise UserInputError(f"eval --set {key}: use {_FLAGGED[flagged]}")
+        if not all(parts):
+            raise UserInputError(f"eval --set: expected dotted.key=value, got '{text}'")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserInputError(f"eval --set {key}: '{part}' was set to a value above")
+        node[parts[-1]] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -840,7 +872,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.method.split(",") if m.strip()] if args.method else None
     if args.method is not None and not methods:
         raise UserInputError(f"eval --method: expected comma-separated method names, got {args.method!r}")
+    settings = settings_from(args.settings)
+    grc = settings.pop("grc", None)
+    if args.grc:
+        grc = {"task_reward": "prefix", **(grc if isinstance(grc, dict) else {})}
     evaluate(data_dir=args.data, out_dir=args.out, seed=args.seed, quick=args.quick, sft_epochs=args.sft_epochs,
              grpo_steps=args.grpo_steps, beams=args.beams, methods=methods, mindrec=args.mindrec or None,
-             grc={"task_reward": "prefix"} if args.grc else None)
+             grc=grc, **settings)
     return 0

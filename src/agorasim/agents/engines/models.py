@@ -73,12 +73,13 @@ def check_model(name: str) -> None:
                              "directory with a config.json (nothing is downloaded at run time)")
 
 
-def model_dir(name: str) -> Path:
-    """A local transformers directory for ``name`` (converting the embedded GGUF once)."""
+def model_dir(name: str, setting: str = "agents.llm.model") -> Path:
+    """A local transformers directory for ``name`` (converting the embedded GGUF once); ``setting``
+    names the config key in the one-line error for a missing model."""
     if name != "smollm2":
         path = Path(name).expanduser()
         if not (path / "config.json").exists():
-            raise UserInputError(f"agents.llm.model {name!r} is neither 'smollm2' nor a local model "
+            raise UserInputError(f"{setting} {name!r} is neither 'smollm2' nor a local model "
                                  "directory with a config.json (nothing is downloaded at run time)")
         return path
     target = cache_root() / "models" / "smollm2-135m-instruct"
