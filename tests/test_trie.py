@@ -540,3 +540,22 @@ def test_remove_allowed_equals_rebuilding_the_tables_without_the_items():
         trie.remove_allowed(tables, counts, torch.tensor([0]), torch.tensor([int(item)]))
     assert not any(t[0].any() for t in tables) and all(int(c[0].sum()) == 0 for c in counts)
     assert tables[-1][1:].equal(want_tables[-1][1:])
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_tied_scores_go_to_the_lower_flat_index(shared_prompt):
+    """A model with zero output weights scores every code alike, so every candidate ties: beams
+    must then follow (score desc, beam * size + code asc), as the reference does (this is the
+    path where topk's own order of equal values cannot be trusted)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied to the input embeddings: uniform logits, and inputs all zero
+    codes = catalogue()
+    alive = np.random.default_rng(3).random(len(codes)) < 0.8
+    trie = CatalogueTrie(codes, SIZES, FIRST, alive)
+    input_ids, mask = prompts()
+    items, scores = trie.beam_search(model, input_ids, mask, 6, shared_prompt=shared_prompt)
+    want_items, want_scores = reference_beam_search(model, input_ids, mask, trie, 6)
+    assert (scores == scores[:, :1]).all()  # every beam tied
+    np.testing.assert_array_equal(items.numpy(), want_items.numpy())
+    torch.testing.assert_close(scores, want_scores.float(), rtol=0, atol=1e-5)
