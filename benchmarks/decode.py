@@ -19,6 +19,19 @@ model is far peakier than either).
     python benchmarks/decode.py            # 64 prompts x 16 beams
     python benchmarks/decode.py --quick    # 16 prompts
 
+``--decoder grc|mindrec`` times the other decoders of the generative recommender against the plain
+trie beam search at the same beam width and batch, in one run (the cost of reflection and of
+iterative denoising as a ratio). Both policies come from the cold-start market after a short
+warm-up and SFT, serving the same random histories of alive items:
+
+- ``grc``: EGRS (``rl.grc.egrs_decode``: drafts, reflection entropy, greedy correction of the
+  ``budget`` highest-entropy drafts) at budgets 0, 3 and every beam, against ``beam_search`` of
+  the same GRC model;
+- ``mindrec``: diffusion beam search (faithful and trie-consistent) of a MindRec policy against
+  ``beam_search`` of a plain generative policy of the same width and depth, on the same world.
+
+    python benchmarks/decode.py --decoder grc [--prompts 64 --beams 10]
+
 The last line printed is one JSON object.
 """
 
@@ -95,13 +108,70 @@ def timed(fns, repeats: int) -> tuple[list[float], list[object]]:
     return [statistics.median(t) for t in times], results
 
 
+def serving_policy(name: str, threads: int):
+    """The policy of a cold-start market after a 2-round warm-up and one SFT epoch (no RL)."""
+    from agorasim.config import build_config
+    from agorasim.env.market import Market
+    from agorasim.scenarios import load_scenario
+
+    extra = ", grc_sft_epochs: 1" if name == "grc" else ""
+    params = f"{{warmup_rounds: 2, sft_epochs: 1, threads: {threads or 'null'}{extra}}}"
+    config = build_config(load_scenario("cold-start"), [f"policy.name={name}", f"policy.params={params}",
+                                                        "rl.method=none", "run.progress=false"])
+    market = Market(config)
+    for _ in range(3):
+        market.step()
+    return market.policy, market.world.catalogue.alive_ids()
+
+
+def decoders(args) -> dict:
+    """``--decoder grc|mindrec``: items per second of each decoding against plain beam search."""
+    from agorasim.rl.grc import egrs_decode
+
+    if args.decoder == "grc":
+        policy, alive = serving_policy("grc", args.threads)
+        plain_policy = policy
+    else:
+        policy, alive = serving_policy("mindrec", args.threads)
+        plain_policy, _ = serving_policy("generative", args.threads)
+    rng = np.random.default_rng(args.seed)
+    history = rng.choice(alive, (args.prompts, args.history))
+    k = args.beams
+    runs = {"plain": lambda: plain_policy.beam_search(history, k)}
+    if args.decoder == "grc":
+        draft_beams = policy.settings.draft_beams
+        for budget in sorted({0, min(3, draft_beams, k), min(draft_beams, k)}):
+            runs[f"egrs_budget_{budget}"] = (lambda b=budget: egrs_decode(policy, history, k, draft_beams, b))
+    else:
+        runs["diffusion_faithful"] = lambda: policy.decode(history, k, mode="faithful")
+        runs["diffusion_trie"] = lambda: policy.decode(history, k, mode="trie")
+    with torch.inference_mode():
+        seconds, results = timed(list(runs.values()), args.repeats)
+    items = args.prompts * k
+    out = {"benchmark": "decode", "decoder": args.decoder, "prompts": args.prompts, "beams": k}
+    for (name, _), t in zip(runs.items(), seconds):
+        out[f"{name}_items_per_s"] = round(items / t, 1)
+        if name != "plain":
+            out[f"{name}_cost_ratio"] = round(t / seconds[0], 2)
+    if args.decoder == "mindrec":
+        for name, decoded in zip(runs, results):
+            if name.startswith("diffusion"):
+                out[f"{name}_non_item_share"] = round(float(decoded.invalid.mean()), 4)
+    lines = [f"{name}: {items / t:,.0f} items/s ({t * 1000:.1f} ms)" for name, t in zip(runs, seconds)]
+    print(f"decode --decoder {args.decoder}: {args.prompts} prompts x {k} beams; " + "; ".join(lines))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 prompts instead of 64")
     parser.add_argument("--items", type=int, default=3686, help="catalogue size")
     parser.add_argument("--prompts", type=int, default=64, help="prompts per batch")
     parser.add_argument("--history", type=int, default=10, help="most history items per prompt")
-    parser.add_argument("--beams", type=int, default=16, help="beams G")
+    parser.add_argument("--beams", type=int, default=None, help="beams G (default 16; 10 with --decoder)")
+    parser.add_argument("--decoder", choices=("trie", "grc", "mindrec"), default="trie",
+                        help="trie: against transformers' generate (default); grc, mindrec: against the plain "
+                        "trie beam search")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
@@ -110,6 +180,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
+    if args.decoder != "trie":
+        args.beams = args.beams or 10
+        print(json.dumps(decoders(args)))
+        return
+    args.beams = args.beams or 16
     n_prompts = 16 if args.quick else args.prompts
     trie, model, input_ids, attention_mask = build(args.items, n_prompts, args.history, args.seed)
     with torch.inference_mode():
