@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from agorasim.policy import fastlm
 from agorasim.policy.semantic_ids import token_offsets
 
 _DENSE_LIMIT = 1 << 20  # entries of a dense child table (int32: 4 MB) before a level switches to CSR
@@ -557,7 +558,8 @@ class CatalogueTrie:
         for every list row from its own KV cache (``allowed``: (rows, n_items) bool)."""
         rows, length, depth, device = items.shape[0], items.shape[1], self.depth, input_ids.device
         positions = _positions(attention_mask)
-        logits, cache = _forward(model, input_ids, attention_mask, positions, keep=1)
+        logits, cache = _forward(model, input_ids, attention_mask, positions, keep=1,
+                                 capacity=input_ids.shape[1] + length * depth)
         logits = logits[:, -1].repeat_interleave(n, 0)
         cache.batch_repeat_interleave(n)
         mask = attention_mask.repeat_interleave(n, 0)
@@ -617,10 +619,11 @@ class _ExpandedRows:
     """Standard beam layout: one KV-cache row per continuation (B*W rows), reordered every step
     with ``Cache.reorder_cache`` (as transformers' beam search). Works with any attention."""
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int):
         self.model = model
         positions = _positions(attention_mask)
-        logits, self.cache = _forward(model, input_ids, attention_mask, positions, keep=1)
+        logits, self.cache = _forward(model, input_ids, attention_mask, positions, keep=1,
+                                      capacity=input_ids.shape[1] + steps)
         self.logits = logits[:, -1]  # (B, V): next-token logits of the prompts
         self.mask, self.positions, self.width = attention_mask, positions[:, -1:], 1
 
@@ -645,10 +648,11 @@ class _SharedPromptRows:
     keeps the cache G times smaller; needs an attention that takes additive 4D masks (eager, sdpa).
     """
 
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int, steps: int):
         self.model = model
         positions = _positions(attention_mask)
-        logits, self.cache = _forward(model, input_ids, attention_mask, positions, keep=1)
+        logits, self.cache = _forward(model, input_ids, attention_mask, positions, keep=1,
+                                      capacity=input_ids.shape[1] + width * steps)
         self.logits = logits[:, -1]
         self.prompt_mask = attention_mask.bool()
         self.next_position = positions[:, -1:] + 1  # (B, 1) position of the first generated token
@@ -656,7 +660,8 @@ class _SharedPromptRows:
         self.ancestors = torch.zeros(batch, 1, 0, dtype=torch.long, device=input_ids.device)
         # sdpa takes a boolean mask (True = attend), ~30% faster than an additive one on CPU;
         # eager attention adds the mask to the scores, so it needs the additive form
-        self.boolean = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self.boolean = (isinstance(self.cache, fastlm.KVCache)
+                        or getattr(model.config, "_attn_implementation", None) == "sdpa")
         self.dtype = getattr(model, "dtype", torch.float32)
 
     def advance(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -692,7 +697,9 @@ def _rows(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_p
     if shared_prompt is None:
         shared_prompt = (getattr(model.config, "_attn_implementation", None) in ("eager", "sdpa")
                          and width * steps <= 2 * input_ids.shape[1])
-    return (_SharedPromptRows if shared_prompt else _ExpandedRows)(model, input_ids, attention_mask)
+    if shared_prompt:
+        return _SharedPromptRows(model, input_ids, attention_mask, width, steps)
+    return _ExpandedRows(model, input_ids, attention_mask, steps)
 
 
 @torch.no_grad()
@@ -800,13 +807,24 @@ _FORWARD_ARGS: dict[type, set[str]] = {}
 
 
 def _forward(model, input_ids, attention_mask, position_ids, cache=None, keep: int | None = None,
-             use_cache: bool = True):
+             use_cache: bool = True, capacity: int | None = None):
     """One model call; returns (logits, cache).
 
     ``keep``: compute logits only for the last ``keep`` positions when the model takes
     ``logits_to_keep`` (saves the vocabulary projection over the prompt). The KV cache argument is
     ``cache`` in transformers >= 5.x and ``past_key_values`` before; we pass whichever the model takes.
+
+    ``capacity`` (decoding, no gradient): the cache columns the rows will reach. With it, a first
+    call on a model that ``fastlm.supports`` runs ``fastlm.forward`` into a preallocated
+    ``fastlm.KVCache``, and later calls with that cache continue there; a 2D ``attention_mask``
+    (one new token per row) then means "see every unmasked column".
     """
+    if isinstance(cache, fastlm.KVCache):
+        mask = attention_mask if attention_mask.dim() == 4 else attention_mask.bool()[:, None, None, :]
+        return fastlm.forward(model, cache, input_ids, position_ids, mask, keep), cache
+    if cache is None and capacity is not None and fastlm.supports(model):
+        cache = fastlm.KVCache(model, len(input_ids), capacity, input_ids.device)
+        return fastlm.forward(model, cache, input_ids, position_ids, fastlm.prompt_mask(attention_mask), keep), cache
     kind = type(model)
     if kind not in _FORWARD_ARGS:
         _FORWARD_ARGS[kind] = set(inspect.signature(model.forward).parameters)

@@ -1,0 +1,103 @@
+"""The lean inference forward of the trie decoders (policy/fastlm.py) against transformers' own."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from agorasim.policy import fastlm
+
+VOCAB = 40
+
+
+def model_of(kind: str, layers: int = 2):
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()  # q/k/v with biases
+
+
+def left_padded(batch: int = 4, width: int = 9, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, width), generator=g)
+    mask = torch.ones(batch, width, dtype=torch.long)
+    for b in range(batch):
+        mask[b, :2 * b] = 0  # row b: 2b padding tokens
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def positions_of(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_prompt_then_steps_equal_transformers(kind, layers):
+    """A left-padded prompt pass (last position's logits only), then two one-token steps through
+    a cache whose rows are reordered in between, equal transformers' forward on the whole sequences."""
+    model = model_of(kind, layers)
+    ids, mask = left_padded()
+    pos = positions_of(mask)
+    with torch.no_grad():
+        assert fastlm.supports(model)
+        cache = fastlm.KVCache(model, 4, ids.shape[1] + 2, torch.device("cpu"))
+        first = fastlm.forward(model, cache, ids, pos, fastlm.prompt_mask(mask), keep=1)
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1:]
+        torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+        order = torch.tensor([2, 0, 0, 3])  # rows moved and one repeated, as beams are
+        cache.reorder_cache(order)
+        ids, mask, pos = ids[order], mask[order], pos[order]
+        for step in range(2):
+            token = torch.full((4, 1), 5 + step)
+            mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+            ids = torch.cat([ids, token], 1)
+            got = fastlm.forward(model, cache, token, pos[:, -1:], mask.bool()[:, None, None, :])
+            want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1:]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert cache.length == ids.shape[1] == cache.capacity
+
+
+def test_repeated_rows_and_a_tree_mask_see_only_their_own_columns():
+    """Two continuations appended to one cache row, each seeing the prompt and itself only, equal
+    each continuation run on its own; batch_repeat_interleave copies rows in order."""
+    model = model_of("qwen2")
+    ids, mask = left_padded(batch=2)
+    pos = positions_of(mask)
+    width = ids.shape[1]
+    with torch.no_grad():
+        cache = fastlm.KVCache(model, 2, width + 2, torch.device("cpu"))
+        fastlm.forward(model, cache, ids, pos, fastlm.prompt_mask(mask), keep=1)
+        tokens = torch.tensor([[7, 9], [8, 10]])
+        visible = torch.zeros(2, 2, width + 2, dtype=torch.bool)
+        visible[:, :, :width] = mask.bool()[:, None, :]
+        visible[:, 0, width], visible[:, 1, width + 1] = True, True
+        got = fastlm.forward(model, cache, tokens, (pos[:, -1:] + 1).expand(2, 2), visible[:, None])
+        for j in range(2):
+            full = torch.cat([ids, tokens[:, j:j + 1]], 1)
+            full_mask = torch.nn.functional.pad(mask, (0, 1), value=1)
+            want = model(input_ids=full, attention_mask=full_mask, position_ids=positions_of(full_mask)).logits[:, -1]
+            torch.testing.assert_close(got[:, j], want, rtol=1e-5, atol=1e-5)
+        keys = cache.keys[0].clone()
+        cache.batch_repeat_interleave(3)
+        assert cache.keys[0].shape[0] == 6 and torch.equal(cache.keys[0][3], keys[1])
+
+
+def test_used_only_where_it_is_exact():
+    model = model_of("qwen2")
+    assert not fastlm.supports(model)  # gradients on: training goes through transformers
+    with torch.no_grad():
+        assert fastlm.supports(model)
+        model.config.layer_types = ["full_attention", "sliding_attention"]
+        assert not fastlm.supports(model)
+
+        class Other(torch.nn.Module):
+            config = model.config
+        assert not fastlm.supports(Other())
+        cache = fastlm.KVCache(model_of("qwen2"), 1, 3, torch.device("cpu"))
+        ids = torch.tensor([[3, 4, 5, 6]])
+        with pytest.raises(ValueError, match="4 cache columns needed, 3 allocated"):
+            fastlm.forward(model_of("qwen2"), cache, ids, positions_of(torch.ones_like(ids)),
+                           fastlm.prompt_mask(torch.ones_like(ids)))
