@@ -9,7 +9,7 @@ same catalogue (3,686 items, random unit embeddings, semantic ids 3x256 + de-dup
 - baseline: ``model.generate(num_beams=G, prefix_allowed_tokens_fn=...)`` with the trie as a
   dict from generated prefix to allowed tokens (transformers calls it once per beam per step).
 
-Both are timed in this process, median of 3 alternating runs after a warm-up; ``identical`` checks that every
+Both are timed in this process, median of 5 alternating runs after a warm-up; ``identical`` checks that every
 prompt gets the same items in the same order from both. DESIGN section 11: speedup >= 10.
 
 The weights are drawn with ``initializer_range=0.2`` (transformers' default 0.02 makes an untrained
@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--decoder", choices=("trie", "grc", "mindrec"), default="trie",
                         help="trie: against transformers' generate (default); grc, mindrec: against the plain "
                         "trie beam search")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1, as the generative policy serves; 0: torch's choice)")

@@ -97,6 +97,7 @@ def browser():
 
 
 def test_dashboard_steps_the_market_in_a_browser(server, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
     url, server_log = server
@@ -109,7 +110,17 @@ def test_dashboard_steps_the_market_in_a_browser(server, browser, tmp_path):
     def body():
         return browser.find_element(By.TAG_NAME, "body").text
 
-    before = [img.screenshot_as_png for img in _wait("the plots", plots)]
+    def snapshot(what: str):
+        # a figure redrawn between finding its <img> and reading its pixels goes stale: find the
+        # figures again and retry until one pass reads every figure
+        def once():
+            try:
+                return [img.screenshot_as_png for img in plots() or ()] or None
+            except StaleElementReferenceException:
+                return None
+        return _wait(what, once)
+
+    before = snapshot("the plots")
     assert "Step: 0" in body() and "User 0 has not visited yet" in body()
     assert "popularity-loop" in browser.title or "popularity-loop" in body()
 
@@ -120,7 +131,7 @@ def test_dashboard_steps_the_market_in_a_browser(server, browser, tmp_path):
     _wait("the followed user's slate", lambda: f"User 0, round {STEPS - 1}" in body())
     time.sleep(1.0)  # the last redraw of every figure reaches the page
 
-    after = [img.screenshot_as_png for img in plots()]
+    after = snapshot("the plots after the steps")
     changed = sum(a != b for a, b in zip(after, before))
     assert changed >= 5, f"only {changed} of {len(before)} figures changed after {STEPS} steps"
     assert "clicked, rated" in body() or "not interested" in body() or "preferred other" in body()

@@ -79,6 +79,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm`` (Llama/Qwen2 RMSNorm) applied as transformers does: in float32, weight after."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
 def forward(model, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
             keep: int | None = None) -> torch.Tensor:
     """Logits ``(R, L or keep, V)`` of ``input_ids`` ``(R, L)`` appended to ``cache`` (which grows by L).
@@ -102,7 +109,7 @@ def forward(model, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.
     last = len(body.layers) - 1
     for i, layer in enumerate(body.layers):
         attention = layer.self_attn
-        h = layer.input_layernorm(x)
+        h = _rms_norm(layer.input_layernorm, x)
         q = attention.q_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
         k = attention.k_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
         v = attention.v_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
@@ -115,6 +122,8 @@ def forward(model, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.
         out = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
                                              attn_mask=see, scale=attention.scaling, enable_gqa=True)
         x = x + attention.o_proj(out.transpose(1, 2).reshape(rows, q.shape[2], -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = _rms_norm(layer.post_attention_layernorm, x)
+        mlp = layer.mlp
+        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
     cache.length = end
-    return model.lm_head(body.norm(x))
+    return model.lm_head(_rms_norm(body.norm, x))
