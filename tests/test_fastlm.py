@@ -101,3 +101,45 @@ def test_used_only_where_it_is_exact():
         with pytest.raises(ValueError, match="4 cache columns needed, 3 allocated"):
             fastlm.forward(model_of("qwen2"), cache, ids, positions_of(torch.ones_like(ids)),
                            fastlm.prompt_mask(torch.ones_like(ids)))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_the_loss_pass_equals_transformers_in_values_and_gradients(kind, group, monkeypatch):
+    """token_logprobs through fastlm without a cache (a prompt and its group's paths as one tree
+    sequence; one prompt + path per row when group is 1) gives transformers' log-probs, entropies
+    and parameter gradients, with left padding and dropout-free training mode."""
+    from agorasim.policy import trie
+
+    model = model_of(kind).train()
+    ids, mask = left_padded(batch=3)
+    g = torch.Generator().manual_seed(4)
+    paths = torch.randint(3, VOCAB, (3 * group, 4), generator=g)
+    weights = torch.randn(3 * group, 4, generator=g)
+
+    def run():
+        model.zero_grad()
+        logp, entropy = trie.token_logprobs(model, ids, mask, paths, return_entropy=True)
+        (logp * weights).sum().backward()
+        return logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    assert fastlm.trains(model)
+    calls = []
+    real = fastlm.forward
+    monkeypatch.setattr(fastlm, "forward", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    fast = run()
+    assert calls == [None]  # one cache-less call: the tree (or the plain rows) in one pass
+    monkeypatch.setattr(fastlm, "trains", lambda model: False)
+    slow = run()
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+    assert fast[2].keys() == slow[2].keys()
+    for name in fast[2]:  # float rounding, at the scale of each gradient (the embeddings' reach ~35)
+        scale = float(slow[2][name].abs().max())
+        torch.testing.assert_close(fast[2][name], slow[2][name], rtol=1e-4, atol=1e-5 * max(1.0, scale), msg=name)
+
+
+def test_attention_dropout_in_training_goes_through_transformers():
+    model = model_of("qwen2")
+    model.config.attention_dropout = 0.1
+    assert fastlm.trains(model.eval()) and not fastlm.trains(model.train())

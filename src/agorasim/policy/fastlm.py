@@ -15,9 +15,16 @@ order on the same weights, with:
 - at the prompt pass, the last layer's attention output and MLP only for the positions whose
   logits are wanted (``keep``); the other positions only feed the cache.
 
-The logits equal transformers' forward up to float rounding (tests compare logits, beams and
-samples against it). It is used only without gradients and only for the architectures it knows
-(``supports``); anything else goes through transformers' forward.
+Without a cache (``cache=None``) the same forward is differentiable: the trainer's loss pass
+(``trie.token_logprobs``) runs each prompt and its group's paths as one *tree* sequence (the
+prompt, then every path's tokens, each path seeing the prompt and its own earlier tokens), so the
+prompt's keys are neither copied per path nor repeated per head (their backward was a third of
+the loss pass through transformers' forward).
+
+The logits equal transformers' forward up to float rounding (tests compare logits, beams,
+samples, log-probs and gradients against it). It is used only for the architectures it knows
+(``supports``: decoding, ``trains``: the loss pass); anything else goes through transformers'
+forward.
 """
 
 from __future__ import annotations
@@ -28,15 +35,26 @@ import torch.nn.functional as F
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
-def supports(model) -> bool:
-    """Whether ``forward`` computes what ``model`` does: a known architecture with full attention
-    in every layer, and no gradient wanted (training goes through transformers)."""
-    if type(model).__name__ not in ARCHITECTURES or torch.is_grad_enabled():
+def _known(model) -> bool:
+    """A known architecture with full attention in every layer."""
+    if type(model).__name__ not in ARCHITECTURES:
         return False
     config = model.config
     if any(kind != "full_attention" for kind in (getattr(config, "layer_types", None) or ())):
         return False
     return not getattr(config, "use_sliding_window", False)
+
+
+def supports(model) -> bool:
+    """Whether decoding with a ``KVCache`` computes what ``model`` does: ``_known`` and no
+    gradient wanted."""
+    return _known(model) and not torch.is_grad_enabled()
+
+
+def trains(model) -> bool:
+    """Whether the cache-less ``forward`` computes what ``model`` does in its current mode, with
+    gradients: ``_known``, and no attention dropout while training (this forward has none)."""
+    return _known(model) and not (model.training and getattr(model.config, "attention_dropout", 0.0))
 
 
 class KVCache:
@@ -86,13 +104,14 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * h.to(x.dtype)
 
 
-def forward(model, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+def forward(model, cache: KVCache | None, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
             keep: int | None = None) -> torch.Tensor:
     """Logits ``(R, L or keep, V)`` of ``input_ids`` ``(R, L)`` appended to ``cache`` (which grows by L).
 
     Args:
-        model: a model for which ``supports`` holds.
-        cache: the rows' cache; columns ``length .. length + L - 1`` are written.
+        model: a model for which ``supports`` holds (with a cache) or ``trains`` (without).
+        cache: the rows' cache; columns ``length .. length + L - 1`` are written. None: no cache,
+            the tokens see only each other (differentiable; nothing is kept).
         input_ids: the new tokens.
         position_ids: ``(R, L)`` their positions (for the rotary embedding).
         mask: ``(R, 1, L, length + L)`` bool, which cache columns each new token sees (itself included).
@@ -100,8 +119,8 @@ def forward(model, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.
     """
     body = model.model
     rows, width = input_ids.shape
-    start, end = cache.length, cache.length + input_ids.shape[1]
-    if end > cache.capacity:
+    start, end = (cache.length, cache.length + width) if cache is not None else (0, width)
+    if cache is not None and end > cache.capacity:
         raise ValueError(f"fastlm: {end} cache columns needed, {cache.capacity} allocated")
     x = body.embed_tokens(input_ids)
     cos, sin = body.rotary_emb(x, position_ids)
@@ -114,16 +133,19 @@ def forward(model, cache: KVCache, input_ids: torch.Tensor, position_ids: torch.
         k = attention.k_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
         v = attention.v_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
-        cache.keys[i][:, :, start:end] = k * cos + _rotate_half(k) * sin
-        cache.values[i][:, :, start:end] = v
+        k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            cache.keys[i][:, :, start:end] = k
+            cache.values[i][:, :, start:end] = v
+            k, v = cache.keys[i][:, :, :end], cache.values[i][:, :, :end]
         see = mask
         if keep is not None and i == last:  # the other positions' outputs feed nothing
             q, x, see = q[:, :, -keep:], x[:, -keep:], mask[:, :, -keep:]
-        out = F.scaled_dot_product_attention(q, cache.keys[i][:, :, :end], cache.values[i][:, :, :end],
-                                             attn_mask=see, scale=attention.scaling, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=see, scale=attention.scaling, enable_gqa=True)
         x = x + attention.o_proj(out.transpose(1, 2).reshape(rows, q.shape[2], -1))
         h = _rms_norm(layer.post_attention_layernorm, x)
         mlp = layer.mlp
         x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
-    cache.length = end
+    if cache is not None:
+        cache.length = end
     return model.lm_head(_rms_norm(body.norm, x))

@@ -134,7 +134,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ids = torch.cat([input_ids, item_tokens], 1)
         mask = torch.nn.functional.pad(attention_mask, (0, depth), value=1)
         # logits at positions T-1 .. T+L-2 predict the path tokens (the one after the path is unused)
-        logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
+        if fastlm.trains(model):
+            logits = fastlm.forward(model, None, ids, _positions(mask), fastlm.prompt_mask(mask), keep=depth + 1)
+        else:
+            logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
         logits = logits[:, -(depth + 1):-1]
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, item_tokens[..., None]).squeeze(-1)
@@ -156,7 +159,13 @@ def _group_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     The same numbers as running N copies of prompt+path (up to float rounding), at B*T + N*L
     tokens of work instead of N*(T+L+1): with GRPO's 16 paths of 4 tokens per 30-token prompt,
     about 6x less. The gradient reaches the prompt positions through the cache.
+
+    For a model that ``fastlm.trains``, each prompt and its paths are instead one tree sequence
+    of ``T + group*(L)`` tokens in one differentiable call (``_tree_logits``): the same logits
+    without copying the prompt's keys for every path.
     """
+    if item_tokens.shape[1] > 1 and fastlm.trains(model):
+        return _tree_logits(model, input_ids, attention_mask, item_tokens, group)
     positions = _positions(attention_mask)
     first, cache = _forward(model, input_ids, attention_mask, positions, keep=1)
     first = first[:, -1:].repeat_interleave(group, 0)  # position T-1 predicts the first path token
@@ -169,6 +178,34 @@ def _group_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     path_positions = positions[:, -1:].repeat_interleave(group, 0) + steps
     rest, _ = _forward(model, item_tokens[:, :-1], mask, path_positions, cache=cache, keep=depth - 1)
     return torch.cat([first, rest[:, -(depth - 1):]], 1)
+
+
+def _tree_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_tokens: torch.Tensor,
+                 group: int) -> torch.Tensor:
+    """``_group_logits`` as one ``fastlm.forward`` call per prompt row: the sequence is the prompt's
+    T tokens, then the first L tokens of each of its ``group`` paths; a path token sees the
+    prompt's real tokens and its own path's tokens up to itself, at the positions it would have
+    after the prompt. Logits are kept for the prompt's last token (it predicts every path's first
+    token) and every path token."""
+    batch, width = input_ids.shape
+    depth = item_tokens.shape[1]
+    steps = depth - 1
+    paths = item_tokens[:, :-1].reshape(batch, group * steps)
+    ids = torch.cat([input_ids, paths], 1)
+    positions = _positions(attention_mask)
+    path_positions = positions[:, -1:] + 1 + torch.arange(steps, device=positions.device).repeat(group)
+    size = width + group * steps
+    mask = torch.zeros(batch, size, size, dtype=torch.bool, device=input_ids.device)
+    mask[:, :width, :width] = fastlm.prompt_mask(attention_mask)[:, 0]
+    mask[:, width:, :width] = attention_mask.bool()[:, None, :]
+    path = torch.arange(group * steps, device=input_ids.device).div(steps, rounding_mode="floor")
+    step = torch.arange(group * steps, device=input_ids.device) % steps
+    mask[:, width:, width:] = (path[:, None] == path[None, :]) & (step[None, :] <= step[:, None])
+    logits = fastlm.forward(model, None, ids, torch.cat([positions, path_positions], 1), mask[:, None],
+                            keep=group * steps + 1)
+    first = logits[:, :1].repeat_interleave(group, 0)  # (N, 1, V)
+    rest = logits[:, 1:].reshape(batch * group, steps, -1)
+    return torch.cat([first, rest], 1)
 
 
 class CatalogueTrie:
