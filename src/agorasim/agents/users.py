@@ -89,10 +89,16 @@ class UserAgents:
         social = world.social_matrix(users, items) if self.cfg.social > 0 else 0.0
         value = self._add_item_terms(world, users, items, match, social)
         if self.cfg.repeat_penalty > 0:
-            consumed = np.zeros((len(users), world.catalogue.n + 1), bool)
+            # the penalty once per (user, consumed item among ``items``): touches B x H entries, not
+            # a (B, n) mask; float64 as ``value - penalty * consumed`` was, with the same numbers
             history = world.population.history[users]
-            np.put_along_axis(consumed, np.where(history >= 0, history, world.catalogue.n), True, 1)
-            value = value - self.cfg.repeat_penalty * consumed[:, items]
+            column = np.full(world.catalogue.n + 1, -1, np.int64)
+            column[items] = np.arange(len(items))
+            hit = column[np.where(history >= 0, history, world.catalogue.n)]
+            rows, cols = np.nonzero(hit >= 0)
+            pairs = np.unique(rows * len(items) + hit[rows, cols])
+            value = value.astype(np.float64)
+            value[pairs // len(items), pairs % len(items)] -= self.cfg.repeat_penalty
         return value
 
     @staticmethod
