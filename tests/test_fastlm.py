@@ -143,3 +143,19 @@ def test_attention_dropout_in_training_goes_through_transformers():
     model = model_of("qwen2")
     model.config.attention_dropout = 0.1
     assert fastlm.trains(model.eval()) and not fastlm.trains(model.train())
+
+
+def test_cpu_attention_equals_the_fused_kernel_with_grouped_heads():
+    """The CPU path's two batched products equal scaled_dot_product_attention with enable_gqa
+    (the GPU path): 4 query heads on 2 key heads, a random mask with every row seeing a key."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 4, 5, 8, generator=g, requires_grad=True)
+    k, v = torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g)
+    mask = torch.rand(3, 1, 5, 7, generator=g) > 0.5
+    mask[..., 0] = True
+    got = fastlm._cpu_attention(q, k, v, fastlm._bias(mask, 2, 2, q.dtype), 0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grad_got, = torch.autograd.grad(got.square().sum(), q)
+    grad_want, = torch.autograd.grad(want.square().sum(), q)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-6)
