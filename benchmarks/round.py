@@ -37,8 +37,8 @@ def kernels(market: Market, users: np.ndarray, rng: np.random.Generator) -> floa
     """Seconds for the bare scoring and choice of one round over ``users``: the same math as
     the round (profiles with cold users seeded by a popularity-drawn item, faiss search plus
     random exploration, popularity ranking, promotion
-    pull, true and perceived utility with social proof, logit choice, ratings, the accuracy
-    probe's utility over the catalogue), written as straight-line numpy with none of the
+    pull, true and perceived utility with social proof and satiation, logit choice, ratings, the
+    accuracy probe's utility over the catalogue), written as straight-line numpy with none of the
     framework (graph, agents, log, ledger, metrics, checks)."""
     w, cfg = market.world, market.config
     cat, pop = w.catalogue, w.population
@@ -73,6 +73,8 @@ def kernels(market: Market, users: np.ndarray, rng: np.random.Generator) -> floa
                + pop.conformity[users, None] * np.log1p(cat.interactions[slates])
                + pop.novelty[users, None] * fresh + pop.social[users, None] * np.asarray(social).reshape(b, k)
                + rng.normal(0, ucfg.utility_noise, (b, k)))
+    if ucfg.repeat_penalty > 0:  # satiation: an item of the user's history loses the penalty
+        utility -= ucfg.repeat_penalty * (slates[:, :, None] == history[:, None, :]).any(2)
     perceived = utility + pop.trust[users, None] * hype - ucfg.position_bias * np.log2(np.arange(k) + 1.0)
     logits = np.concatenate([perceived, np.full((b, 1), ucfg.outside_utility)], 1) / ucfg.temperature
     choice = np.argmax(logits + rng.gumbel(size=logits.shape), 1)
@@ -83,6 +85,12 @@ def kernels(market: Market, users: np.ndarray, rng: np.random.Generator) -> floa
             + pop.conformity[probe, None] * np.log1p(cat.interactions[alive], dtype=np.float32)
             + pop.novelty[probe, None] * np.exp2(-(w.round - cat.born[alive]) / ucfg.novelty_halflife).astype(np.float32)
             + pop.social[probe, None] * (friends[probe] @ recent).tocsr()[:, alive].toarray())
+    if ucfg.repeat_penalty > 0:  # at the probe users' history entries (a repeated item: once)
+        column = np.full(cat.n + 1, -1, np.int64)
+        column[alive] = np.arange(len(alive))
+        hit = column[np.where(history[: len(probe)] >= 0, history[: len(probe)], cat.n)]
+        r, c = np.nonzero(hit >= 0)
+        full[r, hit[r, c]] -= np.float32(ucfg.repeat_penalty)
     torch.from_numpy(np.ascontiguousarray(full)).topk(10, dim=1)
     elapsed = time.perf_counter() - start
     assert stars.shape == (b,)

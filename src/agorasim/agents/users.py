@@ -89,16 +89,15 @@ class UserAgents:
         social = world.social_matrix(users, items) if self.cfg.social > 0 else 0.0
         value = self._add_item_terms(world, users, items, match, social)
         if self.cfg.repeat_penalty > 0:
-            # the penalty once per (user, consumed item among ``items``): touches B x H entries, not
-            # a (B, n) mask; float64 as ``value - penalty * consumed`` was, with the same numbers
+            # the penalty once per (user, consumed item among ``items``), in place: touches the
+            # B x H history entries, not a (B, n) mask, and keeps the terms' float32
             history = world.population.history[users]
             column = np.full(world.catalogue.n + 1, -1, np.int64)
             column[items] = np.arange(len(items))
             hit = column[np.where(history >= 0, history, world.catalogue.n)]
             rows, cols = np.nonzero(hit >= 0)
             pairs = np.unique(rows * len(items) + hit[rows, cols])
-            value = value.astype(np.float64)
-            value[pairs // len(items), pairs % len(items)] -= self.cfg.repeat_penalty
+            value[pairs // len(items), pairs % len(items)] -= value.dtype.type(self.cfg.repeat_penalty)
         return value
 
     @staticmethod

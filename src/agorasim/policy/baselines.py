@@ -33,6 +33,9 @@ def valid_candidates(candidates: np.ndarray, alive: np.ndarray) -> np.ndarray:
     ok = (candidates >= 0) & (candidates < len(alive))
     ok[ok] = alive[candidates[ok]]
     cleaned = np.where(ok, candidates, -1)
+    ranked = np.sort(cleaned, axis=1)  # the kept promise (no repeats) costs one plain sort
+    if not ((ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)).any():
+        return cleaned
     # a stable sort puts the first occurrence of an id before its repeats; flag the repeats
     order = np.argsort(cleaned, axis=1, kind="stable")
     ranked = np.take_along_axis(cleaned, order, 1)
