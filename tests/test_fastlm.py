@@ -159,3 +159,21 @@ def test_cpu_attention_equals_the_fused_kernel_with_grouped_heads():
     grad_got, = torch.autograd.grad(got.square().sum(), q)
     grad_want, = torch.autograd.grad(want.square().sum(), q)
     torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-6)
+
+
+def test_groups_past_the_tree_limit_keep_the_cache_layout(monkeypatch):
+    """Past ``_TREE_LIMIT`` path tokens per prompt the loss pass runs the prompt once and its
+    paths from a copied cache (transformers' forward), with the same log-probs."""
+    from agorasim.policy import trie
+
+    model = model_of("qwen2").train()
+    ids, mask = left_padded(batch=2)
+    paths = torch.randint(3, VOCAB, (2 * 3, 4), generator=torch.Generator().manual_seed(5))
+    tree = trie.token_logprobs(model, ids, mask, paths).detach()
+    monkeypatch.setattr(trie, "_TREE_LIMIT", 8)  # 3 paths x 3 tokens = 9 > 8
+    calls = []
+    real = fastlm.forward
+    monkeypatch.setattr(fastlm, "forward", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    cached = trie.token_logprobs(model, ids, mask, paths).detach()
+    assert calls == []  # not through the tree
+    torch.testing.assert_close(tree, cached, rtol=1e-5, atol=1e-5)

@@ -150,6 +150,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out[0] if len(out) == 1 else tuple(out)
 
 
+_TREE_LIMIT = 1024  # path tokens per prompt up to which the loss pass runs as one tree sequence
+
+
 def _group_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_tokens: torch.Tensor,
                   group: int) -> torch.Tensor:
     """(N, L+1, V) logits that predict each path token, for ``group`` paths per prompt.
@@ -162,9 +165,10 @@ def _group_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
     For a model that ``fastlm.trains``, each prompt and its paths are instead one tree sequence
     of ``T + group*(L)`` tokens in one differentiable call (``_tree_logits``): the same logits
-    without copying the prompt's keys for every path.
+    without copying the prompt's keys for every path. Its attention grows with the square of
+    ``group * L``, so groups beyond ``_TREE_LIMIT`` path tokens per prompt keep the cache layout.
     """
-    if item_tokens.shape[1] > 1 and fastlm.trains(model):
+    if 1 < item_tokens.shape[1] and group * (item_tokens.shape[1] - 1) <= _TREE_LIMIT and fastlm.trains(model):
         return _tree_logits(model, input_ids, attention_mask, item_tokens, group)
     positions = _positions(attention_mask)
     first, cache = _forward(model, input_ids, attention_mask, positions, keep=1)
