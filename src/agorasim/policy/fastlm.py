@@ -167,7 +167,7 @@ def forward(model, cache: KVCache | None, input_ids: torch.Tensor, position_ids:
         if keep is not None and i == last:  # the other positions' outputs feed nothing
             q, x, see = q[:, :, -keep:], x[:, -keep:], mask[:, :, -keep:]
         if q.device.type == "cpu":
-            if bias is None or bias.shape[1] != q.shape[2] * (q.shape[1] // k.shape[1]):
+            if bias is None or see is not mask:  # built once; again for the last layer's kept rows
                 bias = _bias(see, k.shape[1], q.shape[1] // k.shape[1], q.dtype)
             out = _cpu_attention(q, k, v, bias, attention.scaling)
         else:

@@ -134,10 +134,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ids = torch.cat([input_ids, item_tokens], 1)
         mask = torch.nn.functional.pad(attention_mask, (0, depth), value=1)
         # logits at positions T-1 .. T+L-2 predict the path tokens (the one after the path is unused)
-        if fastlm.trains(model):
-            logits = fastlm.forward(model, None, ids, _positions(mask), fastlm.prompt_mask(mask), keep=depth + 1)
-        else:
-            logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
+        logits, _ = _forward(model, ids, mask, _positions(mask), keep=depth + 1, use_cache=False)
         logits = logits[:, -(depth + 1):-1]
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, item_tokens[..., None]).squeeze(-1)
@@ -205,8 +202,8 @@ def _tree_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, i
     path = torch.arange(group * steps, device=input_ids.device).div(steps, rounding_mode="floor")
     step = torch.arange(group * steps, device=input_ids.device) % steps
     mask[:, width:, width:] = (path[:, None] == path[None, :]) & (step[None, :] <= step[:, None])
-    logits = fastlm.forward(model, None, ids, torch.cat([positions, path_positions], 1), mask[:, None],
-                            keep=group * steps + 1)
+    logits, _ = _forward(model, ids, mask[:, None], torch.cat([positions, path_positions], 1),
+                         keep=group * steps + 1, use_cache=False)
     first = logits[:, :1].repeat_interleave(group, 0)  # (N, 1, V)
     rest = logits[:, 1:].reshape(batch * group, steps, -1)
     return torch.cat([first, rest], 1)
@@ -859,7 +856,14 @@ def _forward(model, input_ids, attention_mask, position_ids, cache=None, keep: i
     call on a model that ``fastlm.supports`` runs ``fastlm.forward`` into a preallocated
     ``fastlm.KVCache``, and later calls with that cache continue there; a 2D ``attention_mask``
     (one new token per row) then means "see every unmasked column".
+
+    ``use_cache=False`` (no cache wanted, gradients allowed) on a model that ``fastlm.trains``
+    runs ``fastlm.forward`` without a cache: a 2D ``attention_mask`` is taken as left-padded
+    sequences (``fastlm.prompt_mask``), a 4D boolean one as given (the loss pass's tree masks).
     """
+    if cache is None and not use_cache and fastlm.trains(model):
+        mask = attention_mask if attention_mask.dim() == 4 else fastlm.prompt_mask(attention_mask)
+        return fastlm.forward(model, None, input_ids, position_ids, mask, keep), None
     if isinstance(cache, fastlm.KVCache):
         mask = attention_mask if attention_mask.dim() == 4 else attention_mask.bool()[:, None, None, :]
         return fastlm.forward(model, cache, input_ids, position_ids, mask, keep), cache
