@@ -27,8 +27,10 @@ warm-up and SFT, serving the same random histories of alive items:
 - ``grc``: EGRS (``rl.grc.egrs_decode``: drafts, reflection entropy, greedy correction of the
   ``budget`` highest-entropy drafts) at budgets 0, 3 and every beam, against ``beam_search`` of
   the same GRC model;
-- ``mindrec``: diffusion beam search (faithful and trie-consistent) of a MindRec policy against
-  ``beam_search`` of a plain generative policy of the same width and depth, on the same world.
+- ``mindrec``: diffusion beam search (faithful and trie-consistent) of a MindRec policy, with the
+  paper's full attention and with prefix attention (``history_attention=prefix``: the history's
+  keys and values computed once per prompt), against ``beam_search`` of a plain generative policy
+  of the same width and depth, on the same world.
 
     python benchmarks/decode.py --decoder grc [--prompts 64 --beams 10]
 
@@ -108,13 +110,14 @@ def timed(fns, repeats: int) -> tuple[list[float], list[object]]:
     return [statistics.median(t) for t in times], results
 
 
-def serving_policy(name: str, threads: int):
-    """The policy of a cold-start market after a 2-round warm-up and one SFT epoch (no RL)."""
+def serving_policy(name: str, threads: int, extra: str = ""):
+    """The policy of a cold-start market after a 2-round warm-up and one SFT epoch (no RL);
+    ``extra``: more policy parameters (``, key: value``)."""
     from agorasim.config import build_config
     from agorasim.env.market import Market
     from agorasim.scenarios import load_scenario
 
-    extra = ", grc_sft_epochs: 1" if name == "grc" else ""
+    extra += ", grc_sft_epochs: 1" if name == "grc" else ""
     params = f"{{warmup_rounds: 2, sft_epochs: 1, threads: {threads or 'null'}{extra}}}"
     config = build_config(load_scenario("cold-start"), [f"policy.name={name}", f"policy.params={params}",
                                                         "rl.method=none", "run.progress=false"])
@@ -133,6 +136,7 @@ def decoders(args) -> dict:
         plain_policy = policy
     else:
         policy, alive = serving_policy("mindrec", args.threads)
+        prefix, _ = serving_policy("mindrec", args.threads, ", history_attention: prefix")
         plain_policy, _ = serving_policy("generative", args.threads)
     rng = np.random.default_rng(args.seed)
     history = rng.choice(alive, (args.prompts, args.history))
@@ -145,6 +149,8 @@ def decoders(args) -> dict:
     else:
         runs["diffusion_faithful"] = lambda: policy.decode(history, k, mode="faithful")
         runs["diffusion_trie"] = lambda: policy.decode(history, k, mode="trie")
+        runs["diffusion_prefix_faithful"] = lambda: prefix.decode(history, k, mode="faithful")
+        runs["diffusion_prefix_trie"] = lambda: prefix.decode(history, k, mode="trie")
     with torch.inference_mode():
         seconds, results = timed(list(runs.values()), args.repeats)
     items = args.prompts * k

@@ -16,6 +16,7 @@ from agorasim.policy import make_policy
 from agorasim.policy.grc import GRCPolicy, GRCSettings, supervised_stage
 from agorasim.policy.trie import CatalogueTrie
 from agorasim.rl import grc as grc_rl
+from agorasim.rl.advantages import group_advantages
 from agorasim.rl.grc import (
     apply_corrections,
     correct,
@@ -28,6 +29,7 @@ from agorasim.rl.grc import (
     prefix_match,
     reflection_entropy,
     reflection_logprobs,
+    segment_advantages,
     triple_tokens,
 )
 from agorasim.rl.judges import TargetJudge
@@ -101,6 +103,23 @@ def test_trajectory_reward_by_hand():
     np.testing.assert_allclose(r["total"], [1.75, 0.5, 0.125])
     np.testing.assert_allclose(r["localisation"], [1, 0, 0])
     np.testing.assert_allclose(r["improvement"], [0.5, 0.0, -0.25])
+
+
+def test_segment_credit_by_hand():
+    # R(draft) = [1, 0], r = [0.5, 1.5]; the std of two values a, b is |a - b| / sqrt(2), plus eps 1e-4
+    a = 0.5 / (np.sqrt(0.5) + 1e-4)
+    valid = np.ones((1, 2), bool)
+    segment = segment_advantages(np.array([[1.0, 0.0]]), np.array([[0.5, 1.5]]), valid, depth=2)
+    np.testing.assert_allclose(segment[0], [[a, a, -a, -a, -a], [-a, -a, a, a, a]])
+    literal = segment_advantages(np.array([[1.0, 0.0]]), np.array([[0.5, 1.5]]), valid, depth=2, credit="trajectory")
+    np.testing.assert_allclose(literal[0], [[-a] * 5, [a] * 5])
+    # a missing draft gets nothing, and its zero reward joins its group's statistics
+    gone = segment_advantages(np.array([[1.0, 0.0, 0.4]]), np.array([[2.0, 1.0, 0.4]]),
+                              np.array([[True, True, False]]), depth=1)
+    np.testing.assert_array_equal(gone[0, 2], 0.0)
+    np.testing.assert_allclose(gone[0, :2, 0], [1.0 / (np.std([1, 0, 0], ddof=1) + 1e-4) * v for v in (2 / 3, -1 / 3)])
+    with pytest.raises(ValueError, match="credit"):
+        segment_advantages(np.zeros((1, 2)), np.zeros((1, 2)), valid, 2, credit="token")
 
 
 def test_egrs_picks_the_highest_entropy_drafts():
@@ -206,6 +225,13 @@ def test_rl_step_rewards_the_trajectory_and_trains():
     scored = method.score(trainer, prompts, rollout, TargetJudge())
     task = prefix_match(policy.tokens[rollout.items], policy.tokens[prompts.target][:, None])
     np.testing.assert_allclose(scored.rewards["task"], task)
+    # segment credit (the default): the draft's tokens are credited with the draft's own task reward
+    r_draft = prefix_match(policy.tokens[rollout.extra["draft"]], policy.tokens[prompts.target][:, None])
+    assert scored.advantages.shape == (3, 4, 9)
+    np.testing.assert_allclose(scored.advantages[:, :, :4], np.repeat(group_advantages(r_draft)[:, :, None], 4, 2))
+    np.testing.assert_allclose(scored.advantages[:, :, 4:],
+                               np.repeat(group_advantages(scored.total)[:, :, None], 5, 2))
+    assert not np.allclose(scored.advantages[:, :, 0], scored.advantages[:, :, 4])
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     row = trainer.step(prompts, TargetJudge(), generator)
     assert np.isfinite(row["train/loss"]) and "train/grc/loc_accuracy" in row
@@ -234,6 +260,8 @@ def test_bad_settings_are_one_line_errors():
         make_policy("grc", correct_top=11, draft_beams=10)
     with pytest.raises(ValueError, match="task_reward"):
         make_policy("grc", task_reward="ctr")
+    with pytest.raises(ValueError, match="credit"):
+        make_policy("grc", credit="token")
     with pytest.raises(UserInputError, match="rl.method must be grpo"):
         GRCPolicy(**TINY, rl={"method": "ugr"})
 
@@ -241,6 +269,7 @@ def test_bad_settings_are_one_line_errors():
 @pytest.mark.parametrize("setting, message", [
     ("policy.params={correct_top: 0, draft_beams: 0}", "draft_beams"),
     ("policy.params={decoding: sample}", "decoding"),
+    ("policy.params={credit: tokens}", "credit"),
     ("rl.method=ugr", "rl.method must be grpo"),
 ])
 def test_bad_settings_exit_2_from_the_cli(tmp_path, capsys, setting, message):

@@ -15,6 +15,7 @@ from agorasim.env.market import Market
 from agorasim.policy import parse_policy_params
 from agorasim.policy.mindrec import (
     MASK,
+    PAD,
     ItemSpace,
     MindRecPolicy,
     build_encoder,
@@ -149,8 +150,46 @@ def test_mindrec_passes_the_policy_contract(mode, method):
     assert "train/mindrec/invalid_share" in metrics[2]
 
 
-def test_trajectory_logprobs_sum_to_the_beam_score():
-    policy = MindRecPolicy(**TINY)
+def prefix_reference(model, ids: torch.Tensor, span: int) -> torch.Tensor:
+    """Span logits of full rows under prefix attention, through ``nn.MultiheadAttention`` with a mask:
+    a prompt position sees the prompt's real tokens only, a span position every real token."""
+    t = ids.shape[1]
+    blocked = torch.zeros(len(ids), t, t, dtype=torch.bool)
+    blocked[:, : t - span, t - span:] = True  # the prompt does not see the span
+    blocked |= (ids == PAD)[:, None, :]  # padding keys
+    heads = model.blocks[0].attention.num_heads
+    x = model.tokens(ids) + model.positions.weight[:t][None]
+    for block in model.blocks:
+        h = block.norm1(x)
+        x = x + block.attention(h, h, h, attn_mask=blocked.repeat_interleave(heads, 0), need_weights=False)[0]
+        x = x + block.ffn(block.norm2(x))
+    return model.norm(x[:, -span:]) @ model.tokens.weight.T
+
+
+def test_prefix_attention_caches_the_history_exactly():
+    model = build_encoder(14, 16, 2, 2, 16, seed=3, prefix_attention=True)
+    prompt = torch.tensor([[0, 0, 1, 5, 6, 2], [1, 7, 8, 9, 12, 2]])
+    spans = torch.tensor([[[4, MASK, 11], [MASK, MASK, MASK]], [[5, 10, 6], [13, MASK, 6]]])  # (R=2, K=2, S=3)
+    cached = model.span_logits(model.encode_prefix(prompt), spans)
+    rows = torch.cat([prompt.repeat_interleave(2, 0), spans.reshape(4, 3)], 1)
+    reference = prefix_reference(model, rows, 3).view(2, 2, 3, -1)
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(rows, span=3), reference.reshape(4, 3, -1), atol=1e-5, rtol=1e-5)
+    # the history does not see the span: changing a span leaves the other beam's logits alone
+    other = spans.clone()
+    other[0, 1] = torch.tensor([4, 4, 4])
+    again = model.span_logits(model.encode_prefix(prompt), other)
+    torch.testing.assert_close(again[0, 0], cached[0, 0])
+    assert not torch.allclose(again[0, 1], cached[0, 1])
+    # full attention differs (the history attends to the span there)
+    full = build_encoder(14, 16, 2, 2, 16, seed=3)
+    assert not torch.allclose(full(rows, span=3), reference.reshape(4, 3, -1), atol=1e-4)
+    torch.testing.assert_close(full(rows, span=3), full(rows)[:, -3:])
+
+
+@pytest.mark.parametrize("attention", ["full", "prefix"])
+def test_trajectory_logprobs_sum_to_the_beam_score(attention):
+    policy = MindRecPolicy(**TINY, history_attention=attention)
     rng = np.random.default_rng(0)
     ids_codes = np.array([[a, b, 0] for a in range(5) for b in range(6)])
     from agorasim.policy.semantic_ids import SemanticIds
@@ -161,7 +200,8 @@ def test_trajectory_logprobs_sum_to_the_beam_score():
     policy.setup(rng.integers(0, 3, (30, 2)), [3, 3], ids, ids_codes, None, seed=0)
     history = rng.integers(-1, 30, (4, 4))
     decoded = policy.decode(history, 3, mode="trie")
-    prompt = policy.prompts(history).repeat_interleave(3, 0)
+    prompt = policy.prompts(history)
+    assert policy.model.prefix_attention == (attention == "prefix")
     logp = policy.trajectory_logprobs(policy.model, prompt, torch.as_tensor(decoded.sequences.reshape(12, -1)),
                                       torch.as_tensor(decoded.fill_order.reshape(12, -1)))
     assert np.allclose(logp.sum(1).detach().numpy(), decoded.scores.reshape(-1), atol=1e-4)

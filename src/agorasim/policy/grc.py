@@ -12,7 +12,9 @@ Life of the policy in a run, on top of ``GenerativePolicy``'s:
    draft`` serves the plain beams of the same model), then one step of GRC's RL stage on
    ``rl.Trainer`` (the rl section's group size, rollout, loss, lr and KL) with the trajectory
    reward ``R(final) + lambda_loc 1[l_hat = l*] + lambda_imp (R(final) - R(draft))``, R the
-   simulated rating / 10 (``task_reward=rating``) or the prefix match with the clicked item.
+   simulated rating / 10 (``task_reward=rating``) or the prefix match with the clicked item;
+   with ``credit=segment`` (the default) the draft's tokens are credited with ``R(draft)`` alone
+   and the reflection and correction with the trajectory reward (``rl/grc.py``).
 
 ``rl.method=none`` skips the RL stage (SFT and triples only); ``grpo`` (the default) runs GRC's
 trajectory GRPO; the other methods are not GRC's and are refused.
@@ -51,6 +53,11 @@ class GRCSettings(PolicyParams):
     lambda_rc: float = Field(1.0, ge=0, description="weight of the reflection-correction loss L_rc beside L_MLE")
     lambda_loc: float = Field(0.5, ge=0, description="weight of the localisation reward 1[l_hat = l*]")
     lambda_imp: float = Field(0.5, ge=0, description="weight of the improvement reward R(final) - R(draft)")
+    credit: Literal["segment", "trajectory"] = Field(
+        "segment", description="which reward each token of the RL stage is credited with: segment = the draft's "
+        "tokens the group advantage of R(draft), the reflection and correction tokens that of the trajectory "
+        "reward; trajectory = every token the trajectory reward's advantage (the spec read literally, which "
+        "pays the draft for being wrong: see rl/grc.py)")
     task_reward: Literal["rating", "prefix"] = Field(
         "rating", description="R of an item: rating = the judged rating / 10 (the simulated user; offline "
         "10 x hit), prefix = leading tokens shared with the target item / D")
@@ -74,7 +81,7 @@ class GRCPolicy(GenerativePolicy):
 
     Args:
         decoding, draft_beams, correct_top, placement, triple_beams, grc_sft_epochs, grc_sft_lr, lambda_rc,
-            lambda_loc, lambda_imp, task_reward: ``GRCSettings``.
+            lambda_loc, lambda_imp, credit, task_reward: ``GRCSettings``.
         **generative: ``GenerativePolicy``'s arguments (``rl.method`` must be grpo or none).
     """
 
@@ -84,12 +91,12 @@ class GRCPolicy(GenerativePolicy):
     def __init__(self, decoding: str = "grc", draft_beams: int = 10, correct_top: int = 3, placement: str = "replace",
                  triple_beams: int = 6,
                  grc_sft_epochs: int = 2, grc_sft_lr: float = 1e-3, lambda_rc: float = 1.0, lambda_loc: float = 0.5,
-                 lambda_imp: float = 0.5, task_reward: str = "rating", **generative):
+                 lambda_imp: float = 0.5, credit: str = "segment", task_reward: str = "rating", **generative):
         super().__init__(**generative)
         self.settings = GRCSettings(decoding=decoding, draft_beams=draft_beams, correct_top=correct_top,
                                     placement=placement, triple_beams=triple_beams, grc_sft_epochs=grc_sft_epochs, grc_sft_lr=grc_sft_lr,
                                     lambda_rc=lambda_rc, lambda_loc=lambda_loc, lambda_imp=lambda_imp,
-                                    task_reward=task_reward)
+                                    credit=credit, task_reward=task_reward)
         if self.rl.method not in ("grpo", "none"):
             raise UserInputError(f"policy grc: rl.method must be grpo (GRC's trajectory GRPO) or none (no RL "
                                  f"stage), got {self.rl.method!r}")

@@ -136,35 +136,119 @@ class EncoderBlock(nn.Module):
         x = x + self.attention(h, h, h, key_padding_mask=padding, need_weights=False)[0]
         return x + self.ffn(self.norm2(x))
 
+    def heads_of(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(N, T, H)`` normed states -> queries, keys, values ``(N, heads, T, H / heads)`` by the
+        attention module's own projections (queries pre-scaled by ``1 / sqrt(H / heads)``)."""
+        n, t, hidden = h.shape
+        heads = self.attention.num_heads
+        q, k, v = nn.functional.linear(h, self.attention.in_proj_weight, self.attention.in_proj_bias).chunk(3, -1)
+        q, k, v = (z.view(n, t, heads, hidden // heads).transpose(1, 2) for z in (q, k, v))
+        return q * (hidden // heads) ** -0.5, k, v
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The residual, output projection and feed-forward after attention ``(..., H)``."""
+        x = x + self.attention.out_proj(attended)
+        return x + self.ffn(self.norm2(x))
+
+
+@dataclass
+class PrefixCache:
+    """Keys and values of the history prefixes under prefix attention (``MaskedItemEncoder.encode_prefix``).
+
+    Attributes:
+        layers: per block ``(keys, values)``, each ``(R, heads, T_p, H / heads)``.
+        bias: ``(R, 1, 1, T_p)`` 0 for a real prefix token, ``-inf`` for padding.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    bias: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.bias.shape[-1])
+
 
 class MaskedItemEncoder(nn.Module):
     """The masked-diffusion denoiser: ``(N, T)`` token ids -> ``(N, T, vocab)`` logits.
 
     Rows have the same length ``T`` (history left-padded), so a position embedding is a column.
+
+    ``prefix_attention=False`` (MindRec's LLaDA): every position attends to every real position.
+    ``prefix_attention=True`` (a deviation, ``history_attention=prefix``): the history prefix
+    attends only to itself, the item span to everything, so the prefix's keys and values do not
+    depend on the span and are computed once per prompt (``encode_prefix``), however many beams
+    and denoising steps read them (``span_logits``).
     """
 
-    def __init__(self, vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int):
+    def __init__(self, vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int,
+                 prefix_attention: bool = False):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, hidden)
         self.positions = nn.Embedding(max_positions, hidden)
         self.blocks = nn.ModuleList(EncoderBlock(hidden, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(hidden)
+        self.prefix_attention = bool(prefix_attention)
         nn.init.normal_(self.tokens.weight, std=0.02)
         nn.init.normal_(self.positions.weight, std=0.02)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, span: int | None = None) -> torch.Tensor:
+        """Logits of every position, or of the last ``span`` ones only (``(N, span, vocab)``, the
+        output head applied to those alone); prefix attention needs ``span``."""
+        if getattr(self, "prefix_attention", False):
+            if span is None:
+                raise ValueError("prefix attention: forward needs the span length")
+            return self.span_logits(self.encode_prefix(ids[:, :-span]), ids[:, None, -span:])[:, 0]
         padding = ids == PAD
         x = self.tokens(ids) + self.positions.weight[: ids.shape[1]][None]
         for block in self.blocks:
             x = block(x, padding)
+        if span is not None:
+            x = x[:, -span:]
         return self.norm(x) @ self.tokens.weight.T  # tied head
 
+    def encode_prefix(self, prompt: torch.Tensor) -> PrefixCache:
+        """Per block keys and values of ``prompt`` (R, T_p), which attends only to its own real tokens."""
+        x = self.tokens(prompt) + self.positions.weight[: prompt.shape[1]][None]
+        bias = torch.zeros(prompt.shape, dtype=x.dtype, device=x.device).masked_fill(prompt == PAD, -math.inf)
+        bias = bias[:, None, None, :]
+        layers = []
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.heads_of(block.norm1(x))
+            layers.append((k, v))
+            if i + 1 < len(self.blocks):  # the last block's prefix output is never read
+                attended = torch.softmax(q @ k.transpose(-1, -2) + bias, -1) @ v
+                x = block.finish(x, attended.transpose(1, 2).flatten(2))
+        return PrefixCache(layers, bias)
 
-def build_encoder(vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int, seed: int) -> MaskedItemEncoder:
+    def span_logits(self, cache: PrefixCache, span: torch.Tensor) -> torch.Tensor:
+        """``(R, K, S, vocab)`` logits of ``K`` spans per prompt (R, K, S) after the cached prefixes.
+
+        Each span attends to its prompt's real prefix tokens and to its own S positions; the
+        prefix's keys are shared by the K spans, not copied."""
+        r, k, s = span.shape
+        t = cache.length
+        x = self.tokens(span) + self.positions.weight[t:t + s]
+        hidden = x.shape[-1]
+        for block, (key_p, value_p) in zip(self.blocks, cache.layers, strict=True):
+            q, key_s, value_s = block.heads_of(block.norm1(x).reshape(r * k, s, hidden))
+            heads, width = q.shape[1], q.shape[-1]
+            q = q.view(r, k, heads, s, width).transpose(1, 2)  # (R, heads, K, S, hd)
+            key_s = key_s.view(r, k, heads, s, width).transpose(1, 2)
+            value_s = value_s.view(r, k, heads, s, width).transpose(1, 2)
+            to_prefix = (q.reshape(r, heads, k * s, width) @ key_p.transpose(-1, -2) + cache.bias).view(r, heads, k, s, t)
+            weights = torch.softmax(torch.cat([to_prefix, q @ key_s.transpose(-1, -2)], -1), -1)
+            attended = (weights[..., :t].reshape(r, heads, k * s, t) @ value_p).view(r, heads, k, s, width)
+            attended = attended + weights[..., t:] @ value_s
+            x = block.finish(x, attended.permute(0, 2, 3, 1, 4).reshape(r, k, s, hidden))
+        return self.norm(x) @ self.tokens.weight.T
+
+
+def build_encoder(vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int, seed: int,
+                  prefix_attention: bool = False) -> MaskedItemEncoder:
     """The denoiser, initialised from ``seed`` without touching torch's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MaskedItemEncoder(vocab_size, hidden, layers, heads, max_positions)
+        return MaskedItemEncoder(vocab_size, hidden, layers, heads, max_positions, prefix_attention)
 
 
 def masked_diffusion_loss(model: nn.Module, prompt: torch.Tensor, item_tokens: torch.Tensor, eps: float,
@@ -186,7 +270,7 @@ def masked_diffusion_loss(model: nn.Module, prompt: torch.Tensor, item_tokens: t
     p = (1 - eps) * t + eps
     masked = torch.rand(n, s, generator=generator, device=item_tokens.device) < p
     span = torch.where(masked, torch.full_like(item_tokens, MASK), item_tokens)
-    logits = model(torch.cat([prompt, span], 1))[:, -s:]
+    logits = model(torch.cat([prompt, span], 1), span=s)
     ce = nn.functional.cross_entropy(logits.reshape(n * s, -1), item_tokens.reshape(-1), reduction="none").view(n, s)
     return ((ce * masked) / p).sum(1).div(s).mean()
 
@@ -426,6 +510,10 @@ class MindRecParams(PolicyParams):
     overlap_penalty: bool = Field(True, description="keep id-block beams by score*(1-log(1+se)) (False: by score)")
     id_order: Literal["any", "left_to_right"] = Field("any", description="id positions: any (global top-B (position, token)) or left_to_right "
                        "(plain beam search on the same model)")
+    history_attention: Literal["full", "prefix"] = Field(
+        "full", description="full (the paper's LLaDA: the history also attends to the item span) or prefix (a "
+        "deviation: the history attends only to itself, so its keys and values are computed once per prompt and "
+        "shared by every beam and denoising step)")
     mask_eps: float = Field(0.5, gt=0, le=1, description="epsilon of the mask rate p=(1-eps)t+eps (the paper's .4-.7)")
     sft_epochs: int = Field(10, ge=1, description="masked-diffusion epochs of the warm start")
     sft_lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the masked-diffusion training")
@@ -447,7 +535,8 @@ class MindRecPolicy(Policy):
 
     def __init__(self, warmup_rounds: int = 10, levels: int = 3, codebook_size: int = 64, hidden: int = 64,
                  layers: int = 2, heads: int = 4, prompt_items: int = 10, beams: int = 10, mode: str = "faithful",
-                 overlap_penalty: bool = True, id_order: str = "any", mask_eps: float = 0.5, sft_epochs: int = 10,
+                 overlap_penalty: bool = True, id_order: str = "any", history_attention: str = "full",
+                 mask_eps: float = 0.5, sft_epochs: int = 10,
                  sft_lr: float = 3e-3, sft_batch: int = 256, rl: dict | None = None, max_len: int = 20,
                  grpo_every: int = 1, threads: int | None = 1, device: str = "cpu"):
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, hidden=hidden, layers=layers,
@@ -463,6 +552,8 @@ class MindRecPolicy(Policy):
             raise UserInputError(f"mindrec: mode must be one of {', '.join(MODES)}, got {mode!r}")
         if id_order not in ("any", "left_to_right"):
             raise UserInputError(f"mindrec: id_order must be any or left_to_right, got {id_order!r}")
+        if history_attention not in ("full", "prefix"):
+            raise UserInputError(f"mindrec: history_attention must be full or prefix, got {history_attention!r}")
         if not 0 < mask_eps <= 1:
             raise UserInputError(f"mindrec: mask_eps must be in (0, 1], got {mask_eps}")
         from agorasim.config import RLConfig
@@ -477,6 +568,7 @@ class MindRecPolicy(Policy):
         self.prompt_items, self.beams = min(prompt_items, max_len), beams
         self.mode, self.overlap_penalty, self.id_order = mode, bool(overlap_penalty), id_order
         self.mask_eps = float(mask_eps)
+        self.history_attention = history_attention
         self.sft_epochs, self.sft_lr, self.sft_batch = sft_epochs, sft_lr, sft_batch
         self.grpo_every, self.threads, self.device = grpo_every, threads, str(device)
         self.behaviour = PopularityPolicy(refit_every=1)
@@ -526,7 +618,8 @@ class MindRecPolicy(Policy):
         _, _, vocab = self.vocab_layout()
         self.space = ItemSpace(self.item_tokens(category_codes, sid_codes), self.n_categories, vocab, alive)
         positions = 2 + (self.prompt_items + 1) * self.space.span
-        self.model = build_encoder(vocab, self.hidden, self.layers, self.heads, positions, seed).to(self.device)
+        self.model = build_encoder(vocab, self.hidden, self.layers, self.heads, positions, seed,
+                                   prefix_attention=getattr(self, "history_attention", "full") == "prefix").to(self.device)
         if self.method is not None:
             from agorasim.rl.trainer import Trainer
 
@@ -573,13 +666,19 @@ class MindRecPolicy(Policy):
         ids[np.arange(len(history)), body.shape[1] - keep.sum(1)] = BOS
         return torch.from_numpy(ids).to(self.device)
 
-    def span_logprobs(self, prompt: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+    def span_logprobs(self, prompt: torch.Tensor, partial: torch.Tensor, cache: PrefixCache | None = None,
+                      model: nn.Module | None = None) -> torch.Tensor:
         """``(R, K, S, V)`` log-probs at the item positions of ``prompt`` (R, T_p) with the partial
-        spans ``partial`` (R, K, S) (``-1``: masked)."""
+        spans ``partial`` (R, K, S) (``-1``: masked); under prefix attention from ``cache`` (the
+        prompts' ``encode_prefix``, computed here when None)."""
+        model = self.model if model is None else model
         r, k, s = partial.shape
-        span = torch.where(partial >= 0, partial, torch.full_like(partial, MASK)).reshape(r * k, s)
-        ids = torch.cat([prompt.repeat_interleave(k, 0), span], 1)
-        return torch.log_softmax(self.model(ids)[:, -s:].float(), -1).view(r, k, s, -1)
+        span = torch.where(partial >= 0, partial, torch.full_like(partial, MASK))
+        if getattr(model, "prefix_attention", False):
+            cache = model.encode_prefix(prompt) if cache is None else cache
+            return torch.log_softmax(model.span_logits(cache, span).float(), -1)
+        ids = torch.cat([prompt.repeat_interleave(k, 0), span.reshape(r * k, s)], 1)
+        return torch.log_softmax(model(ids, span=s).float(), -1).view(r, k, s, -1)
 
     @torch.no_grad()
     def decode(self, history: np.ndarray, beams: int, mode: str | None = None, id_order: str | None = None,
@@ -589,7 +688,9 @@ class MindRecPolicy(Policy):
         parts = []
         for start in range(0, len(history), chunk):
             prompt = self.prompts(history[start:start + chunk])
-            parts.append(diffusion_beam_search(lambda partial, p=prompt: self.span_logprobs(p, partial), len(prompt),
+            cache = self.model.encode_prefix(prompt) if getattr(self.model, "prefix_attention", False) else None
+            parts.append(diffusion_beam_search(lambda partial, p=prompt, c=cache: self.span_logprobs(p, partial, c),
+                                               len(prompt),
                                                self.space, beams, mode or self.mode, self.overlap_penalty,
                                                id_order or self.id_order, self.device))
         if not parts:
@@ -720,17 +821,16 @@ class MindRecPolicy(Policy):
 
         Args:
             model: the denoiser (the policy's or the reference).
-            prompt: ``(N, T_p)`` the prompt of each completion.
+            prompt: ``(N / G, T_p)`` the prompts; completions ``G`` consecutive rows per prompt.
             sequences: ``(N, S)`` the final spans.
             fill_order: ``(N, S)`` the step at which each position was filled.
         """
         n, s = sequences.shape
         steps = torch.arange(s, device=sequences.device)
-        # state before step t: the positions filled at earlier steps
+        # state before step t: the positions filled at earlier steps (-1: still masked)
         states = torch.where(fill_order[:, None, :] < steps[None, :, None], sequences[:, None, :],
-                             torch.full_like(sequences[:, None, :], MASK))  # (N, S_steps, S)
-        ids = torch.cat([prompt.repeat_interleave(s, 0), states.reshape(n * s, s)], 1)
-        logp = torch.log_softmax(model(ids)[:, -s:].float(), -1).view(n, s, s, -1)
+                             torch.full_like(sequences[:, None, :], -1))  # (N, S_steps, S)
+        logp = self.span_logprobs(prompt, states.reshape(len(prompt), -1, s), model=model).view(n, s, s, -1)
         position = torch.argsort(fill_order, 1)  # (N, S): position filled at step t
         token = torch.gather(sequences, 1, position)
         rows = torch.arange(n, device=sequences.device)[:, None]
@@ -782,7 +882,7 @@ class DiffusionGRPO(Method):
 
         rl, policy = self.config, trainer.policy
         g = rollout.group_size
-        prompt = rollout.prompt_ids.repeat_interleave(g, 0)
+        prompt = rollout.prompt_ids
         order = rollout.extra["fill_order"]
         logp = policy.trajectory_logprobs(policy.model, prompt, rollout.completions, order)
         ref = None
