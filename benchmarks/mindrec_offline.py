@@ -20,15 +20,19 @@ def main() -> None:
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--sft-epochs", type=int, default=16)
     p.add_argument("--mindrec-epochs", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=4, help="MindRec epochs between validation decodings")
+    p.add_argument("--history-attention", choices=("full", "prefix"), default="full",
+                   help="MindRec's attention: full (the paper's) or prefix (the history's keys and values cached)")
     p.add_argument("--no-ar", action="store_true", help="skip the SFT (AR) model; compare MindRec's decodings")
     p.add_argument("--quick", action="store_true", help="a tiny run to check the set-up")
     args = p.parse_args()
     if args.quick:
         run(args.out, args.seed, train_users=200, valid_rows=50, test_rows=50, beams=args.beams, sft_epochs=2,
-            mindrec_epochs=2, eval_every=1, hidden=32)
+            mindrec_epochs=2, eval_every=1, hidden=32, history_attention=args.history_attention)
     else:
         run(args.out, args.seed, valid_rows=args.valid_rows, test_rows=args.test_rows, beams=args.beams,
-            sft_epochs=args.sft_epochs, mindrec_epochs=args.mindrec_epochs, ar=not args.no_ar)
+            sft_epochs=args.sft_epochs, mindrec_epochs=args.mindrec_epochs, ar=not args.no_ar,
+            eval_every=args.eval_every, history_attention=args.history_attention)
 
 
 if __name__ == "__main__":

@@ -133,10 +133,12 @@ def report_table(results: dict[str, dict[str, float]], gains: dict[str, dict[str
 
 def run(out_dir: str | Path, seed: int = 0, train_users: int | None = None, valid_rows: int = 300,
         test_rows: int = 1000, beams: int = 10, sft_epochs: int = 16, mindrec_epochs: int = 16,
-        eval_every: int = 4, hidden: int = 128, threads: int = 1, ar: bool = True) -> dict:
+        eval_every: int = 4, hidden: int = 128, threads: int = 1, ar: bool = True,
+        history_attention: str = "full") -> dict:
     """The comparison end to end on the vendored Industrial_and_Scientific data; writes
     ``mindrec.json`` and ``mindrec.md`` in ``out_dir``. ``ar=False`` skips the SFT (AR) model: the
-    MindRec decodings are then compared against its own left-to-right decoding."""
+    MindRec decodings are then compared against its own left-to-right decoding;
+    ``history_attention``: MindRec's (``MindRecParams``: full, the paper's, or prefix)."""
     from agorasim.data.amazon import item_embeddings, load_amazon
     from agorasim.policy.threads import torch_threads
     from agorasim.run.offline import Progress, build_generative, load_rows, make_config, rank_generative, train_sft
@@ -164,7 +166,8 @@ def run(out_dir: str | Path, seed: int = 0, train_users: int | None = None, vali
         mindrec = build_mindrec(generative, embeddings, dict(hidden=hidden, layers=generative.layers,
                                                              heads=generative.heads, prompt_items=config.policy.prompt_items,
                                                              max_len=config.policy.max_len, sft_lr=config.policy.sft_lr,
-                                                             sft_batch=config.policy.sft_batch, beams=beams),
+                                                             sft_batch=config.policy.sft_batch, beams=beams,
+                                                             history_attention=history_attention),
                                 seed=int(np.random.default_rng(streams[4]).integers(2**31)))
         best_mindrec = train_mindrec(mindrec, train, valid, mindrec_epochs, eval_every, beams,
                                      int(np.random.default_rng(streams[5]).integers(2**31)), log)
@@ -175,7 +178,8 @@ def run(out_dir: str | Path, seed: int = 0, train_users: int | None = None, vali
     gains = {model: {f"{m}@{k}": paired_metric(ranked[base], r, test.target, m, k) for m in ("hr", "ndcg")
                      for k in KS} for model, r in ranked.items() if model != base}
     info = {"train_pairs": len(train), "valid_rows": len(valid), "test_rows": len(test), "beams": beams,
-            "sft_epoch": best_sft["epoch"], "mindrec_epoch": best_mindrec["epoch"], "sft_ar/seconds": ar_seconds,
+            "sft_epoch": best_sft["epoch"], "mindrec_epoch": best_mindrec["epoch"], "mindrec_epochs": mindrec_epochs,
+            "history_attention": history_attention, "sft_ar/seconds": ar_seconds,
             **stats}
     table = report_table(results, gains, base)
     (out / "mindrec.json").write_text(json.dumps({"results": results, "gains": gains, "info": info}, indent=1))
