@@ -12,6 +12,7 @@ from agorasim.cli import main
 from agorasim.config import build_config
 from agorasim.env.conformance import check_policy
 from agorasim.env.market import Market
+from agorasim.errors import UserInputError
 from agorasim.policy import parse_policy_params
 from agorasim.policy.mindrec import (
     MASK,
@@ -125,6 +126,10 @@ def test_masked_objective_at_full_mask_is_the_mean_cross_entropy():
 def test_bad_values_are_one_line_errors():
     with pytest.raises(ValueError, match="mode"):
         parse_policy_params("mindrec", {"mode": "beam"})
+    with pytest.raises(ValueError, match="history_attention"):
+        parse_policy_params("mindrec", {"history_attention": "causal"})
+    with pytest.raises(UserInputError, match="history_attention"):
+        MindRecPolicy(history_attention="causal")
     with pytest.raises(ValueError, match="rl.method must be none or grpo"):
         MindRecPolicy(rl={"method": "ugr"})
 
@@ -140,10 +145,11 @@ TINY = dict(warmup_rounds=2, levels=2, codebook_size=8, hidden=32, layers=1, hea
             sft_epochs=2, sft_batch=64)
 
 
-@pytest.mark.parametrize("mode, method", [("faithful", "grpo"), ("trie", "none")])
-def test_mindrec_passes_the_policy_contract(mode, method):
-    metrics = check_policy(MindRecPolicy(**TINY, mode=mode, rl={"method": method, "group_size": 4,
-                                                                "users_per_step": 8}),
+@pytest.mark.parametrize("mode, method, attention", [("faithful", "grpo", "full"), ("trie", "none", "full"),
+                                                     ("trie", "grpo", "prefix")])
+def test_mindrec_passes_the_policy_contract(mode, method, attention):
+    metrics = check_policy(MindRecPolicy(**TINY, mode=mode, history_attention=attention,
+                                         rl={"method": method, "group_size": 4, "users_per_step": 8}),
                            rounds=3, from_candidates=False)
     assert "train/sft_loss" in metrics[1]
     assert ("train/loss" in metrics[2]) == (method == "grpo")
