@@ -277,3 +277,10 @@ def test_offline_eval_reports_the_mindrec_arms_deterministically(tmp_path):
     assert "mindrec_faithful" in (tmp_path / "a" / "offline.md").read_text()
     drop = {"info/time/seconds"}
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    # prefix attention, 3 epochs scored every 2: epochs 2 and 3 are the candidates, a model of its own
+    c = evaluate(out_dir=tmp_path / "c", seed=1, mindrec_attention="prefix", mindrec_epochs=3, mindrec_eval_every=2,
+                 **tiny)
+    assert c["info/mindrec/epoch"] in (2.0, 3.0)
+    assert c["info/mindrec_faithful/invalid_share"] != a["info/mindrec_faithful/invalid_share"] or any(
+        c[f"mindrec_trie/test/{m}"] != a[f"mindrec_trie/test/{m}"] for m in ("hr@10", "ndcg@10"))
+    assert "mindrec_attention=prefix" in (tmp_path / "c" / "offline.md").read_text()

@@ -102,9 +102,10 @@ def offline_arms(generative, embeddings: np.ndarray, train: Rows, valid: Rows, s
     policy = build_mindrec(generative, embeddings, dict(hidden=params.hidden, layers=params.layers, heads=params.heads,
                                                         prompt_items=params.prompt_items, max_len=params.max_len,
                                                         sft_lr=params.sft_lr, sft_batch=params.sft_batch,
-                                                        beams=config.beams),
+                                                        beams=config.beams, history_attention=config.mindrec_attention),
                            seed=int(np.random.default_rng(streams[4]).integers(2**31)))
-    best = train_mindrec(policy, train, valid, params.sft_epochs, 1, config.valid_beams,
+    epochs = config.mindrec_epochs or params.sft_epochs
+    best = train_mindrec(policy, train, valid, epochs, config.mindrec_eval_every, config.valid_beams,
                          int(np.random.default_rng(streams[5]).integers(2**31)), log)
     info.update({f"mindrec/{k}": v for k, v in best.items()})
     ranked: dict[str, dict[str, np.ndarray]] = {arm: {} for arm in ARMS}
