@@ -122,6 +122,23 @@ def test_rows_the_approximate_index_leaves_short_are_searched_exactly():
     assert (found[~short] == raw[~short]).all() and (found >= 0).all()
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_a_repeated_query_is_searched_once_and_gets_the_same_pool(kind, monkeypatch):
+    content = clustered(2000)
+    alive = np.arange(2000)
+    distinct = content[:30]
+    order = np.random.default_rng(0).integers(0, 30, 90)  # 90 queries, each of the 30 about three times
+    queries = distinct[order]
+    retriever = Retriever(RetrievalConfig(index=kind))
+    alone = retriever.search(distinct, 25, content, alive)
+    seen = []
+    search = retriever._index.search
+    monkeypatch.setattr(retriever._index, "search", lambda q, n, **kw: seen.append(len(q)) or search(q, n, **kw))
+    found = retriever.search(queries, 25, content, alive)
+    assert seen == [len(np.unique(order))]  # one row per distinct query reached faiss
+    np.testing.assert_array_equal(found, alone[order])
+
+
 def test_auto_is_exact_below_the_threshold_and_ivf_above():
     content = clustered(3000)
     retriever = Retriever(RetrievalConfig(index="auto", exact_below=2500))

@@ -124,15 +124,20 @@ class Retriever:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if self.kind == "flat":
             return self._ids[self._index.search(queries, n)[1]]
+        # the approximate indexes search each distinct query once: cold users seeded with the same
+        # item, and users with the same history, share a query (about 40% of a 1M-user round's)
+        distinct, inverse = _distinct_rows(queries)
         if self.kind == "ivf":
             self._index.nprobe = self.cfg.nprobe
-            found = self._index.search(queries, n)[1]
+            found = self._index.search(distinct, n)[1]
         else:
             bitmap = np.packbits(self._indexed[self._ids], bitorder="little")  # rows whose item is alive
             selector = faiss.IDSelectorBitmap(len(self._ids), faiss.swig_ptr(bitmap))
             params = faiss.SearchParametersHNSW(efSearch=max(self.cfg.ef_search, n), sel=selector)
-            rows = self._index.search(queries, n, params=params)[1]
+            rows = self._index.search(distinct, n, params=params)[1]
             found = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)
+        if inverse is not None:
+            found = found[inverse]
         short = np.flatnonzero((found < 0).any(1))
         if len(short):  # the approximate index found too few: exact search for those rows
             scores = queries[short] @ np.asarray(content[alive_ids], np.float32).T
@@ -178,6 +183,21 @@ class Retriever:
         out[:, :n_search] = searched
         out[:, n_search:pool_eff] = alive_ids[drawn]
         return out
+
+
+def _distinct_rows(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The distinct rows of ``queries`` (B, d) float32 in order of first appearance, and the index
+    of each row among them (None when every row is distinct: ``queries`` itself is returned)."""
+    if len(queries) < 2:
+        return queries, None
+    keys = np.ascontiguousarray(queries).view(np.dtype((np.void, queries.dtype.itemsize * queries.shape[1])))[:, 0]
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    if len(first) == len(queries):
+        return queries, None
+    order = np.argsort(first)  # distinct rows in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return queries[first[order]], rank[inverse.reshape(-1)]
 
 
 def _single_threaded(fn, *args) -> None:
