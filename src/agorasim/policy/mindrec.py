@@ -180,6 +180,8 @@ class MaskedItemEncoder(nn.Module):
     and denoising steps read them (``span_logits``).
     """
 
+    prefix_attention = False  # class default: encoders pickled before the option read as full attention
+
     def __init__(self, vocab_size: int, hidden: int, layers: int, heads: int, max_positions: int,
                  prefix_attention: bool = False):
         super().__init__()
@@ -194,7 +196,7 @@ class MaskedItemEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """Logits of every position, or of the last ``span`` ones only (``(N, span, vocab)``, the
         output head applied to those alone); prefix attention needs ``span``."""
-        if getattr(self, "prefix_attention", False):
+        if self.prefix_attention:
             if span is None:
                 raise ValueError("prefix attention: forward needs the span length")
             return self.span_logits(self.encode_prefix(ids[:, :-span]), ids[:, None, -span:])[:, 0]
@@ -619,7 +621,7 @@ class MindRecPolicy(Policy):
         self.space = ItemSpace(self.item_tokens(category_codes, sid_codes), self.n_categories, vocab, alive)
         positions = 2 + (self.prompt_items + 1) * self.space.span
         self.model = build_encoder(vocab, self.hidden, self.layers, self.heads, positions, seed,
-                                   prefix_attention=getattr(self, "history_attention", "full") == "prefix").to(self.device)
+                                   prefix_attention=self.history_attention == "prefix").to(self.device)
         if self.method is not None:
             from agorasim.rl.trainer import Trainer
 
@@ -674,7 +676,7 @@ class MindRecPolicy(Policy):
         model = self.model if model is None else model
         r, k, s = partial.shape
         span = torch.where(partial >= 0, partial, torch.full_like(partial, MASK))
-        if getattr(model, "prefix_attention", False):
+        if model.prefix_attention:
             cache = model.encode_prefix(prompt) if cache is None else cache
             return torch.log_softmax(model.span_logits(cache, span).float(), -1)
         ids = torch.cat([prompt.repeat_interleave(k, 0), span.reshape(r * k, s)], 1)
@@ -688,7 +690,7 @@ class MindRecPolicy(Policy):
         parts = []
         for start in range(0, len(history), chunk):
             prompt = self.prompts(history[start:start + chunk])
-            cache = self.model.encode_prefix(prompt) if getattr(self.model, "prefix_attention", False) else None
+            cache = self.model.encode_prefix(prompt) if self.model.prefix_attention else None
             parts.append(diffusion_beam_search(lambda partial, p=prompt, c=cache: self.span_logprobs(p, partial, c),
                                                len(prompt),
                                                self.space, beams, mode or self.mode, self.overlap_penalty,
