@@ -138,7 +138,7 @@ def segment_advantages(r_draft, total, valid, depth: int, credit: str = "segment
     ``segment``: the D draft tokens get ``group_advantages(R(draft))`` and the reflection and the
     correction tokens ``group_advantages(r)`` (``r`` the trajectory reward, ``total``);
     ``trajectory``: every token gets ``group_advantages(r)``. Rows of missing drafts (``valid``
-    False) get 0 and are left out of the groups' statistics only through their zero reward.
+    False) get advantage 0; their reward counts as 0 in their group's mean and std.
 
     Args:
         r_draft, total: ``(B, G)`` the draft's task reward and the trajectory reward.
