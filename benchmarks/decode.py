@@ -51,6 +51,7 @@ from transformers.utils import logging as hf_logging
 
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
 from agorasim.policy.trie import CatalogueTrie
+from agorasim.run import allocator
 
 PAD, BOS, SEP = 0, 1, 2
 FIRST_CODE_TOKEN = 3
@@ -169,6 +170,7 @@ def decoders(args) -> dict:
 
 
 def main() -> None:
+    allocator.tune()  # as the command line runs (run/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="16 prompts instead of 64")
     parser.add_argument("--items", type=int, default=3686, help="catalogue size")

@@ -26,6 +26,7 @@ import torch
 
 from agorasim.config import build_config
 from agorasim.env.market import Market
+from agorasim.run import allocator
 from agorasim.scenarios import load_scenario
 
 
@@ -65,6 +66,7 @@ def loss_pass(policy, prompts: int, group: int, prompt_tokens: int, depth: int, 
 
 
 def main() -> None:
+    allocator.tune()  # as the command line runs (run/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="grpo", help="rl.method to time (default grpo)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from agorasim.config import build_config
-from agorasim.run import runner
+from agorasim.run import allocator, runner
 from agorasim.scenarios import load_scenario
 
 AT = (1, 100, 500, 1000)
@@ -34,6 +34,7 @@ WINDOW = 5  # rounds either side of a named round
 
 
 def main() -> None:
+    allocator.tune()  # as the command line runs (run/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="cold-start")
     parser.add_argument("--policy", default="popularity")

@@ -30,6 +30,7 @@ import torch
 
 from agorasim.config import build_config
 from agorasim.env.market import Market
+from agorasim.run import allocator
 from agorasim.scenarios import load_scenario
 
 
@@ -115,6 +116,7 @@ def search_recall(market: Market, n_users: int, rng: np.random.Generator) -> flo
 
 
 def main() -> None:
+    allocator.tune()  # as the command line runs (run/allocator.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k users, 2k items")
     parser.add_argument("--users", type=int, default=100_000)

@@ -177,3 +177,26 @@ def test_groups_past_the_tree_limit_keep_the_cache_layout(monkeypatch):
     cached = trie.token_logprobs(model, ids, mask, paths).detach()
     assert calls == []  # not through the tree
     torch.testing.assert_close(tree, cached, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [754, 40, 768])
+def test_padded_lm_head_is_bit_identical_forward_and_backward(vocab):
+    """The CPU lm_head pads the weight to a multiple of VOCAB_ALIGN and slices the padding off:
+    the logits and both gradients (weight and input) equal the plain product bit for bit, and the
+    width MKL sees is padded only where the vocabulary is not already a multiple."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, vocab, bias=False)
+    model = type("M", (), {"lm_head": head})()
+    h = torch.randn(300, 3, 64, requires_grad=True)
+    target = torch.randint(0, vocab, (300, 3))
+    grads = []
+    for f in (head, lambda x: fastlm.lm_head(model, x)):
+        h.grad, head.weight.grad = None, None
+        logits = f(h)
+        loss = torch.log_softmax(logits, -1).gather(-1, target[..., None]).sum()
+        loss.backward()
+        grads.append((logits.detach(), h.grad.clone(), head.weight.grad.clone()))
+    for plain, padded in zip(*grads):
+        assert plain.shape == padded.shape
+        assert torch.equal(plain, padded)
+    assert (-vocab % fastlm.VOCAB_ALIGN == 0) == (vocab in (768,))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agorasim.config import Config, build_config
 from agorasim.errors import UserInputError
+from agorasim.run import allocator
 from agorasim.run.preflight import check_config, check_output
 
 EXIT_USER_ERROR = 2
@@ -419,6 +420,7 @@ COMMANDS = {"run": cmd_run, "report": cmd_report, "eval": cmd_eval, "fidelity": 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    allocator.tune()  # keep freed heap memory between rounds (run/allocator.py); once per process
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: agorasim {run,report,eval,fidelity,attack,dashboard} [options]   (agorasim run --help, agorasim eval --help)")
         return 0

@@ -167,7 +167,9 @@ def _arm_task(config_data: dict, name: str, state: str, packed: bytes | None) ->
     import torch
 
     from agorasim.config import validate
+    from agorasim.run import allocator
 
+    allocator.tune()  # the worker's rounds run under the same malloc settings as the command line's
     torch.set_num_threads(1)
     config = validate(config_data)
     started = time.perf_counter()
