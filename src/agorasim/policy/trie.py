@@ -59,6 +59,7 @@ import torch
 
 from agorasim.policy import fastlm
 from agorasim.policy.semantic_ids import token_offsets
+from agorasim.policy.threads import chunk_bounds, map_chunks
 
 _DENSE_LIMIT = 1 << 20  # entries of a dense child table (int32: 4 MB) before a level switches to CSR
 
@@ -95,7 +96,8 @@ class _Level:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, item_tokens: torch.Tensor,
-                   return_entropy: bool = False, return_log_softmax: bool = False, shared_prompt: bool = True):
+                   return_entropy: bool = False, return_log_softmax: bool = False, shared_prompt: bool = True,
+                   chunks: int = 1, workers: int = 1):
     """Teacher-forced log-probabilities of item token paths after their prompts (differentiable).
 
     Args:
@@ -111,12 +113,22 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         shared_prompt: with N a multiple of B, run each prompt once and continue its paths from
             its KV cache (``_group_logits``); False runs N full copies (the reference layout, for
             tests and ``benchmarks/grpo_step.py``).
+        chunks: cut the prompts into this many contiguous chunks (``threads.chunk_bounds``), each
+            with its paths, and run them on up to ``workers`` Python threads
+            (``threads.map_chunks``). The values are those of one pass (each row is computed
+            alone); with gradients, each chunk's backward runs on its own too (``_ChunkedPass``)
+            and the parameter gradients are summed in chunk order, which rounds differently from
+            one backward over the whole batch. 1: one pass, as before.
+        workers: worker threads for the chunks (the results do not depend on it).
 
     Returns:
         (N, L+1) full-vocabulary log-probs of every path token (their row sum is the beam score),
         then the (N, L+1) entropies with ``return_entropy`` and the log-softmax with
         ``return_log_softmax``, in that order.
     """
+    if chunks > 1 and len(input_ids) > 1:
+        return _chunked_token_logprobs(model, input_ids, attention_mask, item_tokens, return_entropy,
+                                       return_log_softmax, shared_prompt, chunks, workers)
     item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=input_ids.device)
     n, depth = item_tokens.shape
     batch = input_ids.shape[0]
@@ -145,6 +157,78 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if return_log_softmax:
         out.append(logp_all)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _chunked_token_logprobs(model, input_ids, attention_mask, item_tokens, return_entropy: bool,
+                            return_log_softmax: bool, shared_prompt: bool, chunks: int, workers: int):
+    """``token_logprobs`` over contiguous chunks of the prompts (and their paths), one pass each."""
+    item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=input_ids.device)
+    batch, n = len(input_ids), len(item_tokens)
+    if n != batch and (batch == 0 or n % batch):
+        raise ValueError(f"token_logprobs: {n} paths cannot be split evenly over {batch} prompts")
+    per = n // batch
+    bounds = chunk_bounds(batch, chunks)
+
+    def run(start: int, stop: int):
+        out = token_logprobs(model, input_ids[start:stop], attention_mask[start:stop],
+                             item_tokens[start * per:stop * per], return_entropy, return_log_softmax, shared_prompt)
+        return out if isinstance(out, tuple) else (out,)
+
+    if not torch.is_grad_enabled():
+        parts = map_chunks(run, bounds, workers)
+        out = tuple(torch.cat(values) for values in zip(*parts))
+    else:
+        params = tuple(p for p in model.parameters() if p.requires_grad)
+        out = _ChunkedPass.apply(run, bounds, workers, return_entropy, *params)
+    return out[0] if len(out) == 1 else out
+
+
+class _ChunkedPass(torch.autograd.Function):
+    """A differentiable pass computed chunk by chunk, each chunk's backward on its own thread.
+
+    ``forward`` runs ``run(start, stop)`` for every chunk with gradients enabled (on the pool:
+    each chunk builds its own graph to the parameters) and returns the chunks' outputs
+    concatenated; ``backward`` sends each chunk its slice of the incoming gradients through
+    ``torch.autograd.grad`` (on the pool again) and returns the parameter gradients summed in
+    chunk order, so the whole loss upstream keeps its usual form (a mean over all tokens, a group
+    normalisation across chunks) and ``loss.backward()`` is unchanged. Output 1 is the entropy
+    when ``return_entropy`` (a statistic: not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, run, bounds, workers, entropy_output, *params):
+        with torch.enable_grad():
+            parts = map_chunks(run, bounds, workers)
+        ctx.parts, ctx.bounds, ctx.workers, ctx.params = parts, bounds, workers, params
+        out = tuple(torch.cat([p.detach() for p in values]) for values in zip(*parts))
+        if entropy_output:
+            ctx.mark_non_differentiable(out[1])
+        ctx.entropy_output = entropy_output
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        parts, params = ctx.parts, ctx.params
+        used = [k for k, g in enumerate(grads) if g is not None and not (ctx.entropy_output and k == 1)]
+        sizes = [len(values[0]) for values in parts]
+        starts = np.r_[0, np.cumsum(sizes)]
+
+        def chunk_grad(c: int, _stop: int):
+            outputs = [parts[c][k] for k in used]
+            slices = [grads[k][starts[c]:starts[c + 1]] for k in used]
+            return torch.autograd.grad(outputs, params, slices, allow_unused=True)
+
+        per_chunk = map_chunks(chunk_grad, [(c, c + 1) for c in range(len(parts))], ctx.workers) if used else []
+        summed = []
+        for i in range(len(params)):
+            total = None
+            for chunk in per_chunk:  # chunk order: the same sum whichever thread finished first
+                g = chunk[i]
+                if g is not None:
+                    total = g if total is None else total + g
+            summed.append(total)
+        ctx.parts = None
+        return (None, None, None, None, *summed)
 
 
 _TREE_LIMIT = 1024  # path tokens per prompt up to which the loss pass runs as one tree sequence

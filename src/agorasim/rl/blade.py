@@ -300,7 +300,8 @@ class Blade(Method):
         if self.config.blade.objective == "grpo":
             return super().loss(trainer, rollout, scored, old_logp, ref_logp)
         # distillation: L = -sum_i w_i mean_t log pi(y_i,t), averaged over prompts
-        logp = token_logprobs(trainer.policy.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions)
+        logp = token_logprobs(trainer.policy.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions,
+                              **trainer.policy.chunking())
         mask = rollout.token_mask.to(logp.dtype)
         sequence = (logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
         weights = torch.as_tensor(np.asarray(scored.advantages, np.float32).reshape(-1), device=logp.device)

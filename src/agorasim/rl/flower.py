@@ -294,7 +294,7 @@ class Flower(Method):
         cfg, policy = self.config.flower, trainer.policy
         valid = torch.as_tensor((rollout.items >= 0).reshape(-1), device=policy.device)
         logp, logp_all = token_logprobs(policy.model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions,
-                                        return_log_softmax=True)
+                                        return_log_softmax=True, **policy.chunking())
         if cfg.pf_unmasked:
             log_pi = logp
         else:
@@ -306,7 +306,8 @@ class Flower(Method):
         if has.any():
             rows = torch.as_tensor(np.flatnonzero(has), device=logp.device)
             tokens = torch.as_tensor(policy.tokens[target[has]], device=logp.device)
-            sft = -token_logprobs(policy.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], tokens).mean()
+            sft = -token_logprobs(policy.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], tokens,
+                                  **policy.chunking()).mean()
         else:
             sft = logp.sum() * 0.0
         loss = cfg.theta * sft + (1.0 - cfg.theta) * subtb

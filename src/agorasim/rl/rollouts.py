@@ -10,12 +10,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from agorasim.policy.threads import chunk_bounds, map_chunks
 from agorasim.rl.trainer import Prompts, Rollout
 
 
 def item_rollout(trainer, prompts: Prompts, generator: torch.Generator, group_size: int, rollout: str,
                  temperature: float = 1.0, suffix: np.ndarray | None = None) -> Rollout:
     """G items per prompt under the catalogue trie: the top-G beams or G constrained samples.
+
+    The prompts are decoded in the policy's chunks, at once on its chunk threads
+    (``GenerativePolicy.chunking``); with more than one chunk, chunk c samples with its own
+    generator, seeded by the c-th draw from ``generator`` (``chunk_generators``), so the samples
+    do not depend on which thread runs which chunk.
 
     Args:
         trainer: The trainer (its ``policy`` decodes).
@@ -30,27 +36,56 @@ def item_rollout(trainer, prompts: Prompts, generator: torch.Generator, group_si
     policy = trainer.policy
     ids, mask = (t.to(policy.device) for t in policy.prompts(prompts.history, suffix))
     allowed = policy.item_mask(prompts.history)
-    if rollout == "beam":
-        items, scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=group_size, item_mask=allowed)
-    elif rollout == "sample":
-        items, scores, _ = policy.trie.sample(policy.model, ids, mask, num_samples=group_size,
-                                              temperature=temperature, generator=generator, item_mask=allowed)
-    else:  # mixed: the top half of the group by beam search, the rest sampled from outside it
+    split = policy.chunking()
+    bounds = chunk_bounds(len(ids), split["chunks"])
+    generators = chunk_generators(generator, len(bounds))
+
+    def decode(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk_ids, chunk_mask = ids[start:stop], mask[start:stop]
+        chunk_allowed = None if allowed is None else allowed[start:stop]
+        draw = generators[bounds.index((start, stop))]
+        if rollout == "beam":
+            return policy.trie.beam_search(policy.model, chunk_ids, chunk_mask, num_beams=group_size,
+                                           item_mask=chunk_allowed)
+        if rollout == "sample":
+            items, scores, _ = policy.trie.sample(policy.model, chunk_ids, chunk_mask, num_samples=group_size,
+                                                  temperature=temperature, generator=draw, item_mask=chunk_allowed)
+            return items, scores
+        # mixed: the top half of the group by beam search, the rest sampled from outside it
         n_beams = group_size // 2
-        top, top_scores = policy.trie.beam_search(policy.model, ids, mask, num_beams=n_beams, item_mask=allowed)
+        top, top_scores = policy.trie.beam_search(policy.model, chunk_ids, chunk_mask, num_beams=n_beams,
+                                                  item_mask=chunk_allowed)
         outside = torch.ones((len(top), len(policy.tokens)), dtype=torch.bool, device=policy.device)
         rows = torch.arange(len(top), device=policy.device)[:, None].expand_as(top)
         outside[rows[top >= 0], top[top >= 0]] = False
-        outside = outside if allowed is None else outside & allowed
-        drawn, drawn_scores, _ = policy.trie.sample(policy.model, ids, mask, num_samples=group_size - n_beams,
-                                                    temperature=temperature, generator=generator, item_mask=outside)
-        items, scores = torch.cat([top, drawn], 1), torch.cat([top_scores, drawn_scores], 1)
-    items = items.cpu().numpy().astype(np.int64)
+        outside = outside if chunk_allowed is None else outside & chunk_allowed
+        drawn, drawn_scores, _ = policy.trie.sample(policy.model, chunk_ids, chunk_mask,
+                                                    num_samples=group_size - n_beams, temperature=temperature,
+                                                    generator=draw, item_mask=outside)
+        return torch.cat([top, drawn], 1), torch.cat([top_scores, drawn_scores], 1)
+
+    parts = map_chunks(decode, bounds, split["workers"])
+    items = torch.cat([p[0] for p in parts]).cpu().numpy().astype(np.int64)
+    scores = torch.cat([p[1] for p in parts])
     depth = policy.levels + 1
     valid = items >= 0
     completions = torch.from_numpy(policy.tokens[np.maximum(items, 0)].reshape(-1, depth)).to(policy.device)
     token_mask = torch.from_numpy(np.repeat(valid.reshape(-1, 1), depth, 1)).to(policy.device)
     return Rollout(items, scores.float().cpu().numpy().astype(np.float64), ids, mask, completions, token_mask)
+
+
+def chunk_generators(generator: torch.Generator | None, n: int) -> list[torch.Generator | None]:
+    """One generator per chunk: ``generator`` itself for one chunk; otherwise ``n`` new CPU
+    generators seeded by ``n`` draws from it (the same draws, the same streams)."""
+    if n <= 1 or generator is None:
+        return [generator] * max(n, 1)
+    seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    out = []
+    for seed in seeds:
+        chunk = torch.Generator(device=generator.device)
+        chunk.manual_seed(seed)
+        out.append(chunk)
+    return out
 
 
 def list_rollout(trainer, prompts: Prompts, generator: torch.Generator, group_size: int, length: int,

@@ -15,7 +15,8 @@ The method is chosen by ``rl.method`` (``rl/methods.py`` lists them); each lives
 of ``rl/`` and subclasses ``Method``. The trainer owns the optimiser, the reference model and the
 step counter, so a pickled policy resumes exactly. It only talks to the policy through its public
 surface: ``model``, ``tokens``, ``trie``, ``levels``, ``device``, ``prompts(history, suffix)``,
-``special_token(name)`` and ``sequence_nll(history, targets)``.
+``special_token(name)``, ``sequence_nll(history, targets)`` and ``chunking()`` (how its batches are
+cut into chunks that run at once on Python threads, ``policy/threads.py``).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class Method:
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """The clipped policy-gradient loss of ``rl.loss`` with the KL of ``rl.kl_estimator``."""
         logp, entropy = token_logprobs(trainer.policy.model, rollout.prompt_ids, rollout.prompt_mask,
-                                       rollout.completions, return_entropy=True)
+                                       rollout.completions, return_entropy=True, **trainer.policy.chunking())
         return self.policy_gradient_loss(rollout, scored, logp, entropy, old_logp, ref_logp)
 
     def policy_gradient_loss(self, rollout: Rollout, scored: Scored, logp: torch.Tensor, entropy: torch.Tensor,
@@ -246,11 +247,13 @@ class Trainer:
         if method.policy_gradient:
             with torch.no_grad():
                 # with one update per batch the sampling policy is the current one (ratio 1), as in TRL
+                split = self.policy.chunking()
                 if rl.updates_per_batch > 1:
-                    old_logp = token_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions)
+                    old_logp = token_logprobs(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completions,
+                                              **split)
                 if rl.beta > 0 and self.reference is not None:
                     ref_logp = token_logprobs(self.reference, rollout.prompt_ids, rollout.prompt_mask,
-                                              rollout.completions)
+                                              rollout.completions, **split)
         stats_sum: dict[str, float] = {}
         for _ in range(rl.updates_per_batch):
             loss, stats = method.loss(self, rollout, scored, old_logp, ref_logp)

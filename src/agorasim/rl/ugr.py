@@ -296,7 +296,7 @@ class UGR(Method):
         tail = torch.tensor([query, pos], device=rollout.completions.device).expand(n, 2)
         path = torch.cat([rollout.completions, tail], 1)
         return token_logprobs(policy.model, rollout.prompt_ids, rollout.prompt_mask, path,
-                              return_entropy=return_entropy, return_log_softmax=True)
+                              return_entropy=return_entropy, return_log_softmax=True, **policy.chunking())
 
     def _confidence_of(self, policy, logp_all: torch.Tensor, rollout) -> torch.Tensor:
         neg, pos = policy.special_token(self.special_tokens[0]), policy.special_token(self.special_tokens[1])
