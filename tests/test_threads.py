@@ -15,7 +15,8 @@ from agorasim.rl.rollouts import chunk_generators
 def test_chunk_bounds_by_hand():
     assert chunk_bounds(7, 2) == [(0, 3), (3, 7)]
     assert chunk_bounds(6, 3) == [(0, 2), (2, 4), (4, 6)]
-    assert chunk_bounds(5, 2, max_size=2) == [(0, 1), (1, 3), (3, 5)]  # 3 chunks: none over 2 rows
+    assert chunk_bounds(5, 2, max_size=2) == [(0, 1), (1, 2), (2, 3), (3, 5)]  # 4 = 2 x 2: none over 2 rows
+    assert chunk_bounds(721, 2, max_size=256) == [(0, 180), (180, 360), (360, 540), (540, 721)]
     assert chunk_bounds(1, 2) == [(0, 1)]  # fewer rows than chunks
     assert chunk_bounds(0, 2) == []
     assert chunk_bounds(600, 1, max_size=256) == [(0, 200), (200, 400), (400, 600)]

@@ -61,10 +61,11 @@ def resolve_workers(workers: int | None, chunks: int) -> int:
 
 def chunk_bounds(n: int, chunks: int, max_size: int | None = None) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` ranges of near-equal size covering ``0 .. n``: ``chunks`` of
-    them (more if a chunk would exceed ``max_size`` rows, fewer if ``n < chunks``; none if n = 0)."""
+    them, or the least multiple of ``chunks`` that keeps every range within ``max_size`` rows (so
+    ``chunks`` threads stay evenly loaded); fewer if ``n`` is smaller; none if n = 0."""
     parts = max(1, chunks)
     if max_size is not None:
-        parts = max(parts, -(-n // max_size))
+        parts *= max(1, -(-n // (parts * max_size)))
     parts = min(parts, n)
     edges = [n * k // parts for k in range(parts + 1)] if parts else [0]
     return list(zip(edges[:-1], edges[1:]))
