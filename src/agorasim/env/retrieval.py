@@ -210,6 +210,9 @@ def _single_threaded(fn, *args) -> None:
         faiss.omp_set_num_threads(threads)
 
 
+_BLOCK_ROWS = 512  # rows of _draw_excluding's exclusion check at a time
+
+
 def _draw_excluding(rng: np.random.Generator, n: int, exclude: np.ndarray, count: int) -> np.ndarray:
     """Per row, ``count`` distinct uniform draws from range(n) avoiding that row's ``exclude``.
 
@@ -235,10 +238,17 @@ def _draw_excluding(rng: np.random.Generator, n: int, exclude: np.ndarray, count
     repeat_sorted[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
     repeat = np.zeros_like(repeat_sorted)
     np.put_along_axis(repeat, order, repeat_sorted, 1)
-    # the (rows x draws x excluded) comparison is the function's cost: 32-bit ids halve its memory
-    # traffic and run it about 3x faster than 64-bit ones (same result: ids are below n)
-    small = np.int32 if n < 2**31 else np.int64
-    valid = ~repeat & ~(draws.astype(small)[:, :, None] == exclude.astype(small)[:, None, :]).any(2)
+    # the (rows x draws x excluded) comparison is the function's cost: the narrowest integers that
+    # hold every id (16 bits below 32,768 items) and blocks of rows whose comparison stays in
+    # the cache (same result: ids are below n); 10k rows x 28 draws x 80 excluded: 15.5 ms at
+    # 32 bits in one piece, 10 ms at 16 bits in blocks of 512 rows
+    small = np.int16 if n < 2**15 else np.int32 if n < 2**31 else np.int64
+    draws_small, exclude_small = draws.astype(small), exclude.astype(small)
+    hit = np.empty(draws.shape, bool)
+    for start in range(0, b, _BLOCK_ROWS):
+        rows = slice(start, start + _BLOCK_ROWS)
+        hit[rows] = (draws_small[rows, :, None] == exclude_small[rows, None, :]).any(2)
+    valid = ~repeat & ~hit
     keep = valid & (np.cumsum(valid, 1) <= count)
     short = np.flatnonzero(keep.sum(1) < count)
     out = np.zeros((b, count), np.int64)
