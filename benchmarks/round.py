@@ -30,6 +30,7 @@ import torch
 
 from agorasim.config import build_config
 from agorasim.env.market import Market
+from agorasim.env.retrieval import draw_excluding
 from agorasim.run import allocator
 from agorasim.scenarios import load_scenario
 
@@ -37,7 +38,7 @@ from agorasim.scenarios import load_scenario
 def kernels(market: Market, users: np.ndarray, rng: np.random.Generator) -> float:
     """Seconds for the bare scoring and choice of one round over ``users``: the same math as
     the round (profiles with cold users seeded by a popularity-drawn item, faiss search plus
-    random exploration, popularity ranking, promotion
+    random exploration distinct from the searched items, popularity ranking, promotion
     pull, true and perceived utility with social proof and satiation, logit choice, ratings, the
     accuracy probe's utility over the catalogue), written as straight-line numpy with none of the
     framework (graph, agents, log, ledger, metrics, checks)."""
@@ -63,7 +64,8 @@ def kernels(market: Market, users: np.ndarray, rng: np.random.Generator) -> floa
     weight = 1.0 + cat.interactions[alive]
     profiles[cold] = content[rng.choice(len(alive), int(cold.sum()), p=weight / weight.sum())]
     _, found = index.search(profiles.astype(np.float32), pool - n_explore)
-    pools = np.concatenate([alive[found], alive[rng.integers(0, len(alive), (b, n_explore))]], 1)
+    # the exploration items are distinct and not among the searched ones, as the round's pools are
+    pools = np.concatenate([alive[found], alive[draw_excluding(rng, len(alive), found, n_explore)]], 1)
     ranked = np.take_along_axis(pools, np.argsort(-cat.interactions[pools], axis=1, kind="stable")[:, :k_rank], 1)
     hype = np.bitwise_count(cat.features[ranked].astype(np.uint64)) / 4.0
     slates = ranked[:, :k]

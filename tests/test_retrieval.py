@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from agorasim.config import RetrievalConfig
-from agorasim.env.retrieval import Retriever, _draw_excluding
+from agorasim.env.retrieval import Retriever, draw_excluding
 from agorasim.run import checkpoint
 
 
@@ -44,7 +44,7 @@ def test_small_catalogue_is_padded():
 def test_exploration_draws_avoid_excluded_items():
     rng = np.random.default_rng(3)
     exclude = np.tile(np.arange(10), (400, 1))
-    drawn = _draw_excluding(rng, 1000, exclude, 30)
+    drawn = draw_excluding(rng, 1000, exclude, 30)
     assert drawn.shape == (400, 30)
     assert not np.isin(drawn, np.arange(10)).any()
     assert all(len(set(r)) == 30 for r in drawn)

@@ -179,7 +179,7 @@ class Retriever:
             searched = np.zeros((b, 0), np.int64)
         position = np.full(content.shape[0], -1, np.int64)
         position[alive_ids] = np.arange(n_alive)
-        drawn = _draw_excluding(rng, n_alive, position[searched], n_explore)
+        drawn = draw_excluding(rng, n_alive, position[searched], n_explore)
         out[:, :n_search] = searched
         out[:, n_search:pool_eff] = alive_ids[drawn]
         return out
@@ -210,10 +210,10 @@ def _single_threaded(fn, *args) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-_BLOCK_ROWS = 512  # rows of _draw_excluding's exclusion check at a time
+_BLOCK_ROWS = 512  # rows of draw_excluding's exclusion check at a time
 
 
-def _draw_excluding(rng: np.random.Generator, n: int, exclude: np.ndarray, count: int) -> np.ndarray:
+def draw_excluding(rng: np.random.Generator, n: int, exclude: np.ndarray, count: int) -> np.ndarray:
     """Per row, ``count`` distinct uniform draws from range(n) avoiding that row's ``exclude``.
 
     Draws with replacement and drops collisions (cheap when n is large); rows left short, and
