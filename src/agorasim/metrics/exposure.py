@@ -173,7 +173,10 @@ def tail_share(exposure, popularity, head_fraction: float = 0.2) -> float:
     if total <= 0:
         return 0.0
     head = np.argsort(-popularity, kind="stable")[: _head_size(head_fraction, exposure.size)]
-    return float((total - exposure[head].sum()) / total)
+    tail = np.ones(exposure.size, bool)
+    tail[head] = False
+    # the tail's own sum: total - head sum rounds to about -1e-16 when the head has everything
+    return float(exposure[tail].sum() / total)
 
 
 def lorenz(x, points: int = 101) -> tuple[np.ndarray, np.ndarray]:
