@@ -219,7 +219,7 @@ def reflection_logprobs(policy, ids: torch.Tensor, mask: torch.Tensor, draft_tok
     locs = torch.as_tensor(loc_ids(policy), device=ids.device)
     path = torch.as_tensor(draft_tokens, dtype=torch.long, device=ids.device)
     path = torch.cat([path, locs[:1].expand(len(path), 1)], 1)  # the last position predicts the reflection
-    _, log_softmax = token_logprobs(policy.model, ids, mask, path, return_log_softmax=True)
+    _, log_softmax = token_logprobs(policy.model, ids, mask, path, return_log_softmax=True, **policy.chunking())
     return torch.log_softmax(log_softmax[:, -1, locs], dim=-1)
 
 
@@ -357,7 +357,7 @@ def triple_loss(policy, history: np.ndarray, targets: np.ndarray, drafts: np.nda
     path, train = triple_tokens(policy, drafts, targets)
     ids, mask = policy.prompts(history)
     logp = token_logprobs(policy.model, ids.to(policy.device), mask.to(policy.device),
-                          torch.as_tensor(path, device=policy.device))
+                          torch.as_tensor(path, device=policy.device), **policy.chunking())
     weight = torch.as_tensor(train, dtype=logp.dtype, device=logp.device)
     rc = -(logp * weight).sum() / weight.sum().clamp(min=1.0)
     return mle + lambda_rc * rc, float(mle.detach()), float(rc.detach())
