@@ -126,14 +126,14 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         then the (N, L+1) entropies with ``return_entropy`` and the log-softmax with
         ``return_log_softmax``, in that order.
     """
-    if chunks > 1 and len(input_ids) > 1:
-        return _chunked_token_logprobs(model, input_ids, attention_mask, item_tokens, return_entropy,
-                                       return_log_softmax, shared_prompt, chunks, workers)
     item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=input_ids.device)
     n, depth = item_tokens.shape
     batch = input_ids.shape[0]
     if n != batch and (batch == 0 or n % batch):
         raise ValueError(f"token_logprobs: {n} paths cannot be split evenly over {batch} prompts")
+    if chunks > 1 and batch > 1:
+        return _chunked_token_logprobs(model, input_ids, attention_mask, item_tokens, return_entropy,
+                                       return_log_softmax, shared_prompt, chunks, workers)
     if (item_tokens < 0).any():
         raise ValueError("token_logprobs: item_tokens must be non-negative token ids (no -1 padding)")
     attention_mask = _check_left_padded(attention_mask)
@@ -161,12 +161,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def _chunked_token_logprobs(model, input_ids, attention_mask, item_tokens, return_entropy: bool,
                             return_log_softmax: bool, shared_prompt: bool, chunks: int, workers: int):
-    """``token_logprobs`` over contiguous chunks of the prompts (and their paths), one pass each."""
-    item_tokens = torch.as_tensor(item_tokens, dtype=torch.long, device=input_ids.device)
-    batch, n = len(input_ids), len(item_tokens)
-    if n != batch and (batch == 0 or n % batch):
-        raise ValueError(f"token_logprobs: {n} paths cannot be split evenly over {batch} prompts")
-    per = n // batch
+    """``token_logprobs`` over contiguous chunks of the prompts (and their paths), one pass each;
+    ``item_tokens`` is a tensor of ``len(input_ids) * per`` paths (checked by the caller)."""
+    batch = len(input_ids)
+    per = len(item_tokens) // batch
     bounds = chunk_bounds(batch, chunks)
 
     def run(start: int, stop: int):
@@ -199,7 +197,7 @@ class _ChunkedPass(torch.autograd.Function):
     def forward(ctx, run, bounds, workers, entropy_output, *params):
         with torch.enable_grad():
             parts = map_chunks(run, bounds, workers)
-        ctx.parts, ctx.bounds, ctx.workers, ctx.params = parts, bounds, workers, params
+        ctx.parts, ctx.workers, ctx.params = parts, workers, params
         out = tuple(torch.cat([p.detach() for p in values]) for values in zip(*parts))
         if entropy_output:
             ctx.mark_non_differentiable(out[1])
