@@ -200,3 +200,55 @@ def test_padded_lm_head_is_bit_identical_forward_and_backward(vocab):
         assert plain.shape == padded.shape
         assert torch.equal(plain, padded)
     assert (-vocab % fastlm.VOCAB_ALIGN == 0) == (vocab in (768,))
+
+
+def test_rotary_and_norm_shortcuts_are_transformers_bit_for_bit():
+    """The forward's own rotary factors and its torch ``rms_norm`` call compute what
+    transformers' modules do, bit for bit: cosine and sine of the rotary module, the rotation of
+    ``apply_rotary_pos_emb``, and the RMSNorm's values and both gradients."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    model = model_of("qwen2")
+    body = model.model
+    torch.manual_seed(1)
+    positions = torch.randint(0, 60, (5, 7))
+    x = torch.randn(5, 7, 32)
+    cos, signed_sin = fastlm._rotary(body.rotary_emb, x, positions)
+    want_cos, want_sin = body.rotary_emb(x, positions)
+    assert torch.equal(cos[:, :, 0], want_cos)
+    half = want_sin.shape[-1] // 2
+    assert torch.equal(signed_sin[:, :, 0, half:], want_sin[..., half:])
+    assert torch.equal(signed_sin[:, :, 0, :half], -want_sin[..., :half])
+    q, k = torch.randn(5, 7, 4, 8), torch.randn(5, 7, 2, 8)  # (rows, tokens, heads, head dim)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), want_cos, want_sin)
+    assert torch.equal(fastlm._rope(q, cos, signed_sin).transpose(1, 2), want_q)
+    assert torch.equal(fastlm._rope(k, cos, signed_sin).transpose(1, 2), want_k)
+
+    norm = body.layers[0].input_layernorm
+    h = torch.randn(6, 3, 32, requires_grad=True)
+    grad = torch.randn(6, 3, 32)
+    got = fastlm._rms_norm(norm, h)
+    got_grads = torch.autograd.grad(got, (h, norm.weight), grad)
+    want = norm(h)
+    want_grads = torch.autograd.grad(want, (h, norm.weight), grad)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
+
+
+def test_a_scaled_rope_equals_transformers():
+    """RoPE types other than the default (here linear scaling) take the rotary module's factors:
+    the prompt pass still equals transformers' forward."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+    model = LlamaForCausalLM(config).eval()
+    assert model.model.rotary_emb.rope_type == "linear"
+    ids, mask = left_padded()
+    pos = positions_of(mask)
+    with torch.no_grad():
+        cache = fastlm.KVCache(model, 4, ids.shape[1], torch.device("cpu"))
+        got = fastlm.forward(model, cache, ids, pos, fastlm.prompt_mask(mask), keep=1)
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1:]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -96,16 +96,49 @@ def prompt_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (mask | torch.eye(width, dtype=torch.bool, device=attention_mask.device))[:, None]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotary(rotary, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, signed sin)`` of shape ``(R, L, 1, D)`` for ``position_ids`` ``(R, L)`` (one factor for
+    every head: the rotation is applied before the heads are transposed, on contiguous rows).
+
+    The default RoPE computes what transformers' rotary module does (positions times ``inv_freq``
+    in float32, the angles twice, cosine and sine times ``attention_scaling``), without the
+    module's call and autocast overhead; other RoPE types (scaled, dynamic) call the module. The
+    sine's first half is negated, so that ``x * cos + swap(x) * sin`` (``swap``: the halves
+    exchanged) is transformers' ``x * cos + rotate_half(x) * sin`` bit for bit (negating a
+    factor is exact)."""
+    if getattr(rotary, "rope_type", "default") == "default":
+        freqs = position_ids[..., None].float() * rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
+        cos, sin = emb.cos() * rotary.attention_scaling, emb.sin() * rotary.attention_scaling
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    else:
+        cos, sin = rotary(x, position_ids)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding of ``x`` ``(R, L, H, D)`` with ``_rotary``'s factors."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """``norm`` (Llama/Qwen2 RMSNorm) applied as transformers does: in float32, weight after."""
+    """``norm`` (Llama/Qwen2 RMSNorm) applied as transformers does: in float32, weight after.
+    torch's ``rms_norm`` computes the same float32 steps in one call (bit-identical values and
+    gradients, tests/test_fastlm.py); the float32 detour is only taken for other dtypes."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(x.dtype)
+
+
+def _linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` without the module call (its hooks machinery costs as much as the product at
+    these sizes)."""
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def _bias(mask: torch.Tensor, kv_heads: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -146,19 +179,18 @@ def forward(model, cache: KVCache | None, input_ids: torch.Tensor, position_ids:
     start, end = (cache.length, cache.length + width) if cache is not None else (0, width)
     if cache is not None and end > cache.capacity:
         raise ValueError(f"fastlm: {end} cache columns needed, {cache.capacity} allocated")
-    x = body.embed_tokens(input_ids)
-    cos, sin = body.rotary_emb(x, position_ids)
-    cos, sin = cos[:, None], sin[:, None]
+    embed = body.embed_tokens
+    x = F.embedding(input_ids, embed.weight, embed.padding_idx)
+    cos, sin = _rotary(body.rotary_emb, x, position_ids)
     last = len(body.layers) - 1
     bias = None  # the CPU attention's additive mask, shared by the layers
+    silu = getattr(model.config, "hidden_act", None) == "silu"
     for i, layer in enumerate(body.layers):
         attention = layer.self_attn
         h = _rms_norm(layer.input_layernorm, x)
-        q = attention.q_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
-        k = attention.k_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
-        v = attention.v_proj(h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = _rope(_linear(attention.q_proj, h).view(rows, width, -1, attention.head_dim), cos, sin).transpose(1, 2)
+        k = _rope(_linear(attention.k_proj, h).view(rows, width, -1, attention.head_dim), cos, sin).transpose(1, 2)
+        v = _linear(attention.v_proj, h).view(rows, width, -1, attention.head_dim).transpose(1, 2)
         if cache is not None:
             cache.keys[i][:, :, start:end] = k
             cache.values[i][:, :, start:end] = v
@@ -172,10 +204,12 @@ def forward(model, cache: KVCache | None, input_ids: torch.Tensor, position_ids:
             out = _cpu_attention(q, k, v, bias, attention.scaling)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=see, scale=attention.scaling, enable_gqa=True)
-        x = x + attention.o_proj(out.transpose(1, 2).reshape(rows, q.shape[2], -1))
+        x = x + _linear(attention.o_proj, out.transpose(1, 2).reshape(rows, q.shape[2], -1))
         h = _rms_norm(layer.post_attention_layernorm, x)
         mlp = layer.mlp
-        x = x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        gate = _linear(mlp.gate_proj, h)
+        gate = F.silu(gate) if silu else mlp.act_fn(gate)
+        x = x + _linear(mlp.down_proj, gate * _linear(mlp.up_proj, h))
     if cache is not None:
         cache.length = end
     return lm_head(model, _rms_norm(body.norm, x))
