@@ -4,8 +4,10 @@ Why: the policy's language models are tiny (2 layers of width 64), so a decoding
 transformers' generic forward costs more in per-call work (attention-mask construction, cache
 bookkeeping, output capture, repeated keys for grouped-query attention) than in arithmetic: at
 16 prompts x 16 beams the prompt pass took 8 ms, its matrix products about 1.6 ms. This forward
-calls the model's own modules (embeddings, norms, projections, MLP, rotary embedding) in the same
-order on the same weights, with:
+applies the model's own layers (embeddings, norms, projections, MLP, rotary embedding) in the same
+order on the same weights, as functional calls on their parameters (``F.linear``, torch's
+``rms_norm``, the default RoPE's factors computed as transformers does: bit-identical, without the
+modules' call overhead), with:
 
 - a preallocated KV cache, ``(rows, kv heads, capacity, head dim)`` per layer, written in place
   (no concatenation per step); it has the two methods of transformers' caches the decoders use
