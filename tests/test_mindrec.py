@@ -13,7 +13,7 @@ from agorasim.config import build_config
 from agorasim.env.conformance import check_policy
 from agorasim.env.market import Market
 from agorasim.errors import UserInputError
-from agorasim.policy import parse_policy_params
+from agorasim.policy import parse_policy_params, threads
 from agorasim.policy.mindrec import (
     MASK,
     PAD,
@@ -284,3 +284,35 @@ def test_offline_eval_reports_the_mindrec_arms_deterministically(tmp_path):
     assert c["info/mindrec_faithful/invalid_share"] != a["info/mindrec_faithful/invalid_share"] or any(
         c[f"mindrec_trie/test/{m}"] != a[f"mindrec_trie/test/{m}"] for m in ("hr@10", "ndcg@10"))
     assert "mindrec_attention=prefix" in (tmp_path / "c" / "offline.md").read_text()
+
+
+@pytest.mark.parametrize("attention", ["full", "prefix"])
+def test_chunked_decoding_equals_one_pass(attention):
+    """The diffusion beam search of a trained policy gives every prompt the same beams, scores and
+    fill orders whether its batch is decoded in one pass, in three chunks on two threads, or in
+    chunks of 7 prompts; a checkpoint from before the setting decodes in one pass; chunks and
+    chunk_workers below 1 are one-line errors."""
+    market = tiny_market(f"policy.params.history_attention={attention}")
+    for _ in range(3):
+        market.step()
+    policy = market.policy
+    assert policy.ready and policy.chunking() == {"chunks": 2, "workers": min(2, threads.available_cpus())}
+    history = np.random.default_rng(0).choice(market.world.catalogue.alive_ids(), (29, 4))
+    decoded = {}
+    for chunks, workers, size in [(1, 1, 128), (3, 2, 128), (2, 2, 7)]:
+        policy.chunks, policy.chunk_workers = chunks, workers
+        decoded[(chunks, size)] = policy.decode(history, 8, chunk=size)
+    one = decoded[(1, 128)]
+    assert np.isfinite(one.scores).all() and len({tuple(r) for r in one.items.tolist()}) > 1
+    for other in decoded.values():
+        for field in ("sequences", "scores", "items", "fill_order", "first_position"):
+            np.testing.assert_array_equal(getattr(other, field), getattr(one, field))
+    state = {k: v for k, v in policy.__getstate__().items() if k not in ("chunks", "chunk_workers")}
+    old = MindRecPolicy.__new__(MindRecPolicy)  # a checkpoint written before the setting existed
+    old.__dict__.update(state)
+    assert old.chunking() == {"chunks": 1, "workers": 1}
+    for name in ("chunks", "chunk_workers"):
+        with pytest.raises(ValueError, match=name):
+            parse_policy_params("mindrec", {name: 0})
+        with pytest.raises(UserInputError, match=name):
+            MindRecPolicy(**{name: 0})

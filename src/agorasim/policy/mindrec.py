@@ -55,7 +55,7 @@ from agorasim.policy.baselines import PopularityPolicy
 from agorasim.policy.observation import CatalogueView, LogView, Observation
 from agorasim.policy.params import PolicyParams
 from agorasim.policy.semantic_ids import SemanticIds, codes_to_tokens, nearest_centroid
-from agorasim.policy.threads import torch_threads
+from agorasim.policy.threads import chunk_bounds, map_chunks, resolve_workers, torch_threads
 from agorasim.rl.critic import ServedCritic
 from agorasim.rl.trainer import Method, Rollout, Scored
 
@@ -525,6 +525,11 @@ class MindRecParams(PolicyParams):
     max_len: int = Field(20, ge=1, description="history window (market.history_length fills it)")
     grpo_every: int = Field(1, ge=1, description="rounds between in-loop training steps")
     threads: int | None = Field(1, ge=1, description="torch threads (None: torch's default)")
+    chunks: int = Field(2, ge=1, description="contiguous chunks of prompts that the diffusion beam search (serving "
+                        "and the GRPO rollouts) decodes at once on chunk_workers threads (policy/threads.py); "
+                        "each prompt's beams are its own, so the beams do not depend on it (1: one pass)")
+    chunk_workers: int | None = Field(None, ge=1, description="Python threads that run the chunks at once "
+                                      "(None: the CPUs this process may use); results do not depend on it")
     device: str = Field("cpu", description="torch device of the model (cpu, cuda)")
 
 
@@ -534,16 +539,19 @@ class MindRecPolicy(Policy):
 
     name = "mindrec"
     Params = MindRecParams
+    chunks, chunk_workers = 1, None  # what a checkpoint from before these settings decoded with
 
     def __init__(self, warmup_rounds: int = 10, levels: int = 3, codebook_size: int = 64, hidden: int = 64,
                  layers: int = 2, heads: int = 4, prompt_items: int = 10, beams: int = 10, mode: str = "faithful",
                  overlap_penalty: bool = True, id_order: str = "any", history_attention: str = "full",
                  mask_eps: float = 0.5, sft_epochs: int = 10,
                  sft_lr: float = 3e-3, sft_batch: int = 256, rl: dict | None = None, max_len: int = 20,
-                 grpo_every: int = 1, threads: int | None = 1, device: str = "cpu"):
+                 grpo_every: int = 1, threads: int | None = 1, chunks: int = 2, chunk_workers: int | None = None,
+                 device: str = "cpu"):
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, hidden=hidden, layers=layers,
                                 heads=heads, prompt_items=prompt_items, beams=beams, sft_epochs=sft_epochs,
-                                sft_batch=sft_batch, grpo_every=grpo_every, max_len=max_len).items():
+                                sft_batch=sft_batch, grpo_every=grpo_every, max_len=max_len, chunks=chunks,
+                                chunk_workers=1 if chunk_workers is None else chunk_workers).items():
             if value < 1:
                 raise UserInputError(f"mindrec: {name} must be >= 1, got {value}")
         if codebook_size < 2:
@@ -573,6 +581,7 @@ class MindRecPolicy(Policy):
         self.history_attention = history_attention
         self.sft_epochs, self.sft_lr, self.sft_batch = sft_epochs, sft_lr, sft_batch
         self.grpo_every, self.threads, self.device = grpo_every, threads, str(device)
+        self.chunks, self.chunk_workers = int(chunks), chunk_workers
         self.behaviour = PopularityPolicy(refit_every=1)
         self.oracle: FeedbackOracle | None = None
         self.ids: SemanticIds | None = None
@@ -682,19 +691,29 @@ class MindRecPolicy(Policy):
         ids = torch.cat([prompt.repeat_interleave(k, 0), span.reshape(r * k, s)], 1)
         return torch.log_softmax(model(ids, span=s).float(), -1).view(r, k, s, -1)
 
+    def chunking(self) -> dict[str, int]:
+        """``chunks`` and ``workers`` of ``threads.map_chunks``: how this policy splits a decoding batch."""
+        return {"chunks": self.chunks, "workers": resolve_workers(self.chunk_workers, self.chunks)}
+
     @torch.no_grad()
     def decode(self, history: np.ndarray, beams: int, mode: str | None = None, id_order: str | None = None,
                chunk: int = 128) -> Decoded:
-        """Diffusion beam search for every row of ``history``."""
+        """Diffusion beam search for every row of ``history``.
+
+        The rows are cut into ``chunks`` contiguous pieces (more where a piece would exceed
+        ``chunk`` prompts), decoded at once on the chunk threads; every prompt's beams are its own,
+        so the result is that of one pass."""
         self.model.eval()
-        parts = []
-        for start in range(0, len(history), chunk):
-            prompt = self.prompts(history[start:start + chunk])
+        mode, id_order = mode or self.mode, id_order or self.id_order
+
+        def search(start: int, stop: int) -> Decoded:
+            prompt = self.prompts(history[start:stop])
             cache = self.model.encode_prefix(prompt) if self.model.prefix_attention else None
-            parts.append(diffusion_beam_search(lambda partial, p=prompt, c=cache: self.span_logprobs(p, partial, c),
-                                               len(prompt),
-                                               self.space, beams, mode or self.mode, self.overlap_penalty,
-                                               id_order or self.id_order, self.device))
+            return diffusion_beam_search(lambda partial: self.span_logprobs(prompt, partial, cache), len(prompt),
+                                         self.space, beams, mode, self.overlap_penalty, id_order, self.device)
+
+        split = self.chunking()
+        parts = map_chunks(search, chunk_bounds(len(history), split["chunks"], chunk), split["workers"])
         if not parts:
             s = self.space.span
             empty = np.zeros((0, beams), np.int64)
