@@ -84,6 +84,8 @@ def test_same_seed_gives_byte_identical_metrics(tmp_path, small_overrides):
     (["--seeds", "0,x"], "comma-separated list of int"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--resume", "/nonexistent/run"], "no such run folder"),
+    (["--scenario", "exposure-study", "--set", "experiment.variants={grpo: [rl.method=grpo]}"],
+     "experiment.control=sft-only: no arm has that label"),
     (["--scenario", "amazon-industrial", "--set", "market.data_dir=/nonexistent"], "/nonexistent"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -204,7 +206,7 @@ def test_named_variants_run_beside_the_policies(tmp_path, small_overrides):
 
 def test_experiment_folder_resumes_arm_by_arm(tmp_path, small_overrides, capsys):
     args = ["run", "--policy", "popularity,random", "--seeds", "0,1", "--out", str(tmp_path)]
-    args += sets(small_overrides + ["run.rounds=4", "run.checkpoint_every=2"])
+    args += sets(small_overrides + ["run.rounds=4", "run.checkpoint_every=2", "experiment.control=popularity+trirec"])
     assert main(args) == 0
     path = experiment_folder(tmp_path)
     straight = {p.name: (p / "metrics.csv").read_bytes() for p in run_folders(tmp_path)}
@@ -229,4 +231,7 @@ def test_experiment_folder_resumes_arm_by_arm(tmp_path, small_overrides, capsys)
     for p in run_folders(tmp_path):
         assert (p / "metrics.csv").read_bytes() == straight[p.name], p.name
     assert (path / "compare" / "summary.md").read_text().count("  - seed ") == 4  # every arm in the comparison
+    (path / "compare" / "summary.md").unlink()
     assert main(["report", str(path)]) == 0
+    compare = (path / "compare" / "summary.md").read_text()  # the plan's control, paired over both seeds
+    assert "## Paired against popularity+trirec" in compare and "| random+trirec | 2 |" in compare

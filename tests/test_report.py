@@ -282,3 +282,52 @@ def test_short_runs_get_whole_round_ticks(tmp_path):
     _save(fig, tmp_path / "p.png")
     assert all(t == int(t) for t in ax.get_xticks())
     plt.close(fig)
+
+
+def _paired_world(tmp_path: Path) -> list[Path]:
+    """A control ran seeds 0-2, a treatment seeds 0, 1 and 3: only seeds 0 and 1 pair."""
+    runs = tmp_path / "runs"
+    specs = [  # label, seed, gini, utility
+        ("base", 0, 0.5, 1.0), ("base", 1, 0.5, 2.0), ("base", 2, 0.5, 3.0),
+        ("treat", 0, 0.4, 1.5), ("treat", 1, 0.4, 2.1), ("treat", 3, 0.4, 9.0),
+    ]
+    return [_constant_run(runs / f"{label}__{seed}", 10, gini, utility, label, seed)
+            for label, seed, gini, utility in specs]
+
+
+def test_paired_table_differences_by_seed(tmp_path):
+    run_dirs = _paired_world(tmp_path)
+    text = write_comparison_report(run_dirs, tmp_path / "report", control="base").read_text()
+    paired = text[text.index("## Paired against base"):text.index("## Plots")]
+    # seed 0: 1.5 - 1.0 = 0.5, seed 1: 2.1 - 2.0 = 0.1 -> mean 0.3; a bootstrap resample of two
+    # differences has mean 0.1, 0.3 or 0.5 (1/4, 1/2, 1/4), so its 95% interval is [0.1, 0.5].
+    # Unpaired, the means would differ by (1.5 + 2.1 + 9.0) / 3 - 2.0 = 2.2.
+    row = next(line for line in paired.splitlines() if line.startswith("| treat |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = [c.strip() for c in paired.splitlines()[4].strip("|").split("|")]
+    by_name = dict(zip(header, cells))
+    assert by_name["paired seeds"] == "2"
+    assert by_name["utility − base"] == "+0.3 [+0.1, +0.5]"
+    assert by_name["gini − base"] == "-0.1 [-0.1, -0.1]"
+    assert by_name["coverage − base"] == "0 [0, 0]"
+    assert by_name["click_rate − base"] == "—"  # neither measured it
+    assert "| base |" not in paired  # the control is not compared with itself
+    assert "## Paired" not in write_comparison_report(run_dirs, tmp_path / "plain").read_text()
+
+
+def test_paired_table_without_a_finished_control(tmp_path):
+    text = write_comparison_report(_paired_world(tmp_path), tmp_path / "report", control="sft-only").read_text()
+    assert "No finished run has the label sft-only yet: no paired differences." in text
+
+
+def test_report_control_must_be_a_label(tmp_path, capsys):
+    from agorasim.cli import main
+
+    run_dirs = _paired_world(tmp_path)
+    out = tmp_path / "report"
+    assert main(["report", *map(str, run_dirs), "--out", str(out), "--control", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--control nope: no run has that label (labels: base, treat)" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["report", *map(str, run_dirs), "--out", str(out), "--control", "treat"]) == 0
+    assert "## Paired against treat" in (out / "summary.md").read_text()

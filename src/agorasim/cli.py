@@ -124,6 +124,11 @@ def expand(base: dict, overrides: list[str], config: Config) -> list[Config]:
     if twice:
         raise UserInputError(f"experiment: {len(names) - len(set(names))} arms share a folder name ({twice[0]}): "
                              "give the policies, variants or seeds distinct labels")
+    control = config.experiment.control
+    labels = list(dict.fromkeys(c.label for c in configs))
+    if control is not None and control not in labels:
+        raise UserInputError(f"experiment.control={control}: no arm has that label (labels: {', '.join(labels)}; "
+                             "experiment.control=null for no paired table)")
     return configs
 
 
@@ -268,6 +273,7 @@ def _resume(args) -> int:
 
 def cmd_report(argv: list[str]) -> int:
     from agorasim.run.report import (
+        check_control,
         check_export_format,
         check_run_folder,
         export_runs,
@@ -279,6 +285,8 @@ def cmd_report(argv: list[str]) -> int:
     p.add_argument("run_dirs", nargs="+", help="run folders")
     p.add_argument("--out", help="comparison folder when several runs are given")
     p.add_argument("--x-key", help="dotted config key of a sweep (trade-off plot)")
+    p.add_argument("--control", help="label of the control arm: adds every other label's difference from it, paired "
+                   "by seed (an experiment folder defaults to its experiment.control)")
     p.add_argument("--format", dest="fmt", help="also write every round of every run as one table, runs.csv or "
                    "runs.parquet, beside the report (columns scenario, label, seed, run, then metrics.csv's)")
     args = p.parse_args(argv)
@@ -291,7 +299,10 @@ def cmd_report(argv: list[str]) -> int:
         arms = experiment.finished_arms(path)
         if not arms:
             raise UserInputError(f"{path}: no finished arm yet")
-        summary = write_comparison_report(arms, Path(args.out or path / "compare"), args.x_key)
+        if args.control is not None:
+            check_control(arms, args.control)
+        control = args.control or experiment.plan_control(path)
+        summary = write_comparison_report(arms, Path(args.out or path / "compare"), args.x_key, control=control)
         print(summary)
         if args.fmt:
             print(export_runs(arms, summary.parent, args.fmt))
@@ -300,11 +311,15 @@ def cmd_report(argv: list[str]) -> int:
     for d in dirs:
         check_run_folder(d)
     if len(dirs) == 1:
+        if args.control is not None:
+            raise UserInputError(f"--control {args.control}: needs several runs (or an experiment folder) to compare")
         summary = write_run_report(dirs[0])
     else:
         out = Path(args.out or "runs/compare__" + datetime.now().strftime("%Y%m%d-%H%M%S"))
         check_output(out, "--out")
-        summary = write_comparison_report(dirs, out, args.x_key)
+        if args.control is not None:
+            check_control(dirs, args.control)
+        summary = write_comparison_report(dirs, out, args.x_key, control=args.control)
     print(summary)
     if args.fmt:
         print(export_runs(dirs, Path(summary).parent, args.fmt))

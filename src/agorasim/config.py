@@ -457,6 +457,10 @@ class ExperimentConfig(_Section):
         default_factory=dict, description="named extra runs: label -> list of dotted.key=value "
         "overrides applied on top (e.g. a policy with another reward)")
     seeds: list[int] = Field(default_factory=list, description="seeds (empty = run.seed)")
+    control: str | None = Field(
+        None, description="label of the control arm (e.g. sft-only): the comparison adds every other arm's "
+        "final values minus the control's, paired by seed, with bootstrap intervals over the shared seeds; "
+        "None = no paired table")
     sweep_key: str | None = Field(None, description="dotted config key swept")
     sweep_values: list[float] = Field(default_factory=list, description="values of sweep_key")
 

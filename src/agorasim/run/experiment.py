@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from agorasim.config import Config, load_yaml
+from agorasim.config import Config, build_config, load_yaml
 from agorasim.errors import UserInputError
 from agorasim.run.checkpoint import write_atomic
 from agorasim.run.runner import safe_part
@@ -137,8 +137,15 @@ def run_experiment(path: Path, configs: list[Config], x_key: str | None, progres
             progress_note(f"arm {job.name}: FAILED after {outcome.seconds:.1f} s ({n} of {len(jobs)}): {outcome.error} "
                           f"(details in {job.run_dir / 'error.txt'})")
     finished = [d for d in run_dirs if (d / "summary.md").is_file()]
-    summary = write_comparison_report(finished, Path(path) / "compare", x_key) if finished else None
+    control = configs[0].experiment.control if configs else None
+    summary = write_comparison_report(finished, Path(path) / "compare", x_key, control=control) if finished else None
     return ExperimentResult(summary, failed)
+
+
+def plan_control(path: Path) -> str | None:
+    """The ``experiment.control`` label of an experiment folder's plan (None when it names none)."""
+    base, overrides = read_plan(path)
+    return build_config(base, overrides).experiment.control
 
 
 def finished_arms(path: Path) -> list[Path]:

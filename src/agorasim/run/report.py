@@ -40,6 +40,8 @@ __all__ = [
     "bootstrap_interval",
     "write_run_report",
     "write_comparison_report",
+    "paired_differences",
+    "check_control",
 ]
 
 DPI = 110
@@ -757,6 +759,67 @@ class _Group:
         return distinct[0] if len(distinct) == 1 else distinct
 
 
+def paired_differences(group: _Group, control: _Group, keys: Sequence[str]
+                       ) -> tuple[list[int], dict[str, tuple[float, float, float]]]:
+    """The seeds both groups ran and, per key, ``group − control`` paired by seed.
+
+    Every seed is its own world (its own users and items), so the difference of two arms is taken
+    seed by seed before it is averaged: the mean over the shared seeds and its percentile-bootstrap
+    interval over them (:func:`bootstrap_interval`). Runs without a seed are left out; a seed that a
+    group ran twice counts once (the run that sorts last).
+
+    Returns:
+        ``(seeds, {key: (mean, low, high)})``; NaNs where no shared seed measured the key.
+    """
+    mine = {r.seed: f for r, f in zip(group.runs, group.finals) if r.seed is not None}
+    theirs = {r.seed: f for r, f in zip(control.runs, control.finals) if r.seed is not None}
+    seeds = sorted(set(mine) & set(theirs))
+    out = {}
+    for key in keys:
+        diff = np.array([mine[s].get(key, math.nan) - theirs[s].get(key, math.nan) for s in seeds], dtype=np.float64)
+        out[key] = bootstrap_interval(diff) if len(diff) and not np.isnan(diff).all() else (math.nan,) * 3
+    return seeds, out
+
+
+def _fmt_signed_interval(mean: float, low: float, high: float) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{_fmt_signed(mean)} [{_fmt_signed(low)}, {_fmt_signed(high)}]"
+
+
+def _paired_section(groups: list[_Group], control: str) -> list[str]:
+    """Markdown: every other group's paired difference from the ``control`` group."""
+    lines = ["", f"## Paired against {_md_cell(control)}", ""]
+    base = next((g for g in groups if g.label == control), None)
+    if base is None:
+        return lines + [f"No finished run has the label {_md_cell(control)} yet: no paired differences."]
+    lines.append(
+        f"Each cell is a label's final value minus {_md_cell(control)}'s final value **of the same seed** (the "
+        f"same world), the mean over the seeds both ran and its {int(CONFIDENCE * 100)}% percentile-bootstrap "
+        "interval over those differences; an interval that does not contain 0 is a difference every resample "
+        "of the seeds agrees on (with few seeds the interval is narrow: it cannot reach past the extreme seed)."
+    )
+    header = ["label", "paired seeds"] + [f"{name} − {control}" for _, name in COMPARE_TABLE]
+    lines += ["", "| " + " | ".join(_md_cell(h) for h in header) + " |"]
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for group in groups:
+        if group is base:
+            continue
+        seeds, diffs = paired_differences(group, base, [key for key, _ in COMPARE_TABLE])
+        cells = [_md_cell(group.label), str(len(seeds))]
+        cells += [_fmt_signed_interval(*diffs[key]) for key, _ in COMPARE_TABLE]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def check_control(run_dirs: Iterable[str | os.PathLike], control: str) -> None:
+    """``--control LABEL`` names a label some run has: else one line naming the labels there are."""
+    runs = [_load_run(Path(d), with_metrics=False) for d in run_dirs if (Path(d) / "metrics.csv").is_file()]
+    labels = [label for label, _ in group_runs(runs)]
+    if control not in labels:
+        raise UserInputError(f"--control {control}: no run has that label (labels: {', '.join(labels) or 'none'})")
+
+
 def _as_number(value: Any) -> float | None:
     if isinstance(value, bool) or value is None or isinstance(value, list):
         return None
@@ -925,6 +988,7 @@ def write_comparison_report(
     out_dir: str | os.PathLike,
     x_key: str | None = None,
     tail_fraction: float = TAIL_FRACTION,
+    control: str | None = None,
 ) -> Path:
     """Compare runs grouped by ``run.label`` (one run per seed): plots and ``summary.md``.
 
@@ -933,13 +997,16 @@ def write_comparison_report(
     utility against final Gini per label with CI error bars; with ``x_key`` each point is annotated
     with that config value and points are joined in its order) and ``summary.md`` (a table of
     mean ± CI of final values per label, sorted by label, and links to every run folder).
-    Run folders without ``metrics.csv`` are listed as skipped.
+    With ``control``, a second table gives every other label's difference from that label paired
+    by seed (:func:`paired_differences`). Run folders without ``metrics.csv`` are listed as skipped.
 
     Args:
         run_dirs: run folders; their order does not matter.
         out_dir: where the report goes (created if needed).
         x_key: dotted config key swept across labels, e.g. ``platform.fairness_weight``.
         tail_fraction: share of the last rounds averaged into final values.
+        control: label of the control arm (e.g. ``sft-only``); a label no finished run has gives a
+            line saying so instead of the table.
 
     Returns:
         The path of ``summary.md``.
@@ -989,6 +1056,8 @@ def write_comparison_report(
             cells.append(_md_cell(_fmt_value(group.x_value(x_key))))
         cells += [_fmt_interval(*group.final_interval(key)) for key, _ in COMPARE_TABLE]
         lines.append("| " + " | ".join(cells) + " |")
+    if control is not None:
+        lines += _paired_section(groups, control)
 
     lines += ["", "## Plots", ""]
     if plot_note:
