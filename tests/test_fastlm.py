@@ -182,8 +182,11 @@ def test_groups_past_the_tree_limit_keep_the_cache_layout(monkeypatch):
 @pytest.mark.parametrize("vocab", [754, 40, 768])
 def test_padded_lm_head_is_bit_identical_forward_and_backward(vocab):
     """The CPU lm_head pads the weight to a multiple of VOCAB_ALIGN and slices the padding off:
-    the logits and both gradients (weight and input) equal the plain product bit for bit, and the
-    width MKL sees is padded only where the vocabulary is not already a multiple."""
+    the logits equal the plain product bit for bit (each is a dot product over the unchanged
+    hidden width), both gradients up to float rounding (the input's gradient sums over the padded
+    width, and MKL may block that sum differently: bit-identical on an AMD EPYC, 1.8e-7 apart on
+    an Intel Xeon), and the width MKL sees is padded only where the vocabulary is not already a
+    multiple."""
     torch.manual_seed(0)
     head = torch.nn.Linear(64, vocab, bias=False)
     model = type("M", (), {"lm_head": head})()
@@ -196,9 +199,10 @@ def test_padded_lm_head_is_bit_identical_forward_and_backward(vocab):
         loss = torch.log_softmax(logits, -1).gather(-1, target[..., None]).sum()
         loss.backward()
         grads.append((logits.detach(), h.grad.clone(), head.weight.grad.clone()))
-    for plain, padded in zip(*grads):
-        assert plain.shape == padded.shape
-        assert torch.equal(plain, padded)
+    (logits, h_grad, w_grad), (logits_p, h_grad_p, w_grad_p) = grads
+    assert logits.shape == logits_p.shape and torch.equal(logits, logits_p)
+    torch.testing.assert_close(h_grad_p, h_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w_grad_p, w_grad, rtol=1e-5, atol=1e-6)
     assert (-vocab % fastlm.VOCAB_ALIGN == 0) == (vocab in (768,))
 
 

@@ -226,9 +226,10 @@ def lm_head(model, h: torch.Tensor) -> torch.Tensor:
     MKL's single-precision product is about twice as slow when the output width is not a multiple
     of 8: the policy's vocabulary of 754 tokens took 11.1 ms for 4,000 rows against 5.3 ms at 760
     or 768 (the same trick as padding GPT-2's 50,257 tokens to 50,304). The padding rows are zeros
-    and their columns are sliced off, so the logits, and the gradients that flow back to the
-    weight and to ``h``, are bit-identical to the unpadded product (tests/test_fastlm.py); the
-    model's vocabulary and parameters are unchanged.
+    and their columns are sliced off, so the logits are bit-identical to the unpadded product and
+    the gradients that flow back to the weight and to ``h`` equal its gradients up to float
+    rounding (``h``'s sums over the padded width, which MKL may block differently on some CPUs;
+    tests/test_fastlm.py); the model's vocabulary and parameters are unchanged.
     """
     head = model.lm_head
     weight = head.weight
