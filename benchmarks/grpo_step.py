@@ -3,8 +3,10 @@
 Runs the cold-start market with the generative policy through its warm-up and SFT, then times
 the GRPO steps of the following rounds (``time/generate``, ``time/score``, ``time/update`` that the
 policy logs to train.csv). Reports seconds per step, the share of each phase, tokens per second
-(prompt + completion tokens of the group, forward and backward) and, on a GPU, an estimate of the
-model FLOPs utilisation (6 x parameters x tokens per second / peak FLOP/s).
+of the update (the tokens its loss pass computes: each prompt once for its group, then the
+completions' tokens, forward and backward) and, on a GPU, an estimate of the model FLOPs
+utilisation (6 x parameters x tokens per second / peak FLOP/s; the reference model's forward
+and the optimiser are not counted, so it is a lower bound).
 
     python benchmarks/grpo_step.py [--method grpo|ugr|flexrec|flame|blade|flower] [--steps 5]
                                    [--device cpu|cuda] [--peak-tflops 989]
@@ -99,7 +101,10 @@ def main() -> None:
     group = {"flower": rl.flower.samples, "flexrec": rl.flexrec.group_size, "flame": rl.flame.group_size,
              "blade": rl.blade.group_size}.get(args.method, rl.group_size)
     prompt_tokens = policy.prompt_items * depth + 2 + suffix
-    tokens = rl.users_per_step * group * (prompt_tokens + items * depth)
+    # tokens the loss pass computes: each prompt once for its whole group (the shared-prompt
+    # layout the trainer uses), then every completion's tokens; the expanded count (the prompt
+    # repeated per completion) overstated FLOPs, and so MFU, by the sharing factor
+    tokens = rl.users_per_step * (prompt_tokens + group * items * depth)
     per_step = float(np.median(seconds))
     tokens_per_second = tokens / float(np.median(phases["update"]))
     result = {"benchmark": "grpo_step", "method": args.method, "device": args.device,

@@ -274,6 +274,32 @@ def test_sft_micro_batches_give_the_whole_batch_gradient():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_the_policy_sft_passes_its_micro_batch(monkeypatch):
+    """``sft_micro_batch`` reaches ``sft_epoch`` (warm start and refits); None is the whole batch
+    for a model built from a config and 16 pairs for a pretrained one (SmolLM2's activations for
+    256 pairs outgrew 24 GiB in the market); 0 is refused."""
+    import agorasim.rl.sft as sft_module
+    from agorasim.policy.generative import GenerativePolicy
+
+    seen = []
+    monkeypatch.setattr(sft_module, "sft_epoch", lambda *a, **k: seen.append(k["micro_batch"]) or [1.0])
+
+    class Log:
+        def clicks(self):
+            return np.array([0, 0, 1, 1, 1]), np.array([3, 4, 5, 6, 7]), np.array([0, 1, 0, 1, 2])
+
+    for micro, expected in ((5, 5), (None, None)):
+        p = GenerativePolicy(levels=2, codebook_size=4, hidden=16, layers=1, heads=2, prompt_items=3, max_len=3,
+                             sft_micro_batch=micro)
+        p.model = __import__("torch").nn.Linear(2, 2)  # sft only needs parameters to optimise
+        p.sft(Log(), np.random.default_rng(0), epochs=1)
+        assert seen[-1] == expected
+    assert GenerativePolicy(pretrained="smollm2").sft_micro_batch == 16
+    assert GenerativePolicy(pretrained="smollm2", sft_micro_batch=64).sft_micro_batch == 64
+    with pytest.raises(ValueError, match="sft_micro_batch must be >= 1"):
+        GenerativePolicy(sft_micro_batch=0)
+
+
 def test_a_policy_observes_the_platform_view_not_the_world(small_overrides):
     """``Policy.update`` gets an Observation: observable columns, read-only; the true vectors and
     qualities the users' utility reads are not reachable from it."""

@@ -81,6 +81,10 @@ class GenerativePolicy(Policy):
         prompt_items: P, consumed items in the prompt.
         beams: items generated per user when serving (the rest of K' is padding).
         sft_epochs, sft_lr, sft_batch: the warm start.
+        sft_micro_batch: pairs per forward/backward pass of SFT (``rl.sft.sft_epoch``'s gradient
+            accumulation: the same gradient, the activations of fewer pairs at a time). None: the
+            whole batch for a model built from a config, 16 pairs for a ``pretrained`` one
+            (SmolLM2-135M's activations for 256 pairs outgrow 24 GiB of memory).
         sft_every: rounds between SFT refits after the warm start (0: never), each on the clicks of
             the last ``sft_window`` rounds for ``sft_refit_epochs`` epochs, continuing from the
             current weights (the "SFT refit" arm; with ``rl.method`` also set, both run).
@@ -113,10 +117,11 @@ class GenerativePolicy(Policy):
     name = "generative"
     Params = GenerativeParams
     chunks, chunk_workers = 1, None  # what a checkpoint from before these settings ran with
+    sft_micro_batch = None
 
     def __init__(self, warmup_rounds: int = 10, levels: int = 3, codebook_size: int = 256, hidden: int = 64,
                  layers: int = 2, heads: int = 4, arch: str = "qwen2", prompt_items: int = 10, beams: int = 20,
-                 sft_epochs: int = 10, sft_lr: float = 3e-3, sft_batch: int = 256, sft_every: int = 0,
+                 sft_epochs: int = 10, sft_lr: float = 3e-3, sft_batch: int = 256, sft_micro_batch: int | None = None, sft_every: int = 0,
                  sft_window: int = 20, sft_refit_epochs: int = 2, rl: dict | None = None,
                  max_len: int = 20, grpo_every: int = 1, threads: int | None = 1, chunks: int = 2,
                  chunk_workers: int | None = None, device: str = "cpu",
@@ -126,7 +131,8 @@ class GenerativePolicy(Policy):
             raise ValueError(f"generative: arch must be qwen2 or llama, got {arch!r}")
         for name, value in dict(warmup_rounds=warmup_rounds, levels=levels, codebook_size=codebook_size, hidden=hidden,
                                 layers=layers, heads=heads, prompt_items=prompt_items, beams=beams,
-                                sft_batch=sft_batch, grpo_every=grpo_every, sft_window=sft_window,
+                                sft_batch=sft_batch, sft_micro_batch=1 if sft_micro_batch is None else sft_micro_batch,
+                                grpo_every=grpo_every, sft_window=sft_window,
                                 sft_refit_epochs=sft_refit_epochs, chunks=chunks,
                                 chunk_workers=1 if chunk_workers is None else chunk_workers).items():
             if value < 1:
@@ -150,6 +156,7 @@ class GenerativePolicy(Policy):
         self.hidden, self.layers, self.heads, self.arch = hidden, layers, heads, arch
         self.prompt_items, self.beams = min(prompt_items, max_len), beams
         self.sft_epochs, self.sft_lr, self.sft_batch = sft_epochs, sft_lr, sft_batch
+        self.sft_micro_batch = sft_micro_batch if sft_micro_batch is not None else (16 if pretrained else None)
         self.sft_every, self.sft_window, self.sft_refit_epochs = sft_every, sft_window, sft_refit_epochs
         self.grpo_every = grpo_every
         self.exclude_history = bool(exclude_history)
@@ -448,7 +455,8 @@ class GenerativePolicy(Policy):
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.sft_lr)
         losses = []
         for _ in range(epochs):
-            losses += sft_epoch(self, optimizer, history, targets, self.sft_batch, generator)
+            losses += sft_epoch(self, optimizer, history, targets, self.sft_batch, generator,
+                                micro_batch=self.sft_micro_batch)
         return {"train/sft_loss": float(np.mean(losses[-max(1, len(losses) // epochs):])),
                 "train/sft_examples": float(len(targets))}
 

@@ -130,6 +130,9 @@ class GenerativeParams(PolicyParams):
     sft_epochs: int = Field(10, ge=1, description="SFT epochs of the warm start")
     sft_lr: float = Field(3e-3, gt=0, description="AdamW learning rate of SFT")
     sft_batch: int = Field(256, ge=1, description="pairs per SFT step")
+    sft_micro_batch: int | None = Field(None, ge=1, description="pairs per SFT forward/backward pass (gradient "
+                                        "accumulation: the same gradient in less memory; None: the whole "
+                                        "batch, but 16 pairs with pretrained)")
     sft_every: int = Field(0, ge=0, description="refit SFT on the recent log every this many rounds (0: never)")
     sft_window: int = Field(20, ge=1, description="rounds of clicks an SFT refit reads")
     sft_refit_epochs: int = Field(2, ge=1, description="epochs of each SFT refit")

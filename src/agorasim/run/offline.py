@@ -107,7 +107,8 @@ class OfflineConfig(BaseModel):
         f"{HISTORY_LEN}-item prompt; pretrained/title_tokens start it from SmolLM2 with ReRe's title prompts")
     sft_micro_batch: int | None = Field(
         None, ge=1, description="pairs per forward/backward within an SFT step (gradient accumulation for a "
-        "pretrained model; None: the whole step)")
+        "pretrained model; None: the policy's policy.sft_micro_batch, which is the whole step, or 16 pairs "
+        "with pretrained)")
     sft_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="SFT learning rate: constant, or one epoch of linear warm-up then "
         "cosine decay to 0 at the last epoch")
@@ -428,7 +429,8 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
     bar = log.bar(config.policy.sft_epochs, "sft epochs")
     for epoch in range(1, config.policy.sft_epochs + 1):
         losses = sft_epoch(policy, optimizer, train.history, train.target, config.policy.sft_batch, generator,
-                           config.grad_clip, scheduler, config.sft_micro_batch)
+                           config.grad_clip, scheduler,
+                           config.sft_micro_batch if config.sft_micro_batch is not None else getattr(policy, "sft_micro_batch", None))
         bar.update(1)
         score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
         log(f"sft epoch {epoch:3d}  loss {np.mean(losses):.4f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
