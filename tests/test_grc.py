@@ -205,6 +205,28 @@ def test_supervised_stage_learns_the_reflection_and_changes_the_parameters():
     assert all(not torch.equal(p, before[n]) for n, p in policy.model.named_parameters())
 
 
+def test_triple_epoch_in_micro_batches_gives_the_whole_batch_step():
+    """Micro-batches (the pretrained policy's gradient accumulation) give the whole batch's
+    parameters and losses: the MLE term weighted by each part's share of the pairs, the
+    correction term over the whole batch's trained tokens (which differ per draft)."""
+    history = np.tile(np.array([[5, 4], [2, 3], [4, 5]]), (4, 1))
+    targets = np.tile(np.array([1, 0, 2]), 4)
+    results = []
+    for micro in (None, 5):
+        policy = hand_policy(seed=3)
+        drafts = grc_rl.triples(policy, history, 3)
+        optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.1)
+        losses = grc_rl.triple_epoch(policy, optimizer, history, targets, drafts, 12,
+                                     torch.Generator().manual_seed(0), 0.5, micro_batch=micro)
+        results.append((losses, [p.detach().clone() for p in policy.model.parameters()]))
+    (whole, whole_params), (split, split_params) = results
+    assert grc_rl.triple_tokens(policy, drafts, targets)[1].sum(1).std() > 0  # parts train unequal token counts
+    for key in ("loss", "mle", "rc"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5)
+    for a, b in zip(whole_params, split_params, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_rl_step_rewards_the_trajectory_and_trains():
     from agorasim.config import RLConfig
     from agorasim.rl.trainer import Trainer

@@ -124,7 +124,8 @@ class GRCPolicy(GenerativePolicy):
 def supervised_stage(policy, history: np.ndarray, targets: np.ndarray, settings: GRCSettings, batch_size: int,
                      rng: np.random.Generator, grad_clip: float = 1.0, epoch_end=None) -> dict[str, float]:
     """The supervised GRC stage on ``(history, target)`` pairs: drafts from the current (SFT)
-    model's top ``triple_beams`` beams, ``grc_sft_epochs`` epochs of ``triple_epoch``.
+    model's top ``triple_beams`` beams, ``grc_sft_epochs`` epochs of ``triple_epoch`` (in
+    micro-batches of ``policy.sft_micro_batch`` pairs where that is set, e.g. with ``pretrained``).
 
     Args:
         policy: a generative policy whose vocabulary has the reflection tokens.
@@ -140,7 +141,7 @@ def supervised_stage(policy, history: np.ndarray, targets: np.ndarray, settings:
     losses = {}
     for epoch in range(1, settings.grc_sft_epochs + 1):
         losses = triple_epoch(policy, optimizer, history, targets, drafts, batch_size, generator, settings.lambda_rc,
-                              grad_clip)
+                              grad_clip, micro_batch=policy.sft_micro_batch)
         if epoch_end is not None:
             epoch_end(epoch)
     policy.model.eval()

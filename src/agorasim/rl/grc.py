@@ -350,34 +350,53 @@ def triple_tokens(policy, drafts: np.ndarray, targets: np.ndarray) -> tuple[np.n
 
 
 def triple_loss(policy, history: np.ndarray, targets: np.ndarray, drafts: np.ndarray,
-                lambda_rc: float) -> tuple[torch.Tensor, float, float]:
+                lambda_rc: float, share: float = 1.0, rc_tokens: float | None = None) -> tuple[torch.Tensor, float, float]:
     """``L_MLE + lambda_rc L_rc`` of a batch of pairs and their drafts (token means); returns the
-    loss and its two terms' values."""
-    mle = policy.sequence_nll(history, targets)
+    loss and its two terms' values.
+
+    For a micro-batch of a larger batch: ``share`` is its fraction of the batch's pairs (every
+    pair has the same number of MLE tokens, so the batch's MLE mean is the sum of ``share`` x
+    each part's) and ``rc_tokens`` the number of tokens ``L_rc`` trains in the whole batch (its
+    denominator); the parts' losses then sum to the batch's loss. None: this batch's own.
+    """
+    mle = policy.sequence_nll(history, targets) * share
     path, train = triple_tokens(policy, drafts, targets)
     ids, mask = policy.prompts(history)
     logp = token_logprobs(policy.model, ids.to(policy.device), mask.to(policy.device),
                           torch.as_tensor(path, device=policy.device), **policy.chunking())
     weight = torch.as_tensor(train, dtype=logp.dtype, device=logp.device)
-    rc = -(logp * weight).sum() / weight.sum().clamp(min=1.0)
+    denominator = max(float(train.sum()) if rc_tokens is None else rc_tokens, 1.0)
+    rc = -(logp * weight).sum() / denominator
     return mle + lambda_rc * rc, float(mle.detach()), float(rc.detach())
 
 
 def triple_epoch(policy, optimizer: torch.optim.Optimizer, history: np.ndarray, targets: np.ndarray,
                  drafts: np.ndarray, batch_size: int, generator: torch.Generator, lambda_rc: float,
-                 grad_clip: float = 1.0) -> dict[str, float]:
-    """One pass over the pairs (and their drafts) in a random order; mean losses."""
+                 grad_clip: float = 1.0, micro_batch: int | None = None) -> dict[str, float]:
+    """One pass over the pairs (and their drafts) in a random order; mean losses.
+
+    ``micro_batch``: pairs per forward/backward (gradient accumulation, as ``rl.sft.sft_epoch``):
+    the parts' losses sum to the batch's (``triple_loss``'s ``share`` and ``rc_tokens``), so the
+    gradient is the batch's up to float rounding. None: the whole batch at once.
+    """
     policy.model.train()
     order = torch.randperm(len(targets), generator=generator).numpy()
     totals = {"loss": [], "mle": [], "rc": []}
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        loss, mle, rc = triple_loss(policy, history[rows], targets[rows], drafts[rows], lambda_rc)
         optimizer.zero_grad()
-        loss.backward()
+        step = micro_batch or len(rows)
+        rc_tokens = float(triple_tokens(policy, drafts[rows], targets[rows])[1].sum()) if step < len(rows) else None
+        values = np.zeros(3)
+        for part in range(0, len(rows), step):
+            some = rows[part:part + step]
+            loss, mle, rc = triple_loss(policy, history[some], targets[some], drafts[some], lambda_rc,
+                                        share=len(some) / len(rows), rc_tokens=rc_tokens)
+            loss.backward()
+            values += (float(loss.detach()), mle, rc)
         torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
         optimizer.step()
-        for key, value in (("loss", float(loss.detach())), ("mle", mle), ("rc", rc)):
+        for key, value in zip(("loss", "mle", "rc"), values, strict=True):
             totals[key].append(value)
     return {key: float(np.mean(values)) if values else float("nan") for key, values in totals.items()}
 
