@@ -278,6 +278,8 @@ def test_the_policy_sft_passes_its_micro_batch(monkeypatch):
     """``sft_micro_batch`` reaches ``sft_epoch`` (warm start and refits); None is the whole batch
     for a model built from a config and 16 pairs for a pretrained one (SmolLM2's activations for
     256 pairs outgrew 24 GiB in the market); 0 is refused."""
+    import torch
+
     import agorasim.rl.sft as sft_module
     from agorasim.policy.generative import GenerativePolicy
 
@@ -291,7 +293,7 @@ def test_the_policy_sft_passes_its_micro_batch(monkeypatch):
     for micro, expected in ((5, 5), (None, None)):
         p = GenerativePolicy(levels=2, codebook_size=4, hidden=16, layers=1, heads=2, prompt_items=3, max_len=3,
                              sft_micro_batch=micro)
-        p.model = __import__("torch").nn.Linear(2, 2)  # sft only needs parameters to optimise
+        p.model = torch.nn.Linear(2, 2)  # sft only needs parameters to optimise
         p.sft(Log(), np.random.default_rng(0), epochs=1)
         assert seen[-1] == expected
     assert GenerativePolicy(pretrained="smollm2").sft_micro_batch == 16

@@ -429,8 +429,7 @@ def train_sft(policy: GenerativePolicy, train: Rows, valid: Rows, config: Offlin
     bar = log.bar(config.policy.sft_epochs, "sft epochs")
     for epoch in range(1, config.policy.sft_epochs + 1):
         losses = sft_epoch(policy, optimizer, train.history, train.target, config.policy.sft_batch, generator,
-                           config.grad_clip, scheduler,
-                           config.sft_micro_batch if config.sft_micro_batch is not None else getattr(policy, "sft_micro_batch", None))
+                           config.grad_clip, scheduler, config.sft_micro_batch or policy.sft_micro_batch)
         bar.update(1)
         score = ranking_metrics(rank_generative(policy, valid, config.valid_beams), valid.target, (10,))
         log(f"sft epoch {epoch:3d}  loss {np.mean(losses):.4f}  valid ndcg@10 {score[_SELECT_ON]:.4f}")
